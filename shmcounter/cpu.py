@@ -1,0 +1,85 @@
+"""this_cpu(): which CPU of an arena the calling process is.
+
+A process becomes CPU k of an arena with register_cpu(arena, k). The runtime in
+procs/ does this for its CPU processes; a test may do it for a plain
+multiprocessing process. Only a registered process has stock: its charges take the
+fast path on stock[k], and its slow-path surplus is deposited there. Any other
+process charges and uncharges by walking the hierarchy.
+
+Registration lives in the arena (cpu[k].pid), so two processes can never both be
+CPU k. A process that dies while registered leaves its pid there: that CPU is dead
+until the hotplug-dead path (Arena.hotplug_cpu_dead) reclaims its stocks and frees
+the slot. A forked child is never its parent's CPU: fork clears the registration.
+"""
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from .errors import ArenaError
+from .layout import pid_alive
+
+if TYPE_CHECKING:
+    from .layout import Arena
+
+# (arena handle, cpu) of this process, or None. Per process, cleared in fork children.
+_registered: tuple[Arena, int] | None = None
+
+
+def this_cpu() -> int | None:
+    """The calling process's CPU id, or None if it is not a CPU process."""
+    return None if _registered is None else _registered[1]
+
+
+def register_cpu(arena: Arena, cpu: int) -> None:
+    """Make the calling process CPU `cpu` of `arena`.
+
+    Raises ArenaError if this process is already a CPU, if a live process is CPU
+    `cpu`, or if a dead one still is (run arena.hotplug_cpu_dead(cpu) first).
+    """
+    global _registered
+    arena._check_open()
+    slot = arena._cpu_slot(cpu)
+    if _registered is not None:
+        raise ArenaError(f"this process (pid {os.getpid()}) is already CPU "
+                         f"{_registered[1]}; call unregister_cpu() first")
+    me = os.getpid()
+    holder = arena._slots.cas(slot, 0, me)
+    if holder not in (0, me):
+        if pid_alive(holder):
+            raise ArenaError(f"CPU {cpu} is already registered by pid {holder}")
+        raise ArenaError(f"CPU {cpu}'s previous process (pid {holder}) died and its "
+                         f"stocks were not reclaimed; run arena.hotplug_cpu_dead({cpu}) first")
+    arena._stock_block = arena._stock_slot(cpu, 0)
+    arena._stock_owner = me
+    _registered = (arena, cpu)
+
+
+def unregister_cpu() -> None:
+    """Take the calling CPU offline cleanly: drain its own stocks, then free the slot.
+    A no-op in a process that is not a CPU."""
+    global _registered
+    if _registered is None:
+        return
+    arena, cpu = _registered
+    for counter in arena.stocked_counters():
+        counter.drain_stock_local()
+    arena._slots.cas(arena._cpu_slot(cpu), os.getpid(), 0)
+    _forget_arena(arena)
+
+
+def _forget_arena(arena: Arena) -> None:
+    """Drop this process's registration on `arena`, locally (close, fork)."""
+    global _registered
+    arena._stock_block = -1
+    arena._stock_owner = 0
+    if _registered is not None and _registered[0] is arena:
+        _registered = None
+
+
+def _after_fork_in_child() -> None:
+    if _registered is not None:
+        _forget_arena(_registered[0])
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,14 @@
+"""Exceptions of shmcounter."""
+import errno
+
+
+class ArenaError(Exception):
+    """The arena cannot do what was asked: not a shmcounter segment, another layout
+    version, closed, full, or a CPU registration in the wrong state."""
+
+
+class Busy(OSError):
+    """EBUSY from set_max: usage stays above the requested limit, which is unchanged."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EBUSY, message)

@@ -1,0 +1,529 @@
+"""The arena: one shared-memory segment holding every counter, stock and CPU state.
+
+Layout, in 8-byte words unless noted; every section starts on a 64-byte line.
+Bump LAYOUT_VERSION whenever a line below changes.
+
+  header     2 lines.  line 0, written once by the creator:
+                         MAGIC "SHMCNTR\\0", LAYOUT_VERSION, ncpus, max_counters,
+                         max_stocked, creator pid, creator's resource-tracker pipe
+                         inode, segment size
+                       line 1, shared and rarely written:
+                         ncounters (published count), registry lock (holder pid),
+                         underflows (count of clamped uncharges)
+  cpus       ncpus lines.  cpu[k][CPU_PID]: pid of the process registered as CPU k,
+                       0 when none. Written by register_cpu/unregister_cpu and by
+                       the hotplug-dead path once that pid is dead.
+  counters   max_counters records of PC_WORDS = 24 words, three lines each:
+                       A  usage alone: every charge of the subtree hits it
+                       B  watermark, failcnt, emin, elow, min_usage, low_usage,
+                          children_min_usage, children_low_usage: slow-path writes
+                       C  max, min, low, high, parent, batch, stock_id, flags:
+                          read-mostly, so the fast path never shares a line with
+                          a write
+                       A record is written once under the registry lock, then
+                       published by the store to ncounters; parent never changes.
+  stock_owner max_stocked words: the counter that owns stock id s, or -1.
+                       Written under the registry lock.
+  stocks     ncpus blocks, one per CPU, each max_stocked slots of
+                       [nr_pages, lock] (16 bytes), padded to a line: a CPU's
+                       slots sit together and no two CPUs share a line.
+                       stock[cpu][s] is written by CPU cpu only (under its lock),
+                       or without the lock by the hotplug path once cpu is dead,
+                       or by free_stock once nobody charges the counter.
+  names      max_counters x 64 bytes: UTF-8 name, NUL padded.
+
+Lifetime (Python 3.11, see docs/design.md "Segment lifetime"):
+  - the creator's resource tracker keeps the segment registered, so when the
+    creator's whole process tree is gone (SIGKILL included) the tracker unlinks it;
+  - an attacher that does not share the creator's tracker unregisters its own
+    registration, so its exit never unlinks the creator's segment;
+  - Arena.create sweeps segments whose creator pid is dead and that no live
+    process maps: the backstop when the tracker died with its tree.
+"""
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import struct
+import time
+from multiprocessing import resource_tracker, shared_memory
+from typing import TYPE_CHECKING, Iterator
+
+import numpy as np
+
+from . import _atomic
+from .errors import ArenaError
+
+if TYPE_CHECKING:
+    from .page_counter import PageCounter
+
+LINE = 64
+WORD = 8
+MAGIC = int.from_bytes(b"SHMCNTR\0", "little")
+LAYOUT_VERSION = 1
+NAME_PREFIX = "shmcounter_"
+NAME_BYTES = 64
+
+# header words
+H_MAGIC, H_VERSION, H_NCPUS, H_MAX_COUNTERS, H_MAX_STOCKED, H_CREATOR_PID, \
+    H_TRACKER_INO, H_SIZE = range(8)
+H_NCOUNTERS, H_REGISTRY_LOCK, H_UNDERFLOWS = 8, 9, 10
+HEADER_WORDS = 16
+
+# cpu line words
+CPU_PID = 0
+CPU_WORDS = LINE // WORD
+
+# page_counter record words: defined by the C module, which the fused steps need
+from ._atomic import (  # noqa: E402
+    PC_BATCH, PC_CHILDREN_LOW_USAGE, PC_CHILDREN_MIN_USAGE, PC_ELOW, PC_EMIN,
+    PC_FAILCNT, PC_FLAGS, PC_HIGH, PC_LOW, PC_LOW_USAGE, PC_MAX, PC_MIN,
+    PC_MIN_USAGE, PC_PARENT, PC_STOCK_ID, PC_USAGE, PC_WATERMARK, PC_WORDS,
+    STOCK_LOCK, STOCK_NR, STOCK_WORDS,
+)
+
+# flags word of a counter
+PC_FLAG_UNCHARGE_TO_STOCK = 1   # the RFC's stock-returning uncharge (series §1.5)
+
+# line assertions: usage alone on line A, the read-mostly fields on line C
+assert PC_USAGE == 0 and PC_WATERMARK == 8 and PC_MAX == 16 and PC_WORDS == 24
+
+_NAME_RE = re.compile(rf"^{NAME_PREFIX}(\d+)_[0-9a-f]+$")
+
+
+def _round_up(n: int, to: int = LINE) -> int:
+    return (n + to - 1) // to * to
+
+
+class _Sections:
+    """Byte offsets of each section for one geometry."""
+
+    def __init__(self, ncpus: int, max_counters: int, max_stocked: int) -> None:
+        self.header = 0
+        self.cpus = HEADER_WORDS * WORD
+        self.counters = self.cpus + ncpus * LINE
+        self.stock_owner = self.counters + max_counters * PC_WORDS * WORD
+        self.stocks = self.stock_owner + _round_up(max_stocked * WORD)
+        self.stock_block = _round_up(max_stocked * STOCK_WORDS * WORD)
+        self.names = self.stocks + ncpus * self.stock_block
+        self.size = self.names + max_counters * NAME_BYTES
+
+
+def pid_alive(pid: int) -> bool:
+    """True if `pid` is a running (not zombie) process on this machine."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    # state is the field after the parenthesised command name
+    return stat[stat.rindex(b")") + 2:stat.rindex(b")") + 3] not in (b"Z", b"X")
+
+
+def _tracker_inode() -> int:
+    """Inode of this process's resource-tracker pipe (starting the tracker if needed).
+    Two processes share a tracker iff they write to the same pipe."""
+    resource_tracker.ensure_running()
+    return os.fstat(resource_tracker._resource_tracker._fd).st_ino
+
+
+def _mapped_shm_names() -> set[str]:
+    """Names of /dev/shm segments that some live process maps."""
+    names = set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/maps") as f:
+                for line in f:
+                    at = line.find("/dev/shm/" + NAME_PREFIX)
+                    if at >= 0:
+                        names.add(line[at + 9:].split(" ")[0].rstrip("\n"))
+        except OSError:
+            continue
+    return names
+
+
+def sweep_dead_arenas() -> list[str]:
+    """Unlink arenas whose creator is dead and that no live process maps.
+
+    Only names of our own pattern are touched. A reused pid makes the sweep skip a
+    leftover (it looks alive), never unlink a live arena. Returns the names removed.
+    """
+    try:
+        candidates = [n for n in os.listdir("/dev/shm")
+                      if (m := _NAME_RE.match(n)) and not pid_alive(int(m.group(1)))]
+    except FileNotFoundError:
+        return []
+    if not candidates:
+        return []
+    mapped = _mapped_shm_names()
+    removed = []
+    for name in candidates:
+        if name in mapped:
+            continue
+        try:
+            os.unlink(f"/dev/shm/{name}")
+            removed.append(name)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+class Arena:
+    """One shared-memory region: header, CPUs, counters, stocks and names.
+
+    Create it once (`Arena.create`), pass `arena.name` (or the Arena itself, which
+    pickles by name) to other processes, and `Arena.attach` there. Only the creator
+    unlinks. Every handle can be closed at any point, even half-built.
+    """
+
+    # Class defaults, so that close() and unlink() work after a failed __init__.
+    _shm: shared_memory.SharedMemory | None = None
+    _slots: _atomic.Slots | None = None
+    _creator = False
+    _closed = True
+    # This process's CPU, set by register_cpu: first slot of its stock block, and
+    # the lock owner token (its pid). -1 means "not a CPU of this arena".
+    _stock_block = -1
+    _stock_owner = 0
+
+    def __init__(self, shm: shared_memory.SharedMemory, creator: bool) -> None:
+        self._shm = shm
+        self._creator = creator
+        hdr = np.ndarray((HEADER_WORDS,), np.int64, shm.buf)
+        self.ncpus = int(hdr[H_NCPUS])
+        self.max_counters = int(hdr[H_MAX_COUNTERS])
+        self.max_stocked = int(hdr[H_MAX_STOCKED])
+        sec = _Sections(self.ncpus, self.max_counters, self.max_stocked)
+        self._sec = sec
+        buf = shm.buf
+        # numpy views for reading, vectorised sums and the stat view; writes that
+        # race go through self._slots (seq_cst atomics).
+        self.header = hdr
+        self.cpus = np.ndarray((self.ncpus, CPU_WORDS), np.int64, buf, sec.cpus)
+        self.records = np.ndarray((self.max_counters, PC_WORDS), np.int64, buf, sec.counters)
+        self.stock_owner = np.ndarray((self.max_stocked,), np.int64, buf, sec.stock_owner)
+        self.stocks = np.ndarray(
+            (self.ncpus, self.max_stocked, STOCK_WORDS), np.int64, buf, sec.stocks,
+            strides=(sec.stock_block, STOCK_WORDS * WORD, WORD))
+        self.names = np.ndarray((self.max_counters, NAME_BYTES), np.uint8, buf, sec.names)
+        self._slots = _atomic.Slots(buf)
+        # slot indexes (8-byte words from the segment start)
+        self._counters_slot = sec.counters // WORD
+        self._stocks_slot = sec.stocks // WORD
+        self._stock_block_words = sec.stock_block // WORD
+        self._handles: list[PageCounter | None] = [None] * self.max_counters
+        self._index: dict[str, int] = {}
+        self._known = 0
+        self._drainer = None
+        self._closed = False
+
+    # ---- construction -------------------------------------------------------
+
+    @classmethod
+    def create(cls, ncpus: int | None = None, max_counters: int = 1024,
+               max_stocked: int | None = None) -> Arena:
+        """Create a new arena; this process becomes its creator and owns unlink.
+
+        ncpus: CPU slots (default: the CPUs this process may run on). More CPUs than
+        cores is fine. max_counters: counter records. max_stocked: counters that can
+        have stock at once (default max_counters); enable_stock returns False past it.
+        """
+        if ncpus is None:
+            ncpus = len(os.sched_getaffinity(0))
+        if max_stocked is None:
+            max_stocked = max_counters
+        for what, v, lo in (("ncpus", ncpus, 1), ("max_counters", max_counters, 1),
+                            ("max_stocked", max_stocked, 0)):
+            if type(v) is not int or not lo <= v <= 1 << 20:
+                raise ValueError(f"{what} must be an int in [{lo}, 2**20], got {v!r}")
+        sweep_dead_arenas()
+        sec = _Sections(ncpus, max_counters, max_stocked)
+        while True:
+            name = f"{NAME_PREFIX}{os.getpid()}_{secrets.token_hex(4)}"
+            try:
+                shm = shared_memory.SharedMemory(name, create=True, size=sec.size)
+                break
+            except FileExistsError:
+                continue
+        try:
+            hdr = np.ndarray((HEADER_WORDS,), np.int64, shm.buf)
+            hdr[:] = 0
+            hdr[H_MAGIC], hdr[H_VERSION] = MAGIC, LAYOUT_VERSION
+            hdr[H_NCPUS], hdr[H_MAX_COUNTERS], hdr[H_MAX_STOCKED] = ncpus, max_counters, max_stocked
+            hdr[H_CREATOR_PID], hdr[H_TRACKER_INO] = os.getpid(), _tracker_inode()
+            hdr[H_SIZE] = sec.size
+            del hdr
+            arena = cls(shm, creator=True)
+            arena.stock_owner[:] = -1
+            return arena
+        except BaseException:
+            shm.close()
+            shm.unlink()
+            raise
+
+    @classmethod
+    def attach(cls, name: str) -> Arena:
+        """Attach to an existing arena by name, from any process on this machine.
+
+        Raises ArenaError when `name` is not a shmcounter arena of this layout version.
+        """
+        if not isinstance(name, str):
+            raise TypeError(f"arena name must be a str, got {type(name).__name__}")
+        try:
+            shm = shared_memory.SharedMemory(name)
+        except FileNotFoundError:
+            raise ArenaError(f"no shared-memory segment named {name!r}") from None
+        try:
+            # Our own tracker registered the segment above; unless it is the
+            # creator's tracker (a process started by multiprocessing from the
+            # creator's tree), drop that registration, or our exit would unlink
+            # the creator's segment (python/cpython#82300).
+            if shm.size < HEADER_WORDS * WORD:
+                raise ArenaError(f"segment {name!r} ({shm.size} bytes) is not a "
+                                 f"shmcounter arena: too small for the header")
+            magic, version = struct.unpack_from("<qq", shm.buf, 0)
+            tracker_ino = struct.unpack_from("<q", shm.buf, H_TRACKER_INO * WORD)[0]
+            if tracker_ino != _tracker_inode():
+                resource_tracker.unregister(shm._name, "shared_memory")
+            if magic != MAGIC:
+                raise ArenaError(f"segment {name!r} is not a shmcounter arena "
+                                 f"(magic {magic:#x}, expected {MAGIC:#x})")
+            if version != LAYOUT_VERSION:
+                raise ArenaError(f"segment {name!r} has layout version {version}; this "
+                                 f"shmcounter reads layout version {LAYOUT_VERSION}")
+            size = struct.unpack_from("<q", shm.buf, H_SIZE * WORD)[0]
+            if shm.size < size:
+                raise ArenaError(f"segment {name!r} is truncated: {shm.size} of {size} bytes")
+            return cls(shm, creator=False)
+        except BaseException:
+            shm.close()
+            raise
+
+    def __reduce__(self):
+        return (Arena.attach, (self.name,))
+
+    # ---- lifetime -----------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self._shm.name
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Unmap this process's view. Safe to call twice or on a half-built handle.
+        Counters of this handle raise ValueError afterwards."""
+        from . import cpu
+        cpu._forget_arena(self)
+        self._closed = True
+        if self._slots is not None:
+            self._slots.release()
+            self._slots = None
+        for attr in ("header", "cpus", "records", "stock_owner", "stocks", "names"):
+            self.__dict__.pop(attr, None)
+        if self._shm is not None:
+            self._shm.close()
+
+    def unlink(self) -> None:
+        """Remove the segment's name (creator only). Processes that have it mapped
+        keep working; nobody can attach afterwards."""
+        if not self._creator:
+            raise ArenaError(f"only the creator (pid {self._creator_pid()}) unlinks "
+                             f"arena {self._shm.name!r}")
+        if self._shm is not None:
+            self._shm.unlink()
+            self._creator = False
+
+    def _creator_pid(self) -> int:
+        return struct.unpack_from("<q", self._shm.buf, H_CREATOR_PID * WORD)[0]
+
+    def __enter__(self) -> Arena:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        creator = self._creator
+        self.close()
+        if creator:
+            self.unlink()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ArenaError(f"arena {self._shm.name if self._shm else '?'} is closed")
+
+    # ---- registry lock: serialises counter creation and stock-id allocation --
+
+    def _registry_lock(self) -> None:
+        """Take the arena-wide registry lock; steal it from a dead holder."""
+        slot, me = H_REGISTRY_LOCK, os.getpid()
+        while True:
+            holder = self._slots.cas(slot, 0, me)
+            if holder == 0:
+                return
+            if holder == me:
+                raise RuntimeError("registry lock is not recursive")
+            if not pid_alive(holder) and self._slots.cas(slot, holder, me) == holder:
+                # The dead holder may have claimed a stock id without publishing it.
+                self._repair_stock_owners()
+                return
+            time.sleep(0)
+
+    def _registry_unlock(self) -> None:
+        self._slots.store(H_REGISTRY_LOCK, 0)
+
+    def _repair_stock_owners(self) -> None:
+        for sid in np.flatnonzero(self.stock_owner >= 0):
+            c = int(self.stock_owner[sid])
+            if c >= self._published() or self.records[c, PC_STOCK_ID] != sid:
+                self.stock_owner[sid] = -1
+
+    # ---- counters -----------------------------------------------------------
+
+    def _published(self) -> int:
+        return self._slots.load(H_NCOUNTERS)
+
+    def _refresh_index(self) -> None:
+        n = self._published()
+        for i in range(self._known, n):
+            self._index[bytes(self.names[i]).rstrip(b"\0").decode()] = i
+        self._known = n
+
+    def _handle(self, index: int) -> PageCounter:
+        h = self._handles[index]
+        if h is None:
+            from .page_counter import PageCounter
+            h = self._handles[index] = PageCounter(self, index)
+        return h
+
+    def new_counter(self, name: str, parent: PageCounter | None = None,
+                    max: int | None = None) -> PageCounter:
+        """Create a counter under `parent` (None: a root) with limit `max`
+        (default PAGE_COUNTER_MAX). Names are unique per arena."""
+        from .page_counter import PAGE_COUNTER_MAX, PageCounter, check_limit
+        self._check_open()
+        encoded = _check_name(name)
+        if parent is not None:
+            if not isinstance(parent, PageCounter):
+                raise TypeError(f"parent must be a PageCounter or None, got "
+                                f"{type(parent).__name__}")
+            if parent._arena._shm.name != self._shm.name:
+                raise ValueError(f"parent {parent.name!r} belongs to arena "
+                                 f"{parent._arena._shm.name!r}, not {self._shm.name!r}")
+        limit = PAGE_COUNTER_MAX if max is None else check_limit(max, "max")
+        self._registry_lock()
+        try:
+            self._refresh_index()
+            if name in self._index:
+                raise ValueError(f"a counter named {name!r} already exists in this arena")
+            index = self._published()
+            if index >= self.max_counters:
+                raise ArenaError(f"arena {self._shm.name!r} is full: "
+                                 f"{self.max_counters} counters (see max_counters)")
+            rec = self.records[index]
+            rec[:] = 0
+            rec[PC_MAX] = limit
+            rec[PC_PARENT] = -1 if parent is None else parent._index
+            rec[PC_STOCK_ID] = -1
+            self.names[index] = 0
+            self.names[index, :len(encoded)] = np.frombuffer(encoded, np.uint8)
+            self._slots.store(H_NCOUNTERS, index + 1)     # publish
+        finally:
+            self._registry_unlock()
+        return self.counter(name)
+
+    def counter(self, name: str) -> PageCounter:
+        """The counter named `name`, created by any process. KeyError if none."""
+        self._check_open()
+        if not isinstance(name, str):
+            raise TypeError(f"counter name must be a str, got {type(name).__name__}")
+        index = self._index.get(name)
+        if index is None:
+            self._refresh_index()
+            index = self._index.get(name)
+            if index is None:
+                raise KeyError(f"no counter named {name!r} in arena {self._shm.name!r}")
+        return self._handle(index)
+
+    def counters(self) -> list[PageCounter]:
+        """All counters, in creation order."""
+        self._check_open()
+        return [self._handle(i) for i in range(self._published())]
+
+    def stocked_counters(self) -> Iterator[PageCounter]:
+        """Counters that currently have stock."""
+        for i in range(self._published()):
+            if self.records[i, PC_STOCK_ID] >= 0:
+                yield self._handle(i)
+
+    @property
+    def underflows(self) -> int:
+        """Uncharges that would have taken a usage below 0 (clamped, and warned)."""
+        self._check_open()
+        return self._slots.load(H_UNDERFLOWS)
+
+    # ---- CPUs ---------------------------------------------------------------
+
+    def cpu_pid(self, cpu: int) -> int:
+        """Pid registered as CPU `cpu`, or 0."""
+        return self._slots.load(self._cpu_slot(cpu))
+
+    def _cpu_slot(self, cpu: int) -> int:
+        if type(cpu) is not int or not 0 <= cpu < self.ncpus:
+            raise ValueError(f"cpu must be an int in [0, {self.ncpus}), got {cpu!r}")
+        return self._sec.cpus // WORD + cpu * CPU_WORDS + CPU_PID
+
+    def _stock_slot(self, cpu: int, sid: int) -> int:
+        return self._stocks_slot + cpu * self._stock_block_words + sid * STOCK_WORDS
+
+    def hotplug_cpu_dead(self, cpu: int) -> dict[str, int]:
+        """The CPU-hotplug "dead" callback: reclaim every stock of CPU `cpu`.
+
+        Runs page_counter drain_cpu on every counter with stock, then frees the CPU
+        slot for a new process. The process registered as `cpu` must be dead (or
+        none registered). Returns the pages reclaimed, by counter name.
+        """
+        self._check_open()
+        slot = self._cpu_slot(cpu)
+        pid = self._slots.load(slot)
+        if pid and pid_alive(pid):
+            raise ValueError(f"CPU {cpu} is online (pid {pid}); the hotplug-dead path "
+                             f"is for dead CPUs, use drain_stock on a live one")
+        reclaimed = {c.name: c.drain_cpu(cpu) for c in self.stocked_counters()}
+        self._slots.cas(slot, pid, 0)
+        return {name: n for name, n in reclaimed.items() if n}
+
+    # ---- protection ---------------------------------------------------------
+
+    def calculate_protection(self, root: PageCounter, counter: PageCounter, *,
+                             recursive: bool = False) -> None:
+        """page_counter_calculate_protection; see page_counter.calculate_protection."""
+        from .page_counter import calculate_protection
+        calculate_protection(root, counter, recursive=recursive)
+
+    # ---- drain backend (the CPU runtime registers here) ----------------------
+
+    def set_drainer(self, drainer) -> None:
+        """Install the CPU runtime's drain: drainer(counter) -> None must make every
+        online CPU drain its own stock of `counter` and return when all have. procs
+        installs it; shmcounter never imports procs."""
+        self._drainer = drainer
+
+    def __repr__(self) -> str:
+        if self._closed:
+            return "<Arena closed>"
+        return (f"<Arena {self._shm.name!r} ncpus={self.ncpus} "
+                f"counters={self._published()}/{self.max_counters}>")
+
+
+def _check_name(name: object) -> bytes:
+    if not isinstance(name, str):
+        raise TypeError(f"counter name must be a str, got {type(name).__name__}")
+    encoded = name.encode()
+    if not 0 < len(encoded) < NAME_BYTES or b"\0" in encoded:
+        raise ValueError(f"counter name must be 1..{NAME_BYTES - 1} UTF-8 bytes "
+                         f"without NUL, got {name!r}")
+    return encoded

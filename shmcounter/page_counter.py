@@ -1,0 +1,313 @@
+"""Lockless hierarchical page accounting and limiting, with per-CPU charge stock.
+
+A Python model of Linux mm/page_counter.c plus the per-page_counter stock of the
+2026 series "mm/memcontrol, page_counter: move stock from mem_cgroup to
+page_counter" (v2 semantics unless noted). Every number lives in the arena
+(layout.py); a PageCounter is only a handle, and any number of processes may hold
+handles on one counter.
+
+Verbs, as in the kernel: `cancel` changes one level, `uncharge` walks to the root;
+`try_charge` may fail, `charge` is forced. A number of pages is `nr_pages` inside,
+`n` in the public signatures (the API contract).
+
+Invariant (quiescent), for every counter C:
+    usage(C) == real charges in subtree(C) + sum of stock[cpu][D], D in subtree(C)
+"""
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING
+
+from .errors import Busy
+from .layout import (
+    H_UNDERFLOWS, PC_BATCH, PC_CHILDREN_LOW_USAGE, PC_CHILDREN_MIN_USAGE, PC_ELOW,
+    PC_EMIN, PC_FAILCNT, PC_FLAGS, PC_FLAG_UNCHARGE_TO_STOCK, PC_HIGH, PC_LOW,
+    PC_MAX, PC_MIN, PC_PARENT, PC_STOCK_ID, PC_USAGE, PC_WATERMARK, PC_WORDS,
+)
+from .stock import PageCounterStock
+
+if TYPE_CHECKING:
+    from .layout import Arena
+
+# LONG_MAX / PAGE_SIZE, so that a limit in bytes never overflows (kernel, 64-bit).
+PAGE_COUNTER_MAX = (2**63 - 1) // 4096
+# Exclusive bound on any page amount passed in (api.md).
+NR_PAGES_LIMIT = 2**62
+
+_SUCCESS = (True, None)
+
+
+def bad_nr(n: object, what: str = "n", limit: int = NR_PAGES_LIMIT) -> Exception:
+    """The error for an amount that is not an int in [0, limit)."""
+    bound = "2**62" if limit == NR_PAGES_LIMIT else str(limit)
+    msg = f"{what} must be an int in [0, {bound}), got {n!r} ({type(n).__name__})"
+    return TypeError(msg) if type(n) is not int else ValueError(msg)
+
+
+def check_nr(n: object, what: str = "n") -> int:
+    if type(n) is not int or not 0 <= n < NR_PAGES_LIMIT:
+        raise bad_nr(n, what)
+    return n
+
+
+def check_limit(n: object, what: str) -> int:
+    """A limit or protection setting: an int in [0, PAGE_COUNTER_MAX]."""
+    if type(n) is not int or not 0 <= n <= PAGE_COUNTER_MAX:
+        raise bad_nr(n, what, PAGE_COUNTER_MAX + 1)
+    return n
+
+
+class PageCounter(PageCounterStock):
+    """A handle on one page_counter record of an arena.
+
+    Fields read live from shared memory: usage, max, min, low, high, watermark,
+    failcnt, emin, elow, batch. The parent never changes after creation, so the
+    handle caches the path to the root as record indexes.
+    """
+
+    def __init__(self, arena: Arena, index: int) -> None:
+        self._arena = arena
+        self._slots = arena._slots
+        self._index = index
+        self._c = arena._counters_slot + index * PC_WORDS       # record's first slot
+        parent = int(arena.records[index, PC_PARENT])
+        self.parent: PageCounter | None = None if parent < 0 else arena._handle(parent)
+        self._p = -1 if self.parent is None else self.parent._c
+        # (record, parent record) for self, parent, ..., root: one entry per level
+        self._path: tuple[tuple[int, int], ...] = ((self._c, self._p),) + (
+            self.parent._path if self.parent is not None else ())
+        self._levels: tuple[PageCounter, ...] = (self,) + (
+            self.parent._levels if self.parent is not None else ())
+        self.name: str = bytes(arena.names[index]).rstrip(b"\0").decode()
+
+    # ---- fields -------------------------------------------------------------
+
+    def _load(self, field: int) -> int:
+        return self._slots.load(self._c + field)
+
+    usage = property(lambda self: self._load(PC_USAGE), doc="Pages charged to the subtree, stocks included.")
+    max = property(lambda self: self._load(PC_MAX), doc="Hard limit, enforced by try_charge.")
+    min = property(lambda self: self._load(PC_MIN), doc="Hard protection setting.")
+    low = property(lambda self: self._load(PC_LOW), doc="Best-effort protection setting.")
+    high = property(lambda self: self._load(PC_HIGH), doc="Throttling limit: stored, never enforced here.")
+    watermark = property(lambda self: self._load(PC_WATERMARK), doc="Peak usage (racy, see _atomic.c).")
+    failcnt = property(lambda self: self._load(PC_FAILCNT), doc="Charges this level refused.")
+    emin = property(lambda self: self._load(PC_EMIN), doc="Effective min, after calculate_protection.")
+    elow = property(lambda self: self._load(PC_ELOW), doc="Effective low, after calculate_protection.")
+    children_min_usage = property(lambda self: self._load(PC_CHILDREN_MIN_USAGE))
+    children_low_usage = property(lambda self: self._load(PC_CHILDREN_LOW_USAGE))
+
+    # ---- charge -------------------------------------------------------------
+
+    def try_charge(self, n: int) -> tuple[bool, PageCounter | None]:
+        """Charge n pages to this counter and every ancestor.
+
+        Returns (True, None), or (False, C) with C the first counter whose max
+        refused the charge; the levels below C are cancelled before it returns, so
+        no level keeps a partial charge. A refusal counts in C.failcnt.
+
+        Runs in any process; only a CPU process (register_cpu) takes the stock:
+          1. fast path: take n from this CPU's stock of this counter, if the slot's
+             trylock succeeds and it holds n. Nothing else changes: usage,
+             watermark, failcnt and protection stay as they are.
+          2. greedy: charge max(batch, n) up the hierarchy;
+          3. on failure, retry once with exactly n;
+          4. deposit the surplus in this CPU's stock, or uncharge it if the slot is
+             busy (series §1.4).
+        A greedy failure still counts in failcnt, so one successful request can
+        bump failcnt (as the memcg code always has).
+        """
+        if type(n) is not int or not 0 <= n < NR_PAGES_LIMIT:
+            raise bad_nr(n)
+        block = self._arena._stock_block
+        if block >= 0 and self._slots.stock_consume(
+                self._c, block, n, self._arena._stock_owner) == 1:
+            return _SUCCESS
+        return self._try_charge_slow(n, block)
+
+    def _try_charge_slow(self, nr_pages: int, block: int) -> tuple[bool, PageCounter | None]:
+        # READ_ONCE(batch): one snapshot; a concurrent disable_stock (batch = 0)
+        # is seen by the next charge. Not a CPU process: exact charges only.
+        batch = self._slots.load(self._c + PC_BATCH) if block >= 0 else 0
+        charge = batch if batch > nr_pages else nr_pages
+        fail = self._try_charge_hierarchy(charge)
+        if fail is not None and charge > nr_pages:
+            charge = nr_pages
+            fail = self._try_charge_hierarchy(charge)
+        if fail is not None:
+            return False, fail
+        if charge > nr_pages:
+            self._deposit(block, charge - nr_pages)
+        return _SUCCESS
+
+    def _try_charge_hierarchy(self, nr_pages: int) -> PageCounter | None:
+        """page_counter_try_charge without stock: None, or the counter that refused.
+
+        Kill points: killed after level k succeeded, levels 0..k hold +nr_pages.
+        Repaired by the hotplug path (issue 3: intent records).
+        """
+        slots = self._slots
+        path = self._path
+        for level, (c, p) in enumerate(path):
+            if slots.pc_try_charge_level(c, p, nr_pages) < 0:
+                for c2, p2 in path[:level]:
+                    self._cancel_level(c2, p2, nr_pages)
+                return self._levels[level]
+        return None
+
+    def charge(self, n: int) -> None:
+        """Charge n pages to this counter and every ancestor, ignoring max.
+
+        NOTE: forced, like page_counter_charge; usage may exceed max afterwards.
+        Never uses the stock.
+        """
+        nr_pages = check_nr(n)
+        slots = self._slots
+        for c, p in self._path:
+            slots.pc_charge_level(c, p, nr_pages)
+
+    # ---- uncharge -----------------------------------------------------------
+
+    def uncharge(self, n: int) -> None:
+        """Uncharge n pages from this counter and every ancestor.
+
+        Plain hierarchical (v2): the stock is filled only by the surplus of greedy
+        charges. With enable_stock(uncharge_to_stock=True) a CPU process returns the
+        pages to its stock instead (the RFC, series §1.5).
+        An uncharge below 0 is a caller bug: it warns, counts in arena.underflows
+        and clamps usage at 0, at each level where it happens.
+        """
+        nr_pages = check_nr(n)
+        if self._slots.load(self._c + PC_FLAGS) & PC_FLAG_UNCHARGE_TO_STOCK:
+            nr_pages = self._uncharge_to_stock(nr_pages)
+        self.uncharge_hierarchy(nr_pages)
+
+    def uncharge_hierarchy(self, nr_pages: int) -> None:
+        """page_counter_uncharge: cancel nr_pages at every level up to the root.
+
+        Kill points: killed after level k, levels 0..k are -nr_pages.
+        """
+        for c, p in self._path:
+            self._cancel_level(c, p, nr_pages)
+
+    def cancel(self, n: int) -> None:
+        """Take n pages out of this level only (page_counter_cancel)."""
+        self._cancel_level(self._c, self._p, check_nr(n))
+
+    def _cancel_level(self, c: int, p: int, nr_pages: int) -> None:
+        new = self._slots.pc_cancel(c, p, nr_pages)
+        if new < 0:
+            self._underflow(c, new, nr_pages)
+
+    def _underflow(self, c: int, new: int, nr_pages: int) -> None:
+        name = next(level.name for level in self._levels if level._c == c)
+        count = self._slots.fetch_add(H_UNDERFLOWS, 1) + 1
+        warnings.warn(f"page_counter underflow on {name!r}: usage {new + nr_pages}, "
+                      f"uncharge {nr_pages}; clamped to 0 (arena.underflows = {count})",
+                      RuntimeWarning, stacklevel=4)
+
+    # ---- limits -------------------------------------------------------------
+
+    def set_max(self, n: int) -> None:
+        """Set the hard limit, unless usage is above it.
+
+        Raises Busy (EBUSY) when usage > n; max is then unchanged. The caller must
+        serialize set_max on one counter.
+        Ordering: read usage, exchange max, re-read usage; the exchange is a full
+        barrier between the reads. A racing try_charge adds before it reads max
+        (see pc_try_charge_level), so either it sees the new limit, or the re-read
+        here sees its add and we restore the old limit and retry. Never returns
+        with usage above a newly lowered limit.
+        """
+        limit = check_limit(n, "max")
+        slots, usage_slot, max_slot = self._slots, self._c + PC_USAGE, self._c + PC_MAX
+        while True:
+            usage = slots.load(usage_slot)
+            if usage > limit:
+                raise Busy(f"cannot set max of {self.name!r} to {limit}: usage is {usage}")
+            old = slots.exchange(max_slot, limit)
+            if slots.load(usage_slot) <= usage or limit >= old:
+                return
+            slots.store(max_slot, old)
+
+    def set_min(self, n: int) -> None:
+        """Set min protection and propagate protected usage up to the root."""
+        self._set_protection(PC_MIN, check_limit(n, "min"))
+
+    def set_low(self, n: int) -> None:
+        """Set low protection and propagate protected usage up to the root."""
+        self._set_protection(PC_LOW, check_limit(n, "low"))
+
+    def _set_protection(self, field: int, value: int) -> None:
+        self._slots.store(self._c + field, value)
+        for c, p in self._path:
+            self._slots.pc_propagate(c, p)
+
+    def set_high(self, n: int) -> None:
+        """Set the high limit. Stored for callers (memcg); page_counter never enforces it."""
+        self._slots.store(self._c + PC_HIGH, check_limit(n, "high"))
+
+    def reset_watermark(self) -> None:
+        """Set the watermark to the current usage."""
+        self._slots.store(self._c + PC_WATERMARK, self._load(PC_USAGE))
+
+    # ---- views --------------------------------------------------------------
+
+    def __repr__(self) -> str:
+        if self._arena.closed:
+            return f"<PageCounter {self.name!r} (arena closed)>"
+        limit = self.max
+        shown = "max" if limit == PAGE_COUNTER_MAX else limit
+        stock = [self.stock(cpu) for cpu in range(self._arena.ncpus)]
+        return (f"<PageCounter {self.name!r} usage={self.usage}/{shown} "
+                f"stock={stock} failcnt={self.failcnt}>")
+
+
+def calculate_protection(root: PageCounter, counter: PageCounter, *,
+                         recursive: bool = False) -> None:
+    """page_counter_calculate_protection: set counter.emin/elow for reclaim from root.
+
+    Call it top-down (parents before children): a child reads its parent's emin and
+    elow. Not stateless: e-values of `root` itself, and of counters with usage 0,
+    are left as they were (stale), as in the kernel. The rules:
+      1. a child of root gets its raw min/low, not capped by usage;
+      2. deeper levels get min(usage, setting), capped by the parent's effective
+         value;
+      3. if the siblings claim more than the parent has, it is shared in proportion
+         to each one's min(usage, setting);
+      4. otherwise nobody gets more than its own setting, unless
+      5. recursive (memory_recursiveprot): unclaimed parental protection is shared
+         in proportion to each child's unprotected usage.
+    """
+    if counter is root:
+        return
+    usage = counter.usage
+    if usage == 0:
+        return
+    parent = counter.parent
+    slots, c = counter._slots, counter._c
+    if parent is root:
+        slots.store(c + PC_EMIN, counter.min)
+        slots.store(c + PC_ELOW, counter.low)
+        return
+    if parent is None:
+        raise ValueError(f"{root.name!r} is not an ancestor of {counter.name!r}")
+    parent_usage = parent.usage
+    slots.store(c + PC_EMIN, _effective_protection(
+        usage, parent_usage, counter.min, parent.emin, parent.children_min_usage, recursive))
+    slots.store(c + PC_ELOW, _effective_protection(
+        usage, parent_usage, counter.low, parent.elow, parent.children_low_usage, recursive))
+
+
+def _effective_protection(usage: int, parent_usage: int, setting: int,
+                          parent_effective: int, siblings_protected: int,
+                          recursive: bool) -> int:
+    protected = min(usage, setting)
+    if siblings_protected > parent_effective:
+        return protected * parent_effective // siblings_protected
+    ep = protected
+    if (recursive and parent_effective > siblings_protected
+            and parent_usage > siblings_protected and usage > protected):
+        ep += ((parent_effective - siblings_protected) * (usage - protected)
+               // (parent_usage - siblings_protected))
+    return ep

@@ -1,0 +1,232 @@
+"""Per-CPU charge stock of a page_counter: consume, deposit, drain_local, drain_cpu.
+
+Each (CPU, counter) pair has one slot in the arena, [nr_pages, lock]. Pages in a
+slot are already charged to the counter and every ancestor (they are in usage);
+the slot only says which CPU may hand them out without walking the hierarchy.
+
+Ownership: only CPU k's process (any thread of it) consumes, refills or locally
+drains stock[k]. Other processes read it, and touch it only when CPU k is dead
+(drain_cpu, the hotplug path) or when nobody charges the counter any more
+(free_stock). Every step that changes a live slot does trylock, change, unlock in
+one C call (_atomic.c), so the lock is held for a few instructions.
+
+The lock word holds the holder's pid. A lock held by a dead process means its CPU
+is dead, since no other process ever takes that slot's lock; nobody waits for
+it, and drain_cpu takes the slot without the lock and clears the word. A new
+process for that CPU can register only after that.
+
+Bound (I5): with one context per CPU, stock[k][C] < batch after each deposit, so
+pages held in stocks <= (counters with stock) x ncpus x batch. A second context on
+one CPU (a thread) can interleave between the fast-path check and the deposit
+and push one slot towards 2 x batch: series E14, no cap in v2. XX: cap it with the
+old rule (drain the slot when > batch) if a user needs the bound to be strict.
+"""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from .errors import ArenaError
+from .layout import (
+    PC_BATCH, PC_FLAGS, PC_FLAG_UNCHARGE_TO_STOCK, PC_STOCK_ID, STOCK_LOCK, STOCK_NR,
+    STOCK_WORDS,
+    pid_alive,
+)
+
+if TYPE_CHECKING:
+    from .layout import Arena
+    from ._atomic import Slots
+
+# MEMCG_CHARGE_BATCH. Larger means fewer walks up the hierarchy but more pages
+# stranded in stocks (< batch per CPU per counter).
+DEFAULT_BATCH = 64
+BATCH_LIMIT = 2**32        # batch is an unsigned int in the kernel
+
+
+class PageCounterStock:
+    """The stock half of PageCounter (mixed in; see page_counter.py)."""
+
+    _arena: Arena
+    _slots: Slots
+    _c: int
+    _index: int
+    name: str
+
+    # ---- lifecycle ----------------------------------------------------------
+
+    def enable_stock(self, batch: int = DEFAULT_BATCH, *,
+                     uncharge_to_stock: bool = False) -> bool:
+        """Give this counter a per-CPU stock refilled `batch` pages at a time.
+
+        Returns False, changing nothing, when no stock could be set up (the arena's
+        max_stocked are all in use): like the kernel's -ENOMEM, which memcg ignores,
+        the counter then simply charges through the hierarchy. Calling it on a
+        counter that has stock sets the batch again (re-enables after disable).
+        uncharge_to_stock: the RFC's stock-returning uncharge (series §1.5), for
+        studying the series; v2 and later uncharge through the hierarchy.
+        """
+        if type(batch) is not int or not 0 <= batch < BATCH_LIMIT:
+            raise (TypeError if type(batch) is not int else ValueError)(
+                f"batch must be an int in [0, 2**32), got {batch!r} ({type(batch).__name__})")
+        if not isinstance(uncharge_to_stock, bool):
+            raise TypeError(f"uncharge_to_stock must be a bool, got {uncharge_to_stock!r}")
+        arena, slots = self._arena, self._slots
+        arena._check_open()
+        flags = PC_FLAG_UNCHARGE_TO_STOCK if uncharge_to_stock else 0
+        arena._registry_lock()
+        try:
+            if slots.load(self._c + PC_STOCK_ID) < 0:
+                free = (arena.stock_owner < 0).nonzero()[0]
+                if len(free) == 0:
+                    return False
+                sid = int(free[0])
+                arena.stock_owner[sid] = self._index
+                # a new stock id's slots are all 0: free_stock drained them
+                slots.store(self._c + PC_STOCK_ID, sid)          # publish
+            slots.store(self._c + PC_FLAGS, flags)
+            slots.store(self._c + PC_BATCH, batch)
+        finally:
+            arena._registry_unlock()
+        return True
+
+    def disable_stock(self) -> None:
+        """No new deposits from now on (batch = 0). Stock hits may still consume
+        what is left; drain_stock or free_stock returns it (the U0/v4 order)."""
+        self._arena._check_open()
+        self._slots.store(self._c + PC_BATCH, 0)
+
+    def free_stock(self) -> int:
+        """Drain whatever is left on every CPU, without locks, then drop the stock.
+
+        The caller guarantees that nobody charges or uncharges this counter any
+        more (kernel: css_free, after the last reference). Returns the pages
+        drained. A no-op without stock.
+        """
+        arena, slots = self._arena, self._slots
+        arena._check_open()
+        sid = slots.load(self._c + PC_STOCK_ID)
+        if sid < 0:
+            return 0
+        slots.store(self._c + PC_BATCH, 0)
+        slots.store(self._c + PC_STOCK_ID, -1)                  # unpublish first
+        drained = sum(slots.exchange(arena._stock_slot(cpu, sid) + STOCK_NR, 0)
+                      for cpu in range(arena.ncpus))
+        if drained:
+            self.uncharge_hierarchy(drained)
+        slots.store(self._c + PC_FLAGS, 0)
+        arena._registry_lock()
+        arena.stock_owner[sid] = -1
+        arena._registry_unlock()
+        return drained
+
+    # ---- reading ------------------------------------------------------------
+
+    @property
+    def has_stock(self) -> bool:
+        return self._slots.load(self._c + PC_STOCK_ID) >= 0
+
+    @property
+    def batch(self) -> int:
+        """Refill size; 0 when disabled or without stock."""
+        return self._slots.load(self._c + PC_BATCH)
+
+    def stock(self, cpu: int) -> int:
+        """Pages held in CPU `cpu`'s stock of this counter (0 without stock)."""
+        arena = self._arena
+        arena._cpu_slot(cpu)              # validates cpu
+        sid = self._slots.load(self._c + PC_STOCK_ID)
+        return 0 if sid < 0 else self._slots.load(arena._stock_slot(cpu, sid) + STOCK_NR)
+
+    def _local_slot(self) -> int:
+        """This CPU's slot of this counter, or -1 (not a CPU, or no stock)."""
+        block = self._arena._stock_block
+        sid = self._slots.load(self._c + PC_STOCK_ID)
+        return -1 if block < 0 or sid < 0 else block + STOCK_WORDS * sid
+
+    # ---- refill (the slow path of try_charge) --------------------------------
+
+    def _deposit(self, block: int, nr_pages: int) -> None:
+        """Put a greedy charge's surplus into this CPU's stock; uncharge it instead
+        when the slot is busy (another context of this CPU holds it) or gone.
+
+        Kill point: killed after the greedy charge, before the deposit, the surplus
+        is charged at every level and in no stock. Repaired by the hotplug path
+        (issue 3: intent records).
+        """
+        sid = self._slots.load(self._c + PC_STOCK_ID)
+        if sid < 0 or not self._slots.stock_deposit(
+                block + STOCK_WORDS * sid, nr_pages, self._arena._stock_owner):
+            self.uncharge_hierarchy(nr_pages)
+
+    def _uncharge_to_stock(self, nr_pages: int) -> int:
+        """RFC uncharge: return nr_pages to this CPU's stock, keeping at most batch
+        there. Returns the pages the caller must still uncharge hierarchically."""
+        slot = self._local_slot()
+        owner = self._arena._stock_owner
+        if slot < 0 or not self._slots.stock_trylock(slot, owner):
+            return nr_pages
+        slots = self._slots
+        stocked = slots.load(slot + STOCK_NR) + nr_pages
+        batch = slots.load(self._c + PC_BATCH)
+        excess = stocked - batch if stocked > batch else 0
+        slots.store(slot + STOCK_NR, stocked - excess)
+        slots.stock_unlock(slot)
+        return excess
+
+    # ---- drains -------------------------------------------------------------
+
+    def drain_stock_local(self) -> int:
+        """Drain the calling CPU's stock of this counter, under its slot lock, and
+        uncharge those pages up the hierarchy. Returns the pages drained.
+
+        Runs in a CPU process only. The lock is blocking, as the kernel's
+        local_lock: if another context of this CPU holds it, we yield until it lets
+        go (a holder keeps it for one C call).
+        """
+        arena = self._arena
+        if arena._stock_block < 0:
+            raise ArenaError("drain_stock_local runs in a CPU process only; this "
+                             "process is not a CPU of this arena (see register_cpu)")
+        slot = self._local_slot()
+        if slot < 0:
+            return 0
+        while (taken := self._slots.stock_take(slot, arena._stock_owner)) < 0:
+            time.sleep(0)
+        if taken:
+            self.uncharge_hierarchy(taken)
+        return taken
+
+    def drain_cpu(self, cpu: int) -> int:
+        """Drain a dead CPU's stock of this counter: take it without the lock, clear
+        the lock word, and uncharge the pages up the hierarchy (the hotplug "dead"
+        path, page_counter_drain_stock_cpu). Returns the pages drained.
+
+        Raises ValueError if a live process is registered as `cpu`: its stock is
+        drained with drain_stock, through that CPU.
+        """
+        arena = self._arena
+        pid = arena._slots.load(arena._cpu_slot(cpu))
+        if pid and pid_alive(pid):
+            raise ValueError(f"CPU {cpu} is online (pid {pid}); drain_cpu is for dead "
+                             f"CPUs, use drain_stock on a live one")
+        sid = self._slots.load(self._c + PC_STOCK_ID)
+        if sid < 0:
+            return 0
+        slot = arena._stock_slot(cpu, sid)
+        taken = self._slots.exchange(slot + STOCK_NR, 0)
+        self._slots.store(slot + STOCK_LOCK, 0)
+        if taken:
+            self.uncharge_hierarchy(taken)
+        return taken
+
+    def drain_stock(self) -> None:
+        """Every online CPU drains its own stock of this counter: a work message to
+        each CPU process, returning when all have answered. Needs the CPU runtime
+        (procs.Machine), which installs itself with arena.set_drainer."""
+        drainer = self._arena._drainer
+        if drainer is None:
+            raise ArenaError(
+                f"drain_stock({self.name!r}) needs the CPU runtime: no procs.Machine "
+                "is attached to this arena in this process. Inside a CPU process use "
+                "drain_stock_local(); for a dead CPU, drain_cpu(cpu)")
+        drainer(self)
