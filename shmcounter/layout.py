@@ -183,6 +183,7 @@ class Arena:
     _shm: shared_memory.SharedMemory | None = None
     _slots: _atomic.Slots | None = None
     _creator = False
+    _unlinked = False
     _closed = True
     # This process's CPU, set by register_cpu: first slot of its stock block, and
     # the lock owner token (its pid). -1 means "not a CPU of this arena".
@@ -332,23 +333,19 @@ class Arena:
     def unlink(self) -> None:
         """Remove the segment's name (creator only). Processes that have it mapped
         keep working; nobody can attach afterwards."""
+        if self._shm is None or self._unlinked:
+            return
         if not self._creator:
-            raise ArenaError(f"only the creator (pid {self._creator_pid()}) unlinks "
-                             f"arena {self._shm.name!r}")
-        if self._shm is not None:
-            self._shm.unlink()
-            self._creator = False
-
-    def _creator_pid(self) -> int:
-        return struct.unpack_from("<q", self._shm.buf, H_CREATOR_PID * WORD)[0]
+            raise ArenaError(f"only the creator process unlinks arena {self._shm.name!r}")
+        self._unlinked = True
+        self._shm.unlink()
 
     def __enter__(self) -> Arena:
         return self
 
     def __exit__(self, *exc) -> None:
-        creator = self._creator
         self.close()
-        if creator:
+        if self._creator:
             self.unlink()
 
     def _check_open(self) -> None:
@@ -473,7 +470,8 @@ class Arena:
 
     def _cpu_slot(self, cpu: int) -> int:
         if type(cpu) is not int or not 0 <= cpu < self.ncpus:
-            raise ValueError(f"cpu must be an int in [0, {self.ncpus}), got {cpu!r}")
+            raise (TypeError if type(cpu) is not int else ValueError)(
+                f"cpu must be an int in [0, {self.ncpus}), got {cpu!r}")
         return self._sec.cpus // WORD + cpu * CPU_WORDS + CPU_PID
 
     def _stock_slot(self, cpu: int, sid: int) -> int:
