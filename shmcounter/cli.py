@@ -1,0 +1,126 @@
+"""shmcounter command line: demo | stat."""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import signal
+import sys
+from typing import Sequence
+
+from .errors import ArenaError
+from .layout import Arena, pid_alive
+from .page_counter import PAGE_COUNTER_MAX
+
+
+def format_stat(arena: Arena) -> str:
+    """The counters of `arena` and each CPU's stock, one line per counter."""
+    cpus = range(arena.ncpus)
+    rows = [("counter", "usage", "max", "peak", "failcnt", "batch",
+             *(f"cpu{k}" for k in cpus))]
+    for c in arena.counters():
+        depth = len(c._path) - 1
+        rows.append(("  " * depth + c.name, str(c.usage),
+                     "max" if c.max == PAGE_COUNTER_MAX else str(c.max),
+                     str(c.watermark), str(c.failcnt), str(c.batch),
+                     *(str(c.stock(k)) for k in cpus)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [f"arena {arena.name}: {arena.ncpus} CPUs, "
+             f"online {[k for k in cpus if pid_alive(arena.cpu_pid(k))]}, "
+             f"underflows {arena.underflows}"]
+    for r in rows:
+        lines.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w)
+                               for i, (v, w) in enumerate(zip(r, widths))))
+    return "\n".join(lines)
+
+
+def _demo_cpu(name: str, cpu: int, conn) -> None:
+    """This runs in a separate process: CPU `cpu` charging on command."""
+    from .cpu import register_cpu, unregister_cpu
+    arena = Arena.attach(name)
+    register_cpu(arena, cpu)
+    leaf = arena.counter("job")
+    while (n := conn.recv()) is not None:
+        conn.send([leaf.try_charge(1)[0] for _ in range(n)].count(True))
+    unregister_cpu()
+    arena.close()
+
+
+def demo(_: argparse.Namespace) -> int:
+    """A short story: CPUs charge, the stock grows, a limit hit drains, a CPU dies."""
+    ctx = mp.get_context("fork")
+    with Arena.create(ncpus=2, max_counters=8) as arena:
+        root = arena.new_counter("root")
+        job = arena.new_counter("job", parent=root, max=200)
+        job.enable_stock(64)
+        conns, procs = [], []
+        for cpu in range(2):
+            parent_end, child_end = ctx.Pipe()
+            p = ctx.Process(target=_demo_cpu, args=(arena.name, cpu, child_end), daemon=True)
+            p.start()
+            conns.append(parent_end)
+            procs.append(p)
+
+        def step(cpu: int, n: int, what: str) -> None:
+            conns[cpu].send(n)
+            ok = conns[cpu].recv()
+            print(f"\n== CPU {cpu}: {what}: {ok} of {n} charges succeeded")
+            print(format_stat(arena))
+
+        print("A counter 'job' (max 200) under 'root'; stock batch 64; 2 CPU processes.")
+        step(0, 1, "charge 1 page; the slow path takes 64 and keeps 63 in CPU 0's stock")
+        step(0, 10, "10 more pages come from the stock: usage does not move")
+        step(1, 100, "CPU 1 charges 100 pages: two refills of its own stock")
+        step(1, 60, "CPU 1 asks for 60 more: the greedy refill hits max, then exact "
+                    "charges fail once the limit is reached (failcnt counts both)")
+        print("\n== the limit is stranded in CPU 0's stock: CPU 0 drains it locally")
+        conns[0].send(None)                     # clean offline drains CPU 0's stocks
+        procs[0].join()
+        print(format_stat(arena))
+        step(1, 40, "now CPU 1 finds room again")
+        job.set_max(400)
+        step(1, 5, "max raised to 400: CPU 1's next miss refills its stock")
+        print(f"\n== SIGKILL CPU 1 (pid {procs[1].pid}): its stock is stranded until "
+              "the hotplug-dead path reclaims it")
+        os.kill(procs[1].pid, signal.SIGKILL)
+        procs[1].join()
+        print(format_stat(arena))
+        reclaimed = arena.hotplug_cpu_dead(1)
+        print(f"\n== hotplug_cpu_dead(1) reclaimed {reclaimed}: usage is real charges only")
+        print(format_stat(arena))
+        for conn in conns:
+            conn.close()
+    return 0
+
+
+def stat(args: argparse.Namespace) -> int:
+    try:
+        arena = Arena.attach(args.arena)
+    except ArenaError as exc:
+        print(f"shmcounter stat: {exc}", file=sys.stderr)
+        return 2
+    try:
+        print(format_stat(arena))
+    finally:
+        arena.close()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="shmcounter",
+        description="Hierarchical page counters with per-CPU charge stock in shared memory.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("demo", help="a short scenario: charges, stock, a limit, a kill",
+                       description=demo.__doc__)
+    p.set_defaults(func=demo)
+    p = sub.add_parser("stat", help="counters and per-CPU stocks of a running arena",
+                       description="Print the counters and per-CPU stocks of a running arena.")
+    p.add_argument("arena", help="the arena's name (Arena.name), e.g. shmcounter_1234_ab12cd34")
+    p.set_defaults(func=stat)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
