@@ -13,15 +13,27 @@
  *     a buffer per call costs more than the atomic itself.
  *
  * Slots also carries the fused steps, each one C call so that the Python hot path
- * pays one call per step. They know the page_counter record layout below, which
- * shmcounter/layout.py documents and checks against the constants exported here.
+ * pays one call per step. They know the page_counter record and writer row layouts
+ * below, which shmcounter/layout.py documents and imports from here.
  *
- * No operation blocks, so the GIL is never released: a trylock either succeeds at
- * once or reports busy, and waiting is the caller's business.
+ * Only futex_wait blocks, so only it releases the GIL: a trylock either succeeds at
+ * once or reports busy. A Python signal handler, like another thread, runs only
+ * between bytecodes, so a critical section that is one C call is never seen half
+ * done from inside its own process.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <errno.h>
+#include <limits.h>
+#include <linux/futex.h>
 #include <stdint.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "futex_wait waits on the low 32 bits of an int64 slot: little-endian only"
+#endif
 
 /* page_counter record: 24 int64 words, three 64-byte lines (see layout.py). */
 #define PC_USAGE 0              /* line A: usage alone                        */
@@ -47,6 +59,23 @@
 #define STOCK_NR 0
 #define STOCK_LOCK 1
 #define STOCK_WORDS 2
+
+/*
+ * writer row: 32 int64 words, four 64-byte lines (see layout.py). Every process
+ * that changes a usage owns one row: CPU k owns row k.
+ */
+#define R_PID 0                 /* line 0: owner pid; drains done (CPU rows)    */
+#define R_DONE_SEQ 1
+#define R_REQ_SEQ 8             /* line 1: drain tickets, taken by requesters   */
+#define R_IN_OP 16              /* lines 2-3: the owner's op and intent record  */
+#define R_OP 17
+#define R_COUNTER 18
+#define R_STOCK_SLOT 19
+#define R_STOCK_BEFORE 20
+#define R_DEPTH 21
+#define R_BASE 22               /* contrib of each level when the op began      */
+#define MAX_DEPTH 10
+#define ROW_WORDS 32
 
 #define LOAD(p) __atomic_load_n((p), __ATOMIC_SEQ_CST)
 #define STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_SEQ_CST)
@@ -254,22 +283,16 @@ Slots_release(SlotsObject *self, PyObject *unused)
 static PyObject *
 Slots_load(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    Py_ssize_t i;
     ARGS("load", 1);
-    i = a[0];
-    int64_t *p = word(self, i, 1);
+    int64_t *p = word(self, a[0], 1);
     return p ? PyLong_FromLongLong(LOAD(p)) : NULL;
 }
 
 static PyObject *
 Slots_store(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    Py_ssize_t i;
-    long long v;
     ARGS("store", 2);
-    i = a[0];
-    v = a[1];
-    int64_t *p = word(self, i, 1);
+    int64_t *p = word(self, a[0], 1), v = a[1];
     if (!p)
         return NULL;
     STORE(p, (int64_t)v);
@@ -279,12 +302,8 @@ Slots_store(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 Slots_fetch_add(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    Py_ssize_t i;
-    long long v;
     ARGS("fetch_add", 2);
-    i = a[0];
-    v = a[1];
-    int64_t *p = word(self, i, 1);
+    int64_t *p = word(self, a[0], 1), v = a[1];
     return p ? PyLong_FromLongLong(__atomic_fetch_add(p, (int64_t)v, __ATOMIC_SEQ_CST))
              : NULL;
 }
@@ -292,25 +311,16 @@ Slots_fetch_add(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 Slots_exchange(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    Py_ssize_t i;
-    long long v;
     ARGS("exchange", 2);
-    i = a[0];
-    v = a[1];
-    int64_t *p = word(self, i, 1);
+    int64_t *p = word(self, a[0], 1), v = a[1];
     return p ? PyLong_FromLongLong(XCHG(p, (int64_t)v)) : NULL;
 }
 
 static PyObject *
 Slots_cas(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    Py_ssize_t i;
-    long long expected, desired;
     ARGS("cas", 3);
-    i = a[0];
-    expected = a[1];
-    desired = a[2];
-    int64_t *p = word(self, i, 1);
+    int64_t *p = word(self, a[0], 1), expected = a[1], desired = a[2];
     if (!p)
         return NULL;
     int64_t old = (int64_t)expected;
@@ -373,27 +383,39 @@ records(SlotsObject *self, Py_ssize_t c, Py_ssize_t p, int64_t **cp, int64_t **p
 }
 
 /*
- * pc_try_charge_level(c, p, nr) -> new usage, or -1 when c's max refused nr.
- * Speculative add, then compare: the add is a full barrier before max is read, so
- * either we see a concurrent set_max's new limit, or set_max re-reads usage after
- * its exchange and sees our add (see page_counter.set_max). On refusal the add is
+ * contrib[row][counter]: what this row's owner has added to the counter's usage, net.
+ * Written only by the row's owner (or by the repair once it is dead), so a plain
+ * read-modify-write is exact. At quiescence usage == sum of contrib over rows (I7);
+ * a kill between a usage change and its contrib update leaves a residue that the
+ * repair finds (hotplug.py).
+ */
+static inline void
+contrib_add(int64_t *k, int64_t delta)
+{
+    STORE(k, LOAD(k) + delta);
+}
+
+/*
+ * pc_try_charge_level(c, p, k, nr) -> new usage, or -1 when c's max refused nr.
+ * c, p: record of the counter and of its parent (-1: none); k: the caller's contrib
+ * slot for c. Speculative add, then compare: the add is a full barrier before max is
+ * read, so either we see a concurrent set_max's new limit, or set_max re-reads usage
+ * after its exchange and sees our add (page_counter.set_max). On refusal the add is
  * undone and failcnt counts it (exactly: one atomic add, unlike the kernel's racy ++).
  */
 static PyObject *
 Slots_pc_try_charge_level(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    Py_ssize_t c, p;
-    long long nr;
-    int64_t *cr, *pr;
-    ARGS("pc_try_charge_level", 3);
-    c = a[0];
-    p = a[1];
-    nr = a[2];
-    if (records(self, c, p, &cr, &pr) < 0)
+    int64_t *cr, *pr, *k;
+    ARGS("pc_try_charge_level", 4);
+    int64_t nr = a[3];
+    if (records(self, a[0], a[1], &cr, &pr) < 0 || !(k = word(self, a[2], 1)))
         return NULL;
-    int64_t new = ADD_FETCH(&cr[PC_USAGE], (int64_t)nr);
+    int64_t new = ADD_FETCH(&cr[PC_USAGE], nr);
+    contrib_add(k, nr);
     if (new > LOAD(&cr[PC_MAX])) {
-        ADD_FETCH(&cr[PC_USAGE], -(int64_t)nr);
+        ADD_FETCH(&cr[PC_USAGE], -nr);
+        contrib_add(k, -nr);
         ADD_FETCH(&cr[PC_FAILCNT], 1);
         return PyLong_FromLong(-1);
     }
@@ -402,44 +424,42 @@ Slots_pc_try_charge_level(SlotsObject *self, PyObject *const *args, Py_ssize_t n
     return PyLong_FromLongLong(new);
 }
 
-/* pc_charge_level(c, p, nr) -> new usage. Forced: ignores max (page_counter_charge). */
+/* pc_charge_level(c, p, k, nr) -> new usage. Forced: ignores max (page_counter_charge). */
 static PyObject *
 Slots_pc_charge_level(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    Py_ssize_t c, p;
-    long long nr;
-    int64_t *cr, *pr;
-    ARGS("pc_charge_level", 3);
-    c = a[0];
-    p = a[1];
-    nr = a[2];
-    if (records(self, c, p, &cr, &pr) < 0)
+    int64_t *cr, *pr, *k;
+    ARGS("pc_charge_level", 4);
+    int64_t nr = a[3];
+    if (records(self, a[0], a[1], &cr, &pr) < 0 || !(k = word(self, a[2], 1)))
         return NULL;
-    int64_t new = ADD_FETCH(&cr[PC_USAGE], (int64_t)nr);
+    int64_t new = ADD_FETCH(&cr[PC_USAGE], nr);
+    contrib_add(k, nr);
     propagate(cr, pr, new);
     bump_watermark(cr, new);
     return PyLong_FromLongLong(new);
 }
 
 /*
- * pc_cancel(c, p, nr) -> new usage; negative means an underflow (caller bug) that
+ * pc_cancel(c, p, k, nr) -> new usage; negative means an underflow (caller bug) that
  * was clamped. The clamp adds the deficit back instead of storing 0 as the kernel
  * does: a store would also erase a charge that raced in after our subtraction.
  */
 static PyObject *
 Slots_pc_cancel(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    Py_ssize_t c, p;
-    long long nr;
-    int64_t *cr, *pr;
-    ARGS("pc_cancel", 3);
-    c = a[0];
-    p = a[1];
-    nr = a[2];
-    if (records(self, c, p, &cr, &pr) < 0)
+    int64_t *cr, *pr, *k;
+    ARGS("pc_cancel", 4);
+    int64_t nr = a[3];
+    if (records(self, a[0], a[1], &cr, &pr) < 0 || !(k = word(self, a[2], 1)))
         return NULL;
-    int64_t new = ADD_FETCH(&cr[PC_USAGE], -(int64_t)nr);
-    int64_t settled = new < 0 ? ADD_FETCH(&cr[PC_USAGE], -new) : new;
+    int64_t new = ADD_FETCH(&cr[PC_USAGE], -nr);
+    contrib_add(k, -nr);
+    int64_t settled = new;
+    if (new < 0) {
+        settled = ADD_FETCH(&cr[PC_USAGE], -new);
+        contrib_add(k, -new);
+    }
     propagate(cr, pr, settled);
     return PyLong_FromLongLong(new);
 }
@@ -448,12 +468,9 @@ Slots_pc_cancel(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 Slots_pc_propagate(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    Py_ssize_t c, p;
     int64_t *cr, *pr;
     ARGS("pc_propagate", 2);
-    c = a[0];
-    p = a[1];
-    if (records(self, c, p, &cr, &pr) < 0)
+    if (records(self, a[0], a[1], &cr, &pr) < 0)
         return NULL;
     propagate(cr, pr, LOAD(&cr[PC_USAGE]));
     Py_RETURN_NONE;
@@ -482,28 +499,23 @@ slot_unlock(int64_t *s)
 static PyObject *
 Slots_stock_consume(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    Py_ssize_t c, block;
-    long long nr, owner;
     ARGS("stock_consume", 4);
-    c = a[0];
-    block = a[1];
-    nr = a[2];
-    owner = a[3];
-    int64_t *cr = word(self, c, PC_WORDS);
+    int64_t nr = a[2], owner = a[3];
+    int64_t *cr = word(self, a[0], PC_WORDS);
     if (!cr)
         return NULL;
     int64_t sid = LOAD(&cr[PC_STOCK_ID]);
     if (sid < 0)
         return PyLong_FromLong(-2);
-    int64_t *s = word(self, block + sid * STOCK_WORDS, STOCK_WORDS);
+    int64_t *s = word(self, a[1] + sid * STOCK_WORDS, STOCK_WORDS);
     if (!s)
         return NULL;
-    if (!slot_trylock(s, (int64_t)owner))
+    if (!slot_trylock(s, owner))
         return PyLong_FromLong(-1);
     int hit = 0;
     int64_t have = LOAD(&s[STOCK_NR]);
     if (have >= nr) {
-        STORE(&s[STOCK_NR], have - (int64_t)nr);
+        STORE(&s[STOCK_NR], have - nr);
         hit = 1;
     }
     slot_unlock(s);
@@ -514,35 +526,48 @@ Slots_stock_consume(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 Slots_stock_deposit(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    Py_ssize_t i;
-    long long nr, owner;
     ARGS("stock_deposit", 3);
-    i = a[0];
-    nr = a[1];
-    owner = a[2];
-    int64_t *s = word(self, i, STOCK_WORDS);
+    int64_t *s = word(self, a[0], STOCK_WORDS);
     if (!s)
         return NULL;
-    if (!slot_trylock(s, (int64_t)owner))
+    if (!slot_trylock(s, a[2]))
         Py_RETURN_FALSE;
-    STORE(&s[STOCK_NR], LOAD(&s[STOCK_NR]) + (int64_t)nr);
+    STORE(&s[STOCK_NR], LOAD(&s[STOCK_NR]) + a[1]);
     slot_unlock(s);
     Py_RETURN_TRUE;
+}
+
+/*
+ * stock_return(s, batch, nr, owner) -> pages left for the caller to uncharge, or -1
+ * if the slot is busy. The RFC's stock-returning uncharge (series §1.5) under the
+ * lock: add nr to slot s and keep at most *batch there (batch: the counter's
+ * batch slot), returning the excess.
+ */
+static PyObject *
+Slots_stock_return(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    ARGS("stock_return", 4);
+    int64_t *s = word(self, a[0], STOCK_WORDS), *batch = word(self, a[1], 1);
+    if (!s || !batch)
+        return NULL;
+    if (!slot_trylock(s, a[3]))
+        return PyLong_FromLong(-1);
+    int64_t stocked = LOAD(&s[STOCK_NR]) + a[2], keep = LOAD(batch);
+    int64_t excess = stocked > keep ? stocked - keep : 0;
+    STORE(&s[STOCK_NR], stocked - excess);
+    slot_unlock(s);
+    return PyLong_FromLongLong(excess);
 }
 
 /* stock_take(s, owner) -> pages taken (slot left at 0) under the lock, or -1 busy. */
 static PyObject *
 Slots_stock_take(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    Py_ssize_t i;
-    long long owner;
     ARGS("stock_take", 2);
-    i = a[0];
-    owner = a[1];
-    int64_t *s = word(self, i, STOCK_WORDS);
+    int64_t *s = word(self, a[0], STOCK_WORDS);
     if (!s)
         return NULL;
-    if (!slot_trylock(s, (int64_t)owner))
+    if (!slot_trylock(s, a[1]))
         return PyLong_FromLong(-1);
     int64_t have = LOAD(&s[STOCK_NR]);
     STORE(&s[STOCK_NR], 0);
@@ -550,32 +575,151 @@ Slots_stock_take(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromLongLong(have);
 }
 
-/* stock_trylock(s, owner) -> bool; stock_unlock(s). For paths with several steps. */
+/*
+ * stock_trylock(s, owner) -> bool; stock_unlock(s). The lock word alone, for tests
+ * that play a nested context holding the slot. Library paths use the fused steps.
+ */
 static PyObject *
 Slots_stock_trylock(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    Py_ssize_t i;
-    long long owner;
     ARGS("stock_trylock", 2);
-    i = a[0];
-    owner = a[1];
-    int64_t *s = word(self, i, STOCK_WORDS);
+    int64_t *s = word(self, a[0], STOCK_WORDS);
     if (!s)
         return NULL;
-    return PyBool_FromLong(slot_trylock(s, (int64_t)owner));
+    return PyBool_FromLong(slot_trylock(s, a[1]));
 }
 
 static PyObject *
 Slots_stock_unlock(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    Py_ssize_t i;
     ARGS("stock_unlock", 1);
-    i = a[0];
-    int64_t *s = word(self, i, STOCK_WORDS);
+    int64_t *s = word(self, a[0], STOCK_WORDS);
     if (!s)
         return NULL;
     slot_unlock(s);
     Py_RETURN_NONE;
+}
+
+/* ---- ops: the intent record that makes a killed writer repairable ----------- */
+
+/*
+ * op_begin(row, stop, counters, contrib, index, stock_slot) -> True, or False when a
+ * stop_machine is in progress (nothing was written; wait on `stop` and retry).
+ * stop = -1: no handshake, for the stop_machine holder acting for a dead row.
+ *
+ * Quiesce handshake (Dekker): we store in_op = 1, then load stop; the stopper
+ * stores stop, then loads every live row's in_op. Both are seq_cst, so at least
+ * one sees the other: either we back off, or the stopper waits for our op_end.
+ *
+ * Intent: snapshot contrib[row] of every level from `index` to the root (record
+ * slots from `counters`, contrib slots from `contrib`), and the stock slot this op
+ * may touch (-1: none), then set op = 1 last. A repair of a dead row rolls the op
+ * back to exactly this snapshot; with op = 0 no change of this op has happened yet.
+ */
+static PyObject *
+Slots_op_begin(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    ARGS("op_begin", 6);
+    int64_t *r = word(self, a[0], ROW_WORDS), *stop = NULL;
+    int64_t counters = a[2], contrib = a[3], index = a[4], stock_slot = a[5];
+    int64_t *stock = NULL;
+    if (!r || (a[1] >= 0 && !(stop = word(self, a[1], 1)))
+        || (stock_slot >= 0 && !(stock = word(self, stock_slot, STOCK_WORDS))))
+        return NULL;
+    STORE(&r[R_IN_OP], 1);
+    if (stop && LOAD(stop) != 0) {
+        STORE(&r[R_IN_OP], 0);
+        Py_RETURN_FALSE;
+    }
+    int depth = 0;
+    for (int64_t i = index; i >= 0; depth++) {
+        int64_t *rec = word(self, counters + i * PC_WORDS, PC_WORDS);
+        int64_t *k = word(self, contrib + i, 1);
+        if (!rec || !k || depth == MAX_DEPTH) {
+            if (rec && k)
+                PyErr_Format(PyExc_ValueError, "counter %lld is deeper than %d levels",
+                             (long long)index, MAX_DEPTH);
+            STORE(&r[R_IN_OP], 0);
+            return NULL;
+        }
+        STORE(&r[R_BASE + depth], LOAD(k));
+        i = LOAD(&rec[PC_PARENT]);
+    }
+    STORE(&r[R_COUNTER], index);
+    STORE(&r[R_DEPTH], depth);
+    STORE(&r[R_STOCK_SLOT], stock_slot);
+    STORE(&r[R_STOCK_BEFORE], stock ? LOAD(&stock[STOCK_NR]) : 0);
+    STORE(&r[R_OP], 1);
+    Py_RETURN_TRUE;
+}
+
+/* op_end(row): the op is complete (op = 0), then leave the quiesce section. */
+static PyObject *
+Slots_op_end(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    ARGS("op_end", 1);
+    int64_t *r = word(self, a[0], ROW_WORDS);
+    if (!r)
+        return NULL;
+    STORE(&r[R_OP], 0);
+    STORE(&r[R_IN_OP], 0);
+    Py_RETURN_NONE;
+}
+
+/* ---- futex: cross-process sleep/wake on a slot -------------------------------- */
+
+/*
+ * futex_wait(i, expected, timeout_us) -> False on timeout, else True (woken, the
+ * value already differed, or a signal ran its Python handler): the caller re-checks
+ * its condition. Waits on the low 32 bits of slot i while they equal `expected`'s.
+ * The only call here that blocks, so the only one that releases the GIL. A signal
+ * interrupts it: its Python handler runs (PyErr_CheckSignals) before we return,
+ * which is how a CPU waiting for a drain still serves drains sent to it.
+ */
+static PyObject *
+Slots_futex_wait(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    ARGS("futex_wait", 3);
+    int64_t *p = word(self, a[0], 1);
+    if (!p)
+        return NULL;
+    if (a[2] < 0) {
+        PyErr_SetString(PyExc_ValueError, "timeout_us must be >= 0");
+        return NULL;
+    }
+    struct timespec ts = {.tv_sec = a[2] / 1000000, .tv_nsec = (a[2] % 1000000) * 1000};
+    uint32_t expected = (uint32_t)a[1];
+    long rc;
+    int err;
+    Py_BEGIN_ALLOW_THREADS
+    rc = syscall(SYS_futex, (uint32_t *)p, FUTEX_WAIT, expected, &ts, NULL, 0);
+    err = errno;
+    Py_END_ALLOW_THREADS
+    if (rc == 0 || err == EAGAIN)
+        Py_RETURN_TRUE;
+    if (err == ETIMEDOUT)
+        Py_RETURN_FALSE;
+    if (err == EINTR) {
+        if (PyErr_CheckSignals() < 0)
+            return NULL;
+        Py_RETURN_TRUE;
+    }
+    errno = err;
+    return PyErr_SetFromErrno(PyExc_OSError);
+}
+
+/* futex_wake(i) -> number of waiters woken on slot i. */
+static PyObject *
+Slots_futex_wake(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    ARGS("futex_wake", 1);
+    int64_t *p = word(self, a[0], 1);
+    if (!p)
+        return NULL;
+    long rc = syscall(SYS_futex, (uint32_t *)p, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+    if (rc < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return PyLong_FromLong(rc);
 }
 
 static PyObject *
@@ -593,8 +737,9 @@ static PyMethodDef Slots_methods[] = {
      "release(): drop the buffer; later calls raise ValueError."},
     FAST(load), FAST(store), FAST(fetch_add), FAST(exchange), FAST(cas),
     FAST(pc_try_charge_level), FAST(pc_charge_level), FAST(pc_cancel), FAST(pc_propagate),
-    FAST(stock_consume), FAST(stock_deposit), FAST(stock_take),
+    FAST(stock_consume), FAST(stock_deposit), FAST(stock_return), FAST(stock_take),
     FAST(stock_trylock), FAST(stock_unlock),
+    FAST(op_begin), FAST(op_end), FAST(futex_wait), FAST(futex_wake),
     {NULL}
 };
 
@@ -623,8 +768,11 @@ static PyMethodDef module_methods[] = {
 };
 
 static struct PyModuleDef atomic_module = {
-    PyModuleDef_HEAD_INIT, "shmcounter._atomic",
-    "seq_cst atomics on aligned 8-byte slots of shared buffers.", 0, module_methods,
+    PyModuleDef_HEAD_INIT,
+    .m_name = "shmcounter._atomic",
+    .m_doc = "seq_cst atomics on aligned 8-byte slots of shared buffers.",
+    .m_size = 0,
+    .m_methods = module_methods,
 };
 
 PyMODINIT_FUNC
@@ -645,6 +793,9 @@ PyInit__atomic(void)
     CONST(PC_MIN); CONST(PC_LOW); CONST(PC_HIGH); CONST(PC_PARENT); CONST(PC_BATCH);
     CONST(PC_STOCK_ID); CONST(PC_FLAGS); CONST(PC_WORDS);
     CONST(STOCK_NR); CONST(STOCK_LOCK); CONST(STOCK_WORDS);
+    CONST(R_PID); CONST(R_DONE_SEQ); CONST(R_REQ_SEQ); CONST(R_IN_OP); CONST(R_OP);
+    CONST(R_COUNTER); CONST(R_STOCK_SLOT); CONST(R_STOCK_BEFORE); CONST(R_DEPTH);
+    CONST(R_BASE); CONST(MAX_DEPTH); CONST(ROW_WORDS);
 #undef CONST
     return m;
 failure:

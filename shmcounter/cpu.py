@@ -6,18 +6,22 @@ multiprocessing process. Only a registered process has stock: its charges take t
 fast path on stock[k], and its slow-path surplus is deposited there. Any other
 process charges and uncharges by walking the hierarchy.
 
-Registration lives in the arena (cpu[k].pid), so two processes can never both be
+Registration lives in the arena (row k's pid), so two processes can never both be
 CPU k. A process that dies while registered leaves its pid there: that CPU is dead
 until the hotplug-dead path (Arena.hotplug_cpu_dead) reclaims its stocks and frees
 the slot. A forked child is never its parent's CPU: fork clears the registration.
+
+A CPU serves drain requests (drain.py) from a signal handler, which only the main
+thread can install: register_cpu runs in the main thread.
 """
 from __future__ import annotations
 
 import os
 from typing import TYPE_CHECKING
 
+from . import drain
 from .errors import ArenaError
-from .layout import pid_alive
+from .layout import R_DONE_SEQ, pid_alive
 
 if TYPE_CHECKING:
     from .layout import Arena
@@ -29,6 +33,11 @@ _registered: tuple[Arena, int] | None = None
 def this_cpu() -> int | None:
     """The calling process's CPU id, or None if it is not a CPU process."""
     return None if _registered is None else _registered[1]
+
+
+def this_cpu_of(arena: Arena) -> int | None:
+    """The calling process's CPU id in `arena`, or None."""
+    return None if _registered is None or _registered[0] is not arena else _registered[1]
 
 
 def register_cpu(arena: Arena, cpu: int) -> None:
@@ -44,12 +53,16 @@ def register_cpu(arena: Arena, cpu: int) -> None:
         raise ArenaError(f"this process (pid {os.getpid()}) is already CPU "
                          f"{_registered[1]}; call unregister_cpu() first")
     me = os.getpid()
+    drain.install_handler()             # before anyone can see us as a CPU
     holder = arena._slots.cas(slot, 0, me)
     if holder not in (0, me):
         if pid_alive(holder):
             raise ArenaError(f"CPU {cpu} is already registered by pid {holder}")
         raise ArenaError(f"CPU {cpu}'s previous process (pid {holder}) died and its "
                          f"stocks were not reclaimed; run arena.hotplug_cpu_dead({cpu}) first")
+    arena._writer.release_row()
+    arena._writer.use_row(cpu)
+    arena._writer.serve_drains = lambda: drain.serve(arena)
     arena._stock_block = arena._stock_slot(cpu, 0)
     arena._stock_owner = me
     _registered = (arena, cpu)
@@ -65,6 +78,8 @@ def unregister_cpu() -> None:
     for counter in arena.stocked_counters():
         counter.drain_stock_local()
     arena._slots.cas(arena._cpu_slot(cpu), os.getpid(), 0)
+    done = arena._row_slot(cpu) + R_DONE_SEQ
+    arena._slots.futex_wake(done)       # drains waiting for us: we are gone
     _forget_arena(arena)
 
 
@@ -75,6 +90,8 @@ def _forget_arena(arena: Arena) -> None:
     arena._stock_owner = 0
     if _registered is not None and _registered[0] is arena:
         _registered = None
+        arena._writer.release_row()
+        arena._writer.serve_drains = None
 
 
 def _after_fork_in_child() -> None:

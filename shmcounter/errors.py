@@ -12,3 +12,16 @@ class Busy(OSError):
 
     def __init__(self, message: str) -> None:
         super().__init__(errno.EBUSY, message)
+
+
+class CpuError(Exception):
+    """Something about one CPU (process): the base of procs.CpuDead and DrainTimeout."""
+
+    def __init__(self, message: str, cpu: int, pid: int) -> None:
+        super().__init__(message)
+        self.cpu = cpu
+        self.pid = pid
+
+
+class DrainTimeout(CpuError):
+    """A live CPU did not answer a drain request in time; its stock stays charged."""

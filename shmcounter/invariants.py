@@ -29,6 +29,8 @@ def check_invariants(arena: Arena, real: Mapping[str, int] | None = None, *,
     I2  usage >= 0 and stock >= 0, and arena.underflows == `underflows`.
     I5  every stock slot holds at most `batch` pages, when `batch` is given.
     I6  usage(C) <= max(C), unless `forced` charges were made.
+    I7  usage(C) == sum over writer rows of contrib[row][C]: every usage change is
+        accounted to the process that made it (what hotplug repair relies on).
     """
     n = arena._published()
     rec = arena.records[:n]
@@ -41,6 +43,7 @@ def check_invariants(arena: Arena, real: Mapping[str, int] | None = None, *,
     has = sid >= 0
     stocks[:, has] = arena.stocks[:, sid[has], STOCK_NR]
     stock = stocks.sum(axis=0)
+    contrib = arena.contrib[:, :n].sum(axis=0)
     errors: list[str] = []
 
     # subtree sums, children after parents in creation order: walk backwards
@@ -71,6 +74,9 @@ def check_invariants(arena: Arena, real: Mapping[str, int] | None = None, *,
                               f"> batch {batch}")
         if not forced and usage[i] > limit[i]:
             errors.append(f"I6 broken at {name!r}: usage {usage[i]} > max {limit[i]}")
+        if usage[i] != contrib[i]:
+            errors.append(f"I7 broken at {name!r}: usage {usage[i]} != contributions "
+                          f"{contrib[i]}")
     if arena.underflows != underflows:
         errors.append(f"I2 broken: arena.underflows is {arena.underflows}, "
                       f"expected {underflows}")

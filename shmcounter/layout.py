@@ -3,16 +3,24 @@
 Layout, in 8-byte words unless noted; every section starts on a 64-byte line.
 Bump LAYOUT_VERSION whenever a line below changes.
 
-  header     2 lines.  line 0, written once by the creator:
+  header     3 lines.  line 0, written once by the creator:
                          MAGIC "SHMCNTR\\0", LAYOUT_VERSION, ncpus, max_counters,
                          max_stocked, creator pid, creator's resource-tracker pipe
                          inode, segment size
                        line 1, shared and rarely written:
                          ncounters (published count), registry lock (holder pid),
-                         underflows (count of clamped uncharges)
-  cpus       ncpus lines.  cpu[k][CPU_PID]: pid of the process registered as CPU k,
-                       0 when none. Written by register_cpu/unregister_cpu and by
-                       the hotplug-dead path once that pid is dead.
+                         underflows (count of clamped uncharges), max_writers
+                       line 2: stop (pid of the stop_machine holder, 0 when none);
+                         read by every op, written only by hotplug
+  rows       ncpus + max_writers writer rows of ROW_WORDS = 32 words, 4 lines each.
+                       Row k < ncpus is CPU k; the others are claimed by other
+                       processes that change a usage. Every writer owns one row:
+                       line 0  pid (0: free; for CPU k: the process registered as
+                               CPU k), done_seq (drains served, written by CPU k)
+                       line 1  req_seq (drain tickets, fetch_add by requesters)
+                       line 2-3 in_op, op, counter, stock_slot, stock_before,
+                               depth, base[MAX_DEPTH]: the intent record of the op
+                               in progress, written by the owner only
   counters   max_counters records of PC_WORDS = 24 words, three lines each:
                        A  usage alone: every charge of the subtree hits it
                        B  watermark, failcnt, emin, elow, min_usage, low_usage,
@@ -30,6 +38,14 @@ Bump LAYOUT_VERSION whenever a line below changes.
                        stock[cpu][s] is written by CPU cpu only (under its lock),
                        or without the lock by the hotplug path once cpu is dead,
                        or by free_stock once nobody charges the counter.
+  contrib    one line-padded block per row of max_counters words:
+                       contrib[row][c] is what row's owner added to usage[c], net.
+                       Written by the owner only (or by hotplug under
+                       stop_machine). Invariant (quiescent, I7):
+                           usage[c] == contrib[:, c].sum()
+  requests   one line-padded block per CPU of max_counters words: requests[k][c]
+                       is 1 while a drain of c on CPU k is asked for (any process
+                       sets it; CPU k clears it when it drains).
   names      max_counters x 64 bytes: UTF-8 name, NUL padded.
 
 Lifetime (Python 3.11, see docs/design.md "Segment lifetime"):
@@ -47,6 +63,7 @@ import re
 import secrets
 import struct
 import time
+import weakref
 from multiprocessing import resource_tracker, shared_memory
 from typing import TYPE_CHECKING, Iterator
 
@@ -61,19 +78,16 @@ if TYPE_CHECKING:
 LINE = 64
 WORD = 8
 MAGIC = int.from_bytes(b"SHMCNTR\0", "little")
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 NAME_PREFIX = "shmcounter_"
 NAME_BYTES = 64
 
 # header words
 H_MAGIC, H_VERSION, H_NCPUS, H_MAX_COUNTERS, H_MAX_STOCKED, H_CREATOR_PID, \
     H_TRACKER_INO, H_SIZE = range(8)
-H_NCOUNTERS, H_REGISTRY_LOCK, H_UNDERFLOWS = 8, 9, 10
-HEADER_WORDS = 16
-
-# cpu line words
-CPU_PID = 0
-CPU_WORDS = LINE // WORD
+H_NCOUNTERS, H_REGISTRY_LOCK, H_UNDERFLOWS, H_MAX_WRITERS = 8, 9, 10, 11
+H_STOP = 16
+HEADER_WORDS = 24
 
 # page_counter record words: defined by the C module, which the fused steps need
 from ._atomic import (  # noqa: E402
@@ -81,6 +95,8 @@ from ._atomic import (  # noqa: E402
     PC_FAILCNT, PC_FLAGS, PC_HIGH, PC_LOW, PC_LOW_USAGE, PC_MAX, PC_MIN,
     PC_MIN_USAGE, PC_PARENT, PC_STOCK_ID, PC_USAGE, PC_WATERMARK, PC_WORDS,
     STOCK_LOCK, STOCK_NR, STOCK_WORDS,
+    MAX_DEPTH, R_BASE, R_COUNTER, R_DEPTH, R_DONE_SEQ, R_IN_OP, R_OP, R_PID, R_REQ_SEQ,
+    R_STOCK_BEFORE, R_STOCK_SLOT, ROW_WORDS,
 )
 
 # flags word of a counter
@@ -91,6 +107,18 @@ assert PC_USAGE == 0 and PC_WATERMARK == 8 and PC_MAX == 16 and PC_WORDS == 24
 
 _NAME_RE = re.compile(rf"^{NAME_PREFIX}(\d+)_[0-9a-f]+$")
 
+# Every open Arena handle of this process, so that a forked child can reset its
+# per-process state: a child is a new writer, never its parent's row or CPU.
+_open_arenas: weakref.WeakSet[Arena] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for arena in list(_open_arenas):
+        arena._writer.after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
 
 def _round_up(n: int, to: int = LINE) -> int:
     return (n + to - 1) // to * to
@@ -99,14 +127,19 @@ def _round_up(n: int, to: int = LINE) -> int:
 class _Sections:
     """Byte offsets of each section for one geometry."""
 
-    def __init__(self, ncpus: int, max_counters: int, max_stocked: int) -> None:
+    def __init__(self, ncpus: int, max_counters: int, max_stocked: int,
+                 max_writers: int) -> None:
+        nrows = ncpus + max_writers
         self.header = 0
-        self.cpus = HEADER_WORDS * WORD
-        self.counters = self.cpus + ncpus * LINE
+        self.rows = HEADER_WORDS * WORD
+        self.counters = self.rows + nrows * ROW_WORDS * WORD
         self.stock_owner = self.counters + max_counters * PC_WORDS * WORD
         self.stocks = self.stock_owner + _round_up(max_stocked * WORD)
         self.stock_block = _round_up(max_stocked * STOCK_WORDS * WORD)
-        self.names = self.stocks + ncpus * self.stock_block
+        self.contrib = self.stocks + ncpus * self.stock_block
+        self.counter_block = _round_up(max_counters * WORD)
+        self.requests = self.contrib + nrows * self.counter_block
+        self.names = self.requests + ncpus * self.counter_block
         self.size = self.names + max_counters * NAME_BYTES
 
 
@@ -189,6 +222,9 @@ class Arena:
     # the lock owner token (its pid). -1 means "not a CPU of this arena".
     _stock_block = -1
     _stock_owner = 0
+    # Seconds a drain_stock waits for a live CPU before DrainTimeout. Too short
+    # gives false timeouts on a busy machine; too long stalls a failing charge.
+    drain_timeout = 5.0
 
     def __init__(self, shm: shared_memory.SharedMemory, creator: bool) -> None:
         self._shm = shm
@@ -197,51 +233,65 @@ class Arena:
         self.ncpus = int(hdr[H_NCPUS])
         self.max_counters = int(hdr[H_MAX_COUNTERS])
         self.max_stocked = int(hdr[H_MAX_STOCKED])
-        sec = _Sections(self.ncpus, self.max_counters, self.max_stocked)
+        self.nrows = self.ncpus + int(hdr[H_MAX_WRITERS])
+        sec = _Sections(self.ncpus, self.max_counters, self.max_stocked,
+                        self.nrows - self.ncpus)
         self._sec = sec
         buf = shm.buf
         # numpy views for reading, vectorised sums and the stat view; writes that
         # race go through self._slots (seq_cst atomics).
         self.header = hdr
-        self.cpus = np.ndarray((self.ncpus, CPU_WORDS), np.int64, buf, sec.cpus)
+        self.rows = np.ndarray((self.nrows, ROW_WORDS), np.int64, buf, sec.rows)
         self.records = np.ndarray((self.max_counters, PC_WORDS), np.int64, buf, sec.counters)
         self.stock_owner = np.ndarray((self.max_stocked,), np.int64, buf, sec.stock_owner)
         self.stocks = np.ndarray(
             (self.ncpus, self.max_stocked, STOCK_WORDS), np.int64, buf, sec.stocks,
             strides=(sec.stock_block, STOCK_WORDS * WORD, WORD))
+        self.contrib = np.ndarray((self.nrows, self.max_counters), np.int64, buf,
+                                  sec.contrib, strides=(sec.counter_block, WORD))
+        self.requests = np.ndarray((self.ncpus, self.max_counters), np.int64, buf,
+                                   sec.requests, strides=(sec.counter_block, WORD))
         self.names = np.ndarray((self.max_counters, NAME_BYTES), np.uint8, buf, sec.names)
         self._slots = _atomic.Slots(buf)
         # slot indexes (8-byte words from the segment start)
+        self._rows_slot = sec.rows // WORD
         self._counters_slot = sec.counters // WORD
         self._stocks_slot = sec.stocks // WORD
         self._stock_block_words = sec.stock_block // WORD
+        self._contrib_slot0 = sec.contrib // WORD
+        self._requests_slot0 = sec.requests // WORD
+        self._counter_block_words = sec.counter_block // WORD
         self._handles: list[PageCounter | None] = [None] * self.max_counters
         self._index: dict[str, int] = {}
         self._known = 0
-        self._drainer = None
+        from .writer import Writer
+        self._writer = Writer(self)
         self._closed = False
+        _open_arenas.add(self)
 
     # ---- construction -------------------------------------------------------
 
     @classmethod
     def create(cls, ncpus: int | None = None, max_counters: int = 1024,
-               max_stocked: int | None = None) -> Arena:
+               max_stocked: int | None = None, max_writers: int = 32) -> Arena:
         """Create a new arena; this process becomes its creator and owns unlink.
 
         ncpus: CPU slots (default: the CPUs this process may run on). More CPUs than
         cores is fine. max_counters: counter records. max_stocked: counters that can
         have stock at once (default max_counters); enable_stock returns False past it.
+        max_writers: processes other than CPUs that may change usages at once
+        (each needs a writer row; rows of dead processes are reused).
         """
         if ncpus is None:
             ncpus = len(os.sched_getaffinity(0))
         if max_stocked is None:
             max_stocked = max_counters
         for what, v, lo in (("ncpus", ncpus, 1), ("max_counters", max_counters, 1),
-                            ("max_stocked", max_stocked, 0)):
+                            ("max_stocked", max_stocked, 0), ("max_writers", max_writers, 1)):
             if type(v) is not int or not lo <= v <= 1 << 20:
                 raise ValueError(f"{what} must be an int in [{lo}, 2**20], got {v!r}")
         sweep_dead_arenas()
-        sec = _Sections(ncpus, max_counters, max_stocked)
+        sec = _Sections(ncpus, max_counters, max_stocked, max_writers)
         while True:
             name = f"{NAME_PREFIX}{os.getpid()}_{secrets.token_hex(4)}"
             try:
@@ -255,7 +305,7 @@ class Arena:
             hdr[H_MAGIC], hdr[H_VERSION] = MAGIC, LAYOUT_VERSION
             hdr[H_NCPUS], hdr[H_MAX_COUNTERS], hdr[H_MAX_STOCKED] = ncpus, max_counters, max_stocked
             hdr[H_CREATOR_PID], hdr[H_TRACKER_INO] = os.getpid(), _tracker_inode()
-            hdr[H_SIZE] = sec.size
+            hdr[H_SIZE], hdr[H_MAX_WRITERS] = sec.size, max_writers
             del hdr
             arena = cls(shm, creator=True)
             arena.stock_owner[:] = -1
@@ -273,31 +323,16 @@ class Arena:
         """
         if not isinstance(name, str):
             raise TypeError(f"arena name must be a str, got {type(name).__name__}")
+        _check_header(name)
+        shm = shared_memory.SharedMemory(name)
         try:
-            shm = shared_memory.SharedMemory(name)
-        except FileNotFoundError:
-            raise ArenaError(f"no shared-memory segment named {name!r}") from None
-        try:
-            # Our own tracker registered the segment above; unless it is the
-            # creator's tracker (a process started by multiprocessing from the
+            # Our tracker has just registered the segment. Unless it is the
+            # creator's tracker (we were started by multiprocessing from the
             # creator's tree), drop that registration, or our exit would unlink
             # the creator's segment (python/cpython#82300).
-            if shm.size < HEADER_WORDS * WORD:
-                raise ArenaError(f"segment {name!r} ({shm.size} bytes) is not a "
-                                 f"shmcounter arena: too small for the header")
-            magic, version = struct.unpack_from("<qq", shm.buf, 0)
             tracker_ino = struct.unpack_from("<q", shm.buf, H_TRACKER_INO * WORD)[0]
             if tracker_ino != _tracker_inode():
                 resource_tracker.unregister(shm._name, "shared_memory")
-            if magic != MAGIC:
-                raise ArenaError(f"segment {name!r} is not a shmcounter arena "
-                                 f"(magic {magic:#x}, expected {MAGIC:#x})")
-            if version != LAYOUT_VERSION:
-                raise ArenaError(f"segment {name!r} has layout version {version}; this "
-                                 f"shmcounter reads layout version {LAYOUT_VERSION}")
-            size = struct.unpack_from("<q", shm.buf, H_SIZE * WORD)[0]
-            if shm.size < size:
-                raise ArenaError(f"segment {name!r} is truncated: {shm.size} of {size} bytes")
             return cls(shm, creator=False)
         except BaseException:
             shm.close()
@@ -320,12 +355,19 @@ class Arena:
         """Unmap this process's view. Safe to call twice or on a half-built handle.
         Counters of this handle raise ValueError afterwards."""
         from . import cpu
+        if self._closed:
+            if self._shm is not None and self._slots is None:   # half-built
+                self._shm.close()
+            return
         cpu._forget_arena(self)
+        self._writer.release_row()
+        _open_arenas.discard(self)
         self._closed = True
         if self._slots is not None:
             self._slots.release()
             self._slots = None
-        for attr in ("header", "cpus", "records", "stock_owner", "stocks", "names"):
+        for attr in ("header", "rows", "records", "stock_owner", "stocks", "contrib",
+                     "requests", "names"):
             self.__dict__.pop(attr, None)
         if self._shm is not None:
             self._shm.close()
@@ -411,6 +453,9 @@ class Arena:
                 raise ValueError(f"parent {parent.name!r} belongs to arena "
                                  f"{parent._arena._shm.name!r}, not {self._shm.name!r}")
         limit = PAGE_COUNTER_MAX if max is None else check_limit(max, "max")
+        if parent is not None and len(parent._path) >= MAX_DEPTH:
+            raise ValueError(f"counter {name!r} would be {len(parent._path) + 1} levels "
+                             f"deep; the limit is {MAX_DEPTH}")
         self._registry_lock()
         try:
             self._refresh_index()
@@ -468,31 +513,41 @@ class Arena:
         """Pid registered as CPU `cpu`, or 0."""
         return self._slots.load(self._cpu_slot(cpu))
 
+    def online_cpus(self) -> list[int]:
+        """CPUs whose registered process is alive."""
+        pids = self.rows[:self.ncpus, R_PID]
+        return [cpu for cpu in range(self.ncpus) if pids[cpu] and pid_alive(int(pids[cpu]))]
+
     def _cpu_slot(self, cpu: int) -> int:
+        """The slot of CPU `cpu`'s registered pid (its row's R_PID); validates cpu."""
         if type(cpu) is not int or not 0 <= cpu < self.ncpus:
             raise (TypeError if type(cpu) is not int else ValueError)(
                 f"cpu must be an int in [0, {self.ncpus}), got {cpu!r}")
-        return self._sec.cpus // WORD + cpu * CPU_WORDS + CPU_PID
+        return self._rows_slot + cpu * ROW_WORDS + R_PID
+
+    def _row_slot(self, row: int) -> int:
+        return self._rows_slot + row * ROW_WORDS
+
+    def _contrib_slot(self, row: int, index: int) -> int:
+        return self._contrib_slot0 + row * self._counter_block_words + index
+
+    def _request_slot(self, cpu: int, index: int) -> int:
+        return self._requests_slot0 + cpu * self._counter_block_words + index
 
     def _stock_slot(self, cpu: int, sid: int) -> int:
         return self._stocks_slot + cpu * self._stock_block_words + sid * STOCK_WORDS
 
     def hotplug_cpu_dead(self, cpu: int) -> dict[str, int]:
-        """The CPU-hotplug "dead" callback: reclaim every stock of CPU `cpu`.
+        """The CPU-hotplug "dead" callback: repair and reclaim CPU `cpu`.
 
-        Runs page_counter drain_cpu on every counter with stock, then frees the CPU
-        slot for a new process. The process registered as `cpu` must be dead (or
-        none registered). Returns the pages reclaimed, by counter name.
+        Under stop_machine, rolls back the op the dead process left unfinished, runs
+        drain_cpu on every counter with stock, and frees the CPU for a new process
+        (hotplug.py). The process registered as `cpu` must be dead (or none
+        registered). Returns the pages reclaimed, by counter name.
         """
+        from .hotplug import cpu_dead
         self._check_open()
-        slot = self._cpu_slot(cpu)
-        pid = self._slots.load(slot)
-        if pid and pid_alive(pid):
-            raise ValueError(f"CPU {cpu} is online (pid {pid}); the hotplug-dead path "
-                             f"is for dead CPUs, use drain_stock on a live one")
-        reclaimed = {c.name: c.drain_cpu(cpu) for c in self.stocked_counters()}
-        self._slots.cas(slot, pid, 0)
-        return {name: n for name, n in reclaimed.items() if n}
+        return cpu_dead(self, cpu)
 
     # ---- protection ---------------------------------------------------------
 
@@ -502,19 +557,41 @@ class Arena:
         from .page_counter import calculate_protection
         calculate_protection(root, counter, recursive=recursive)
 
-    # ---- drain backend (the CPU runtime registers here) ----------------------
-
-    def set_drainer(self, drainer) -> None:
-        """Install the CPU runtime's drain: drainer(counter) -> None must make every
-        online CPU drain its own stock of `counter` and return when all have. procs
-        installs it; shmcounter never imports procs."""
-        self._drainer = drainer
-
     def __repr__(self) -> str:
         if self._closed:
             return "<Arena closed>"
         return (f"<Arena {self._shm.name!r} ncpus={self.ncpus} "
                 f"counters={self._published()}/{self.max_counters}>")
+
+
+def _check_header(name: str) -> None:
+    """Raise ArenaError unless /dev/shm/`name` is a whole arena of our layout version.
+    Reads the file directly, so that a foreign segment is never registered with
+    our resource tracker (which would unlink it when we exit)."""
+    if "/" in name or not name:
+        raise ArenaError(f"{name!r} is not a shared-memory segment name")
+    try:
+        fd = os.open(f"/dev/shm/{name}", os.O_RDONLY)
+    except FileNotFoundError:
+        raise ArenaError(f"no shared-memory segment named {name!r}") from None
+    try:
+        actual = os.fstat(fd).st_size
+        header = os.pread(fd, HEADER_WORDS * WORD, 0)
+    finally:
+        os.close(fd)
+    if len(header) < HEADER_WORDS * WORD:
+        raise ArenaError(f"segment {name!r} ({actual} bytes) is not a shmcounter arena: "
+                         f"too small for the header")
+    magic, version = struct.unpack_from("<qq", header, 0)
+    if magic != MAGIC:
+        raise ArenaError(f"segment {name!r} is not a shmcounter arena "
+                         f"(magic {magic:#x}, expected {MAGIC:#x})")
+    if version != LAYOUT_VERSION:
+        raise ArenaError(f"segment {name!r} has layout version {version}; this "
+                         f"shmcounter reads layout version {LAYOUT_VERSION}")
+    size = struct.unpack_from("<q", header, H_SIZE * WORD)[0]
+    if actual < size:
+        raise ArenaError(f"segment {name!r} is truncated: {actual} of {size} bytes")
 
 
 def _check_name(name: object) -> bytes:

@@ -18,9 +18,10 @@ from __future__ import annotations
 import warnings
 from typing import TYPE_CHECKING
 
+from . import hooks
 from .errors import Busy
 from .layout import (
-    H_UNDERFLOWS, PC_BATCH, PC_CHILDREN_LOW_USAGE, PC_CHILDREN_MIN_USAGE, PC_ELOW,
+    H_UNDERFLOWS, STOCK_WORDS, PC_BATCH, PC_CHILDREN_LOW_USAGE, PC_CHILDREN_MIN_USAGE, PC_ELOW,
     PC_EMIN, PC_FAILCNT, PC_FLAGS, PC_FLAG_UNCHARGE_TO_STOCK, PC_HIGH, PC_LOW,
     PC_MAX, PC_MIN, PC_PARENT, PC_STOCK_ID, PC_USAGE, PC_WATERMARK, PC_WORDS,
 )
@@ -73,8 +74,8 @@ class PageCounter(PageCounterStock):
         parent = int(arena.records[index, PC_PARENT])
         self.parent: PageCounter | None = None if parent < 0 else arena._handle(parent)
         self._p = -1 if self.parent is None else self.parent._c
-        # (record, parent record) for self, parent, ..., root: one entry per level
-        self._path: tuple[tuple[int, int], ...] = ((self._c, self._p),) + (
+        # (record, parent record, counter index) for self, parent, ..., root
+        self._path: tuple[tuple[int, int, int], ...] = ((self._c, self._p, index),) + (
             self.parent._path if self.parent is not None else ())
         self._levels: tuple[PageCounter, ...] = (self,) + (
             self.parent._levels if self.parent is not None else ())
@@ -115,7 +116,8 @@ class PageCounter(PageCounterStock):
           4. deposit the surplus in this CPU's stock, or uncharge it if the slot is
              busy (series §1.4).
         A greedy failure still counts in failcnt, so one successful request can
-        bump failcnt (as the memcg code always has).
+        bump failcnt (as the memcg code always has). Steps 2-4 are one op: a kill
+        anywhere in them rolls all of them back (writer.py).
         """
         if type(n) is not int or not 0 <= n < NR_PAGES_LIMIT:
             raise bad_nr(n)
@@ -126,33 +128,43 @@ class PageCounter(PageCounterStock):
         return self._try_charge_slow(n, block)
 
     def _try_charge_slow(self, nr_pages: int, block: int) -> tuple[bool, PageCounter | None]:
+        slots, writer = self._slots, self._arena._writer
         # READ_ONCE(batch): one snapshot; a concurrent disable_stock (batch = 0)
         # is seen by the next charge. Not a CPU process: exact charges only.
-        batch = self._slots.load(self._c + PC_BATCH) if block >= 0 else 0
+        sid = slots.load(self._c + PC_STOCK_ID) if block >= 0 else -1
+        slot = block + STOCK_WORDS * sid if sid >= 0 else -1
+        batch = slots.load(self._c + PC_BATCH) if slot >= 0 else 0
         charge = batch if batch > nr_pages else nr_pages
-        fail = self._try_charge_hierarchy(charge)
-        if fail is not None and charge > nr_pages:
-            charge = nr_pages
-            fail = self._try_charge_hierarchy(charge)
-        if fail is not None:
-            return False, fail
-        if charge > nr_pages:
-            self._deposit(block, charge - nr_pages)
-        return _SUCCESS
+        writer.begin(self._index, slot)
+        try:
+            kbase = writer.contrib_slot
+            fail = self._try_charge_path(charge, kbase)
+            if fail is not None and charge > nr_pages:
+                charge = nr_pages
+                fail = self._try_charge_path(charge, kbase)
+            if fail is not None:
+                return False, fail
+            if charge > nr_pages:
+                if hooks.ARMED:
+                    hooks.at("charge:deposit")
+                if not slots.stock_deposit(slot, charge - nr_pages,
+                                           self._arena._stock_owner):
+                    self._cancel_path(charge - nr_pages, kbase)
+            return _SUCCESS
+        finally:
+            writer.end()
 
-    def _try_charge_hierarchy(self, nr_pages: int) -> PageCounter | None:
-        """page_counter_try_charge without stock: None, or the counter that refused.
-
-        Kill points: killed after level k succeeded, levels 0..k hold +nr_pages.
-        Repaired by the hotplug path (issue 3: intent records).
-        """
+    def _try_charge_path(self, nr_pages: int, kbase: int) -> PageCounter | None:
+        """page_counter_try_charge without stock, inside an op: None, or the counter
+        that refused (the levels below it cancelled)."""
         slots = self._slots
         path = self._path
-        for level, (c, p) in enumerate(path):
-            if slots.pc_try_charge_level(c, p, nr_pages) < 0:
-                for c2, p2 in path[:level]:
-                    self._cancel_level(c2, p2, nr_pages)
+        for level, (c, p, i) in enumerate(path):
+            if slots.pc_try_charge_level(c, p, kbase + i, nr_pages) < 0:
+                self._cancel_path(nr_pages, kbase, level)
                 return self._levels[level]
+            if hooks.ARMED:
+                hooks.at("charge:level")
         return None
 
     def charge(self, n: int) -> None:
@@ -162,9 +174,16 @@ class PageCounter(PageCounterStock):
         Never uses the stock.
         """
         nr_pages = check_nr(n)
-        slots = self._slots
-        for c, p in self._path:
-            slots.pc_charge_level(c, p, nr_pages)
+        slots, writer = self._slots, self._arena._writer
+        writer.begin(self._index)
+        try:
+            kbase = writer.contrib_slot
+            for c, p, i in self._path:
+                slots.pc_charge_level(c, p, kbase + i, nr_pages)
+                if hooks.ARMED:
+                    hooks.at("charge:level")
+        finally:
+            writer.end()
 
     # ---- uncharge -----------------------------------------------------------
 
@@ -178,26 +197,40 @@ class PageCounter(PageCounterStock):
         and clamps usage at 0, at each level where it happens.
         """
         nr_pages = check_nr(n)
+        writer = self._arena._writer
+        slot = -1
         if self._slots.load(self._c + PC_FLAGS) & PC_FLAG_UNCHARGE_TO_STOCK:
-            nr_pages = self._uncharge_to_stock(nr_pages)
-        self.uncharge_hierarchy(nr_pages)
-
-    def uncharge_hierarchy(self, nr_pages: int) -> None:
-        """page_counter_uncharge: cancel nr_pages at every level up to the root.
-
-        Kill points: killed after level k, levels 0..k are -nr_pages.
-        """
-        for c, p in self._path:
-            self._cancel_level(c, p, nr_pages)
+            slot = self._local_slot()
+        writer.begin(self._index, slot)
+        try:
+            if slot >= 0:
+                nr_pages = self._return_to_stock(slot, nr_pages)
+            self._cancel_path(nr_pages, writer.contrib_slot)
+        finally:
+            writer.end()
 
     def cancel(self, n: int) -> None:
         """Take n pages out of this level only (page_counter_cancel)."""
-        self._cancel_level(self._c, self._p, check_nr(n))
+        nr_pages = check_nr(n)
+        writer = self._arena._writer
+        writer.begin(self._index)
+        try:
+            self._cancel_path(nr_pages, writer.contrib_slot, 1)
+        finally:
+            writer.end()
 
-    def _cancel_level(self, c: int, p: int, nr_pages: int) -> None:
-        new = self._slots.pc_cancel(c, p, nr_pages)
-        if new < 0:
-            self._underflow(c, new, nr_pages)
+    def _cancel_path(self, nr_pages: int, kbase: int, depth: int | None = None) -> None:
+        """Cancel nr_pages at the first `depth` levels (all: page_counter_uncharge),
+        inside an op whose contrib row starts at kbase."""
+        if nr_pages == 0:
+            return
+        slots = self._slots
+        for c, p, i in self._path[:depth]:
+            new = slots.pc_cancel(c, p, kbase + i, nr_pages)
+            if new < 0:
+                self._underflow(c, new, nr_pages)
+            if hooks.ARMED:
+                hooks.at("uncharge:level")
 
     def _underflow(self, c: int, new: int, nr_pages: int) -> None:
         name = next(level.name for level in self._levels if level._c == c)
@@ -240,7 +273,7 @@ class PageCounter(PageCounterStock):
 
     def _set_protection(self, field: int, value: int) -> None:
         self._slots.store(self._c + field, value)
-        for c, p in self._path:
+        for c, p, _ in self._path:
             self._slots.pc_propagate(c, p)
 
     def set_high(self, n: int) -> None:

@@ -15,6 +15,10 @@ is dead, since no other process ever takes that slot's lock; nobody waits for
 it, and drain_cpu takes the slot without the lock and clears the word. A new
 process for that CPU can register only after that.
 
+Every step that changes a slot and a usage together (refill, drain, free) runs
+inside an op (writer.py) whose intent record names the slot and its value before
+the op: a process killed inside it is rolled back, slot included.
+
 Bound (I5): with one context per CPU, stock[k][C] < batch after each deposit, so
 pages held in stocks <= (counters with stock) x ncpus x batch. A second context on
 one CPU (a thread) can interleave between the fast-path check and the deposit
@@ -24,14 +28,11 @@ old rule (drain the slot when > batch) if a user needs the bound to be strict.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
+from . import hooks
 from .errors import ArenaError
-from .layout import (
-    PC_BATCH, PC_FLAGS, PC_FLAG_UNCHARGE_TO_STOCK, PC_STOCK_ID, STOCK_LOCK, STOCK_NR,
-    STOCK_WORDS,
-    pid_alive,
-)
+from .layout import PC_BATCH, PC_FLAGS, PC_FLAG_UNCHARGE_TO_STOCK, PC_STOCK_ID, STOCK_NR, STOCK_WORDS
 
 if TYPE_CHECKING:
     from .layout import Arena
@@ -51,6 +52,7 @@ class PageCounterStock:
     _c: int
     _index: int
     name: str
+    _cancel_path: Callable[[int, int], None]      # PageCounter's
 
     # ---- lifecycle ----------------------------------------------------------
 
@@ -100,7 +102,10 @@ class PageCounterStock:
 
         The caller guarantees that nobody charges or uncharges this counter any
         more (kernel: css_free, after the last reference). Returns the pages
-        drained. A no-op without stock.
+        drained. A no-op without stock. Each CPU's slot is drained in an op of its
+        own, and the stock id is dropped last: killed halfway, the counter keeps
+        its stock (what is left is still counted in usage), and free_stock can
+        simply be called again.
         """
         arena, slots = self._arena, self._slots
         arena._check_open()
@@ -108,16 +113,29 @@ class PageCounterStock:
         if sid < 0:
             return 0
         slots.store(self._c + PC_BATCH, 0)
-        slots.store(self._c + PC_STOCK_ID, -1)                  # unpublish first
-        drained = sum(slots.exchange(arena._stock_slot(cpu, sid) + STOCK_NR, 0)
+        drained = sum(self._drain_slot(arena._stock_slot(cpu, sid))
                       for cpu in range(arena.ncpus))
-        if drained:
-            self.uncharge_hierarchy(drained)
-        slots.store(self._c + PC_FLAGS, 0)
         arena._registry_lock()
-        arena.stock_owner[sid] = -1
-        arena._registry_unlock()
+        try:
+            slots.store(self._c + PC_STOCK_ID, -1)
+            slots.store(self._c + PC_FLAGS, 0)
+            arena.stock_owner[sid] = -1
+        finally:
+            arena._registry_unlock()
         return drained
+
+    def _drain_slot(self, slot: int) -> int:
+        """Take stock slot `slot` without its lock and uncharge it, in one op."""
+        if self._slots.load(slot + STOCK_NR) == 0:
+            return 0
+        writer = self._arena._writer
+        writer.begin(self._index, slot)
+        try:
+            taken = self._slots.exchange(slot + STOCK_NR, 0)
+            self._cancel_path(taken, writer.contrib_slot)
+        finally:
+            writer.end()
+        return taken
 
     # ---- reading ------------------------------------------------------------
 
@@ -143,35 +161,13 @@ class PageCounterStock:
         sid = self._slots.load(self._c + PC_STOCK_ID)
         return -1 if block < 0 or sid < 0 else block + STOCK_WORDS * sid
 
-    # ---- refill (the slow path of try_charge) --------------------------------
-
-    def _deposit(self, block: int, nr_pages: int) -> None:
-        """Put a greedy charge's surplus into this CPU's stock; uncharge it instead
-        when the slot is busy (another context of this CPU holds it) or gone.
-
-        Kill point: killed after the greedy charge, before the deposit, the surplus
-        is charged at every level and in no stock. Repaired by the hotplug path
-        (issue 3: intent records).
-        """
-        sid = self._slots.load(self._c + PC_STOCK_ID)
-        if sid < 0 or not self._slots.stock_deposit(
-                block + STOCK_WORDS * sid, nr_pages, self._arena._stock_owner):
-            self.uncharge_hierarchy(nr_pages)
-
-    def _uncharge_to_stock(self, nr_pages: int) -> int:
-        """RFC uncharge: return nr_pages to this CPU's stock, keeping at most batch
-        there. Returns the pages the caller must still uncharge hierarchically."""
-        slot = self._local_slot()
-        owner = self._arena._stock_owner
-        if slot < 0 or not self._slots.stock_trylock(slot, owner):
-            return nr_pages
-        slots = self._slots
-        stocked = slots.load(slot + STOCK_NR) + nr_pages
-        batch = slots.load(self._c + PC_BATCH)
-        excess = stocked - batch if stocked > batch else 0
-        slots.store(slot + STOCK_NR, stocked - excess)
-        slots.stock_unlock(slot)
-        return excess
+    def _return_to_stock(self, slot: int, nr_pages: int) -> int:
+        """RFC uncharge, inside the uncharge op: return nr_pages to this CPU's stock,
+        keeping at most batch there. Returns what must still be uncharged
+        hierarchically (all of it when the slot is busy)."""
+        excess = self._slots.stock_return(slot, self._c + PC_BATCH, nr_pages,
+                                          self._arena._stock_owner)
+        return nr_pages if excess < 0 else excess
 
     # ---- drains -------------------------------------------------------------
 
@@ -181,7 +177,7 @@ class PageCounterStock:
 
         Runs in a CPU process only. The lock is blocking, as the kernel's
         local_lock: if another context of this CPU holds it, we yield until it lets
-        go (a holder keeps it for one C call).
+        go (the library holds it for one C call at a time).
         """
         arena = self._arena
         if arena._stock_block < 0:
@@ -190,10 +186,20 @@ class PageCounterStock:
         slot = self._local_slot()
         if slot < 0:
             return 0
-        while (taken := self._slots.stock_take(slot, arena._stock_owner)) < 0:
+        writer = arena._writer
+        writer.begin(self._index, slot)
+        try:
+            return self._drain_local_in_op(slot, writer.contrib_slot)
+        finally:
+            writer.end()
+
+    def _drain_local_in_op(self, slot: int, kbase: int) -> int:
+        owner = self._arena._stock_owner
+        while (taken := self._slots.stock_take(slot, owner)) < 0:
             time.sleep(0)
-        if taken:
-            self.uncharge_hierarchy(taken)
+        if hooks.ARMED:
+            hooks.at("drain:taken")
+        self._cancel_path(taken, kbase)
         return taken
 
     def drain_cpu(self, cpu: int) -> int:
@@ -201,32 +207,18 @@ class PageCounterStock:
         the lock word, and uncharge the pages up the hierarchy (the hotplug "dead"
         path, page_counter_drain_stock_cpu). Returns the pages drained.
 
-        Raises ValueError if a live process is registered as `cpu`: its stock is
-        drained with drain_stock, through that CPU.
+        Runs under stop_machine, after the dead CPU's unfinished op (if any) is
+        rolled back (hotplug.py). Raises ValueError if a live process is
+        registered as `cpu`: its stock is drained with drain_stock, through that CPU.
         """
-        arena = self._arena
-        pid = arena._slots.load(arena._cpu_slot(cpu))
-        if pid and pid_alive(pid):
-            raise ValueError(f"CPU {cpu} is online (pid {pid}); drain_cpu is for dead "
-                             f"CPUs, use drain_stock on a live one")
-        sid = self._slots.load(self._c + PC_STOCK_ID)
-        if sid < 0:
-            return 0
-        slot = arena._stock_slot(cpu, sid)
-        taken = self._slots.exchange(slot + STOCK_NR, 0)
-        self._slots.store(slot + STOCK_LOCK, 0)
-        if taken:
-            self.uncharge_hierarchy(taken)
-        return taken
+        from .hotplug import drain_dead_cpu
+        return drain_dead_cpu(self._arena, cpu, [self]).get(self.name, 0)
 
-    def drain_stock(self) -> None:
+    def drain_stock(self, timeout: float | None = None) -> None:
         """Every online CPU drains its own stock of this counter: a work message to
-        each CPU process, returning when all have answered. Needs the CPU runtime
-        (procs.Machine), which installs itself with arena.set_drainer."""
-        drainer = self._arena._drainer
-        if drainer is None:
-            raise ArenaError(
-                f"drain_stock({self.name!r}) needs the CPU runtime: no procs.Machine "
-                "is attached to this arena in this process. Inside a CPU process use "
-                "drain_stock_local(); for a dead CPU, drain_cpu(cpu)")
-        drainer(self)
+        each CPU process, then wait for all (drain.py). Any attached process may
+        call it. A CPU that dies meanwhile is left to the hotplug path; a live one
+        that does not answer within `timeout` (default arena.drain_timeout) raises
+        DrainTimeout naming it."""
+        from .drain import drain_stock
+        drain_stock(self._arena, [self], timeout)

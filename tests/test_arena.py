@@ -98,7 +98,7 @@ def test_attach_refuses_what_is_not_an_arena():
 
 
 def test_layout_usage_alone_on_its_line_and_cpu_stocks_together():
-    sec = _Sections(ncpus=3, max_counters=5, max_stocked=5)
+    sec = _Sections(ncpus=3, max_counters=5, max_stocked=5, max_writers=2)
     assert sec.counters % LINE == 0 and (PC_WORDS * WORD) % LINE == 0
     # line A of each record holds usage and nothing else
     assert PC_USAGE == 0 and PC_WORDS * WORD == 3 * LINE

@@ -327,9 +327,16 @@ def test_drain_cpu_reclaims_exactly_a_killed_cpus_stock(arena, cpus):
     y.uncharge(10)
 
 
-def test_drain_stock_needs_the_cpu_runtime(leaf):
-    with pytest.raises(ArenaError, match=r"^drain_stock\('leaf'\) needs the CPU runtime"):
-        leaf.drain_stock()
+def test_drain_stock_drains_every_online_cpu_and_this_one_inline(leaf, arena, cpus):
+    cpu1 = cpus(1)
+    leaf.try_charge(1)                                        # CPU 0: this process
+    assert cpu1.call(cpuproc.try_charge, "leaf", 10) == (True, None)
+    assert (leaf.usage, leaf.stock(0), leaf.stock(1)) == (128, 63, 54)
+    leaf.drain_stock()
+    assert (leaf.usage, leaf.stock(0), leaf.stock(1)) == (11, 0, 0)
+    check_invariants(arena, {"leaf": 11})
+    cpu1.call(cpuproc.uncharge, "leaf", 10)
+    leaf.uncharge(1)
 
 
 def test_unregister_drains_own_stocks(leaf, arena):

@@ -1,0 +1,147 @@
+"""drain_stock: a work message to every online CPU, answered by each in parallel.
+
+The kernel's page_counter_drain_stock runs work_on_cpu(cpu, drain_one) for each
+online CPU in turn, N round trips. Here the requester posts to every CPU first,
+then waits for all, so the latency is one round trip:
+
+  requester (any attached process)            CPU k (a registered process)
+  -----------------------------------         --------------------------------------
+  requests[k][c] = 1                  (1)
+  t = ++req_seq[k]                    (2)
+  kill(pid_k, SIGDRAIN) ------------------->  handler, between two bytecodes:
+  (own part inline, if a CPU)                   s = req_seq[k]          (3)
+                                                for c with requests[k][c]:
+                                                    requests[k][c] = 0
+                                                    drain_stock_local(c)
+  futex_wait(done_seq[k]) <----------------     done_seq[k] = max(done_seq[k], s);
+  until done_seq[k] >= t                        futex_wake(done_seq[k])
+
+Correctness: (1) comes before (2), and CPU k reads req_seq (3) before it scans the
+flags, so when done_seq[k] >= t our flag was seen by that scan, or cleared by an
+earlier one that drained after (1).
+
+A signal is the closest thing to an interrupt: the handler runs at the next
+bytecode even in a tight charge loop, and interrupts a blocking wait (EINTR). If
+the CPU is inside an op, the handler only marks the drain pending and the op
+serves it when it ends (writer.py): a drain never nests inside an op. Two CPUs
+draining each other both wait in futex_wait, which a signal interrupts, so each
+serves the other while it waits: no deadlock.
+
+A CPU that dies before answering is skipped: its stock is the hotplug path's, which
+wakes the waiters. A live CPU that stays silent (SIGSTOP, or a long C call that
+never returns to the interpreter) raises DrainTimeout.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from .errors import DrainTimeout
+from .layout import R_DONE_SEQ, R_PID, R_REQ_SEQ, pid_alive
+
+if TYPE_CHECKING:
+    from .layout import Arena
+    from .page_counter import PageCounter
+
+# A real-time signal: queued, and with no other user in this library.
+SIGDRAIN = signal.SIGRTMIN + 3
+# Longest single futex sleep: how late a waiter notices a CPU that died without a
+# hotplug path running (a plain registered process killed from outside).
+_WAIT_SLICE_US = 20_000
+
+
+def drain_stock(arena: Arena, counters: Sequence[PageCounter],
+                timeout: float | None = None) -> None:
+    """Make every online CPU drain its own stock of each of `counters`; return when
+    all have, or raise DrainTimeout for the first live CPU that did not in time."""
+    from .cpu import this_cpu_of
+    arena._check_open()
+    timeout = arena.drain_timeout if timeout is None else timeout
+    slots = arena._slots
+    me = this_cpu_of(arena)
+    sent: list[tuple[int, int, int]] = []                  # (cpu, pid, ticket)
+    for cpu in range(arena.ncpus):
+        pid = slots.load(arena._cpu_slot(cpu))
+        if cpu == me or pid == 0:
+            continue
+        for counter in counters:
+            slots.store(arena._request_slot(cpu, counter._index), 1)
+        ticket = slots.fetch_add(arena._row_slot(cpu) + R_REQ_SEQ, 1) + 1
+        try:
+            os.kill(pid, SIGDRAIN)
+        except ProcessLookupError:
+            continue                                        # dead: hotplug's job
+        sent.append((cpu, pid, ticket))
+    if me is not None:
+        for counter in counters:
+            counter.drain_stock_local()
+    deadline = time.monotonic() + timeout
+    for cpu, pid, ticket in sent:
+        done_slot = arena._row_slot(cpu) + R_DONE_SEQ
+        while (done := slots.load(done_slot)) < ticket:
+            if slots.load(arena._cpu_slot(cpu)) != pid or not pid_alive(pid):
+                break                                       # died: hotplug's job
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _timeout(arena, cpu, pid, counters, timeout)
+            slots.futex_wait(done_slot, done, min(int(remaining * 1e6) + 1, _WAIT_SLICE_US))
+
+
+def _timeout(arena: Arena, cpu: int, pid: int, counters: Sequence[PageCounter],
+             timeout: float) -> DrainTimeout:
+    names = ", ".join(repr(c.name) for c in counters)
+    stranded = sum(c.stock(cpu) for c in counters)
+    return DrainTimeout(
+        f"CPU {cpu} (pid {pid}) did not answer the drain of {names} within {timeout} s; "
+        f"it is alive, so its stock ({stranded} pages) stays charged", cpu, pid)
+
+
+def install_handler() -> None:
+    """Serve drain requests in this process (main thread only; idempotent)."""
+    if signal.getsignal(SIGDRAIN) is not _on_drain_signal:
+        signal.signal(SIGDRAIN, _on_drain_signal)
+
+
+def _on_drain_signal(signum: int, frame: object) -> None:
+    from . import cpu
+    registered = cpu._registered
+    if registered is None:
+        return                  # a late request to a CPU that went offline
+    arena = registered[0]
+    arena._writer.drain_pending = True
+    serve(arena)
+
+
+def serve(arena: Arena) -> None:
+    """Serve this CPU's pending drain requests, unless an op of this process holds
+    the op lock: then that op serves them when it ends. Never blocks."""
+    from .cpu import this_cpu_of
+    writer, slots = arena._writer, arena._slots
+    cpu = this_cpu_of(arena)
+    while writer.drain_pending and cpu is not None:
+        if not writer.try_lock():
+            return
+        try:
+            writer.drain_pending = False
+            row = arena._row_slot(cpu)
+            seq = slots.load(row + R_REQ_SEQ)
+            for index in np.flatnonzero(arena.requests[cpu, :arena._published()]).tolist():
+                if slots.exchange(arena._request_slot(cpu, index), 0):
+                    counter = arena._handle(index)
+                    slot = counter._local_slot()
+                    if slot >= 0:
+                        writer.enter(index, slot)
+                        try:
+                            counter._drain_local_in_op(slot, writer.contrib_slot)
+                        finally:
+                            writer.leave()
+            while (done := slots.load(row + R_DONE_SEQ)) < seq:
+                if slots.cas(row + R_DONE_SEQ, done, seq) == done:
+                    break
+            slots.futex_wake(row + R_DONE_SEQ)
+        finally:
+            writer.unlock()

@@ -1,0 +1,37 @@
+"""Named kill points: a test parks a CPU at a point inside an op, then SIGKILLs it.
+
+The slow paths call `at(name)` between their steps when any hook is armed:
+
+    charge:level      after each level of a hierarchical charge succeeded
+    charge:deposit    after the greedy charge, before the surplus is deposited
+    uncharge:level    after each level of a hierarchical uncharge
+    drain:taken       after drain_stock_local took the stock, before uncharging it
+
+Armed only in the process that installs a hook (a CPU process under test); the
+cost elsewhere is one module attribute test per step.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+ARMED = False
+_hooks: dict[str, Callable[[str], None]] = {}
+
+
+def install(name: str, fn: Callable[[str], None]) -> None:
+    """Call fn(name) every time the op reaches point `name`."""
+    global ARMED
+    _hooks[name] = fn
+    ARMED = True
+
+
+def clear() -> None:
+    global ARMED
+    _hooks.clear()
+    ARMED = False
+
+
+def at(name: str) -> None:
+    fn = _hooks.get(name)
+    if fn is not None:
+        fn(name)

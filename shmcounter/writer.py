@@ -1,0 +1,134 @@
+"""This process's writer row on an arena: ops, intent records, deferred drains.
+
+Every change of a usage happens inside an op, by the owner of a writer row: CPU k
+writes with row k, any other process claims a free row of its own on its first
+write. An op is
+
+    begin(index, stock_slot)   in_op = 1 (unless a stop_machine runs: then wait),
+                               snapshot contrib[row] along index's path and the
+                               stock slot the op may touch, op = 1
+    ... fused level steps, each updating usage and contrib[row] ...
+    end()                      op = 0, in_op = 0
+
+so that when the owner is killed at any instant, hotplug.repair_dead_rows() can
+roll its op back to the snapshot: the op counts not at all, at every level. The
+fast path of try_charge (one C call on this CPU's own stock slot) needs no op:
+it changes no usage, and a kill leaves it either done or not done.
+
+Threads: one op at a time per process (the row's intent record is single), so
+begin() takes a per-process lock. A drain request's signal handler runs between
+bytecodes of the main thread, possibly in the middle of an op; it must not start
+a second op there. It sets `drain_pending` and tries the lock: whoever ends the
+op that holds it serves the drain right after (end() releases, then looks).
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import TYPE_CHECKING, Callable
+
+from .errors import ArenaError
+from .layout import H_STOP, R_PID, pid_alive
+
+if TYPE_CHECKING:
+    from .layout import Arena
+
+
+class Writer:
+    """One arena's writer state in this process. Reset in a forked child: a child
+    is a new writer, never its parent's row or CPU."""
+
+    def __init__(self, arena: Arena) -> None:
+        self._arena = arena
+        self.row = -1                    # this process's row, -1 until claimed
+        self.row_slot = -1               # first slot of the row
+        self.contrib_slot = -1           # contrib[row][0]
+        self._lock = threading.Lock()    # one op at a time in this process
+        self.drain_pending = False
+        self.serve_drains: Callable[[], None] | None = None   # set by drain.py
+
+    # ---- rows ---------------------------------------------------------------
+
+    def use_row(self, row: int) -> None:
+        arena = self._arena
+        self.row = row
+        self.row_slot = arena._row_slot(row)
+        self.contrib_slot = arena._contrib_slot(row, 0)
+
+    def claim_row(self) -> None:
+        """Claim a free non-CPU row for this process; repair and reuse the rows of
+        dead processes when none is free."""
+        from .hotplug import repair_dead_rows
+        arena, me = self._arena, os.getpid()
+        for attempt in range(2):
+            for row in range(arena.ncpus, arena.nrows):
+                slot = arena._row_slot(row) + R_PID
+                if arena._slots.cas(slot, 0, me) == 0:
+                    self.use_row(row)
+                    return
+            if attempt == 0:
+                repair_dead_rows(arena)
+        raise ArenaError(f"arena {arena.name!r} has no free writer row: "
+                         f"{arena.nrows - arena.ncpus} non-CPU processes write to it "
+                         f"already (see max_writers)")
+
+    def release_row(self) -> None:
+        """Give a claimed non-CPU row back (close). CPU rows go with unregister_cpu."""
+        arena = self._arena
+        if self.row >= arena.ncpus:
+            arena._slots.cas(self.row_slot + R_PID, os.getpid(), 0)
+        self.row = self.row_slot = self.contrib_slot = -1
+
+    def after_fork(self) -> None:
+        self.row = self.row_slot = self.contrib_slot = -1
+        self._lock = threading.Lock()
+        self.drain_pending = False
+
+    # ---- ops ----------------------------------------------------------------
+
+    def begin(self, index: int, stock_slot: int = -1) -> None:
+        """Start an op on counter `index` that may touch stock slot `stock_slot`."""
+        if self.row < 0:
+            self.claim_row()
+        self._lock.acquire()
+        try:
+            self.enter(index, stock_slot)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def end(self) -> None:
+        self.leave()
+        self._lock.release()
+        if self.drain_pending and self.serve_drains is not None:
+            self.serve_drains()
+
+    def enter(self, index: int, stock_slot: int = -1) -> None:
+        """begin() for a caller that holds the op lock already (the drain server)."""
+        arena = self._arena
+        while not arena._slots.op_begin(self.row_slot, H_STOP, arena._counters_slot,
+                                        self.contrib_slot, index, stock_slot):
+            wait_for_restart(arena)
+
+    def leave(self) -> None:
+        self._arena._slots.op_end(self.row_slot)
+
+    def try_lock(self) -> bool:
+        """For the drain server: take the op lock without waiting."""
+        return self._lock.acquire(blocking=False)
+
+    def unlock(self) -> None:
+        self._lock.release()
+
+
+def wait_for_restart(arena: Arena) -> None:
+    """Sleep while a stop_machine is in progress; take over from a dead holder is
+    the next stopper's job (hotplug.stop_machine)."""
+    slots = arena._slots
+    while holder := slots.load(H_STOP):
+        if not pid_alive(holder):
+            slots.cas(H_STOP, holder, 0)
+            continue
+        if not slots.futex_wait(H_STOP, holder, 50_000):
+            time.sleep(0)
