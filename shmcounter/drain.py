@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from .errors import DrainTimeout
-from .layout import R_DONE_SEQ, R_PID, R_REQ_SEQ, pid_alive
+from .layout import H_DRAIN_LOCK, R_DONE_SEQ, R_REQ_SEQ, pid_alive
 
 if TYPE_CHECKING:
     from .layout import Arena
@@ -55,11 +55,31 @@ _WAIT_SLICE_US = 20_000
 
 
 def drain_stock(arena: Arena, counters: Sequence[PageCounter],
-                timeout: float | None = None) -> None:
-    """Make every online CPU drain its own stock of each of `counters`; return when
-    all have, or raise DrainTimeout for the first live CPU that did not in time."""
-    from .cpu import this_cpu_of
+                timeout: float | None = None, trylock: bool = False) -> bool:
+    """Make every online CPU drain its own stock of each of `counters`; return True
+    when all have, or raise DrainTimeout for the first live CPU that did not in time.
+
+    trylock: be the single drainer of the arena (memcg's percpu_charge_mutex):
+    if another trylock drain is running, return False at once, draining nothing.
+    """
     arena._check_open()
+    if not trylock:
+        _drain(arena, counters, timeout)
+        return True
+    slots, me = arena._slots, os.getpid()
+    while (holder := slots.cas(H_DRAIN_LOCK, 0, me)) != 0:
+        if holder == me or pid_alive(holder):
+            return False
+        slots.cas(H_DRAIN_LOCK, holder, 0)              # a dead drainer's: take it
+    try:
+        _drain(arena, counters, timeout)
+    finally:
+        slots.store(H_DRAIN_LOCK, 0)
+    return True
+
+
+def _drain(arena: Arena, counters: Sequence[PageCounter], timeout: float | None) -> None:
+    from .cpu import this_cpu_of
     timeout = arena.drain_timeout if timeout is None else timeout
     slots = arena._slots
     me = this_cpu_of(arena)
@@ -114,6 +134,10 @@ def _on_drain_signal(signum: int, frame: object) -> None:
     arena = registered[0]
     arena._writer.drain_pending = True
     serve(arena)
+    # With more CPUs than cores, a sibling CPU process pinned to this core is
+    # waiting for its time slice with the same request pending: give it the core
+    # now rather than at the end of our slice (milliseconds under CFS).
+    os.sched_yield()
 
 
 def serve(arena: Arena) -> None:

@@ -2,6 +2,7 @@
 
 The slow paths call `at(name)` between their steps when any hook is armed:
 
+    charge:slow       a try_charge missed the fast path, before its op begins
     charge:level      after each level of a hierarchical charge succeeded
     charge:deposit    after the greedy charge, before the surplus is deposited
     uncharge:level    after each level of a hierarchical uncharge

@@ -9,7 +9,8 @@ Bump LAYOUT_VERSION whenever a line below changes.
                          inode, segment size
                        line 1, shared and rarely written:
                          ncounters (published count), registry lock (holder pid),
-                         underflows (count of clamped uncharges), max_writers
+                         underflows (count of clamped uncharges), max_writers,
+                         drain lock (pid of the single drainer, for trylock drains)
                        line 2: stop (pid of the stop_machine holder, 0 when none);
                          read by every op, written only by hotplug
   rows       ncpus + max_writers writer rows of ROW_WORDS = 32 words, 4 lines each.
@@ -85,7 +86,7 @@ NAME_BYTES = 64
 # header words
 H_MAGIC, H_VERSION, H_NCPUS, H_MAX_COUNTERS, H_MAX_STOCKED, H_CREATOR_PID, \
     H_TRACKER_INO, H_SIZE = range(8)
-H_NCOUNTERS, H_REGISTRY_LOCK, H_UNDERFLOWS, H_MAX_WRITERS = 8, 9, 10, 11
+H_NCOUNTERS, H_REGISTRY_LOCK, H_UNDERFLOWS, H_MAX_WRITERS, H_DRAIN_LOCK = 8, 9, 10, 11, 12
 H_STOP = 16
 HEADER_WORDS = 24
 
@@ -110,6 +111,10 @@ _NAME_RE = re.compile(rf"^{NAME_PREFIX}(\d+)_[0-9a-f]+$")
 # Every open Arena handle of this process, so that a forked child can reset its
 # per-process state: a child is a new writer, never its parent's row or CPU.
 _open_arenas: weakref.WeakSet[Arena] = weakref.WeakSet()
+# The first open handle of each arena in this process: an Arena unpickled here
+# (a task argument sent to a CPU process) resolves to it, so that it is the handle
+# registered as this CPU and charges take this CPU's stock.
+_by_name: weakref.WeakValueDictionary[str, Arena] = weakref.WeakValueDictionary()
 
 
 def _after_fork_in_child() -> None:
@@ -268,6 +273,7 @@ class Arena:
         self._writer = Writer(self)
         self._closed = False
         _open_arenas.add(self)
+        _by_name.setdefault(shm.name, self)
 
     # ---- construction -------------------------------------------------------
 
@@ -339,7 +345,7 @@ class Arena:
             raise
 
     def __reduce__(self):
-        return (Arena.attach, (self.name,))
+        return (_unpickle_arena, (self.name,))
 
     # ---- lifetime -----------------------------------------------------------
 
@@ -362,6 +368,8 @@ class Arena:
         cpu._forget_arena(self)
         self._writer.release_row()
         _open_arenas.discard(self)
+        if _by_name.get(self._shm.name) is self:
+            del _by_name[self._shm.name]
         self._closed = True
         if self._slots is not None:
             self._slots.release()
@@ -562,6 +570,12 @@ class Arena:
             return "<Arena closed>"
         return (f"<Arena {self._shm.name!r} ncpus={self.ncpus} "
                 f"counters={self._published()}/{self.max_counters}>")
+
+
+def _unpickle_arena(name: str) -> Arena:
+    """This process's open handle on arena `name`, attaching if it has none."""
+    arena = _by_name.get(name)
+    return arena if arena is not None and not arena.closed else Arena.attach(name)
 
 
 def _check_header(name: str) -> None:

@@ -129,6 +129,8 @@ class PageCounter(PageCounterStock):
 
     def _try_charge_slow(self, nr_pages: int, block: int) -> tuple[bool, PageCounter | None]:
         slots, writer = self._slots, self._arena._writer
+        if hooks.ARMED:
+            hooks.at("charge:slow")
         # READ_ONCE(batch): one snapshot; a concurrent disable_stock (batch = 0)
         # is seen by the next charge. Not a CPU process: exact charges only.
         sid = slots.load(self._c + PC_STOCK_ID) if block >= 0 else -1

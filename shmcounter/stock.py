@@ -214,11 +214,15 @@ class PageCounterStock:
         from .hotplug import drain_dead_cpu
         return drain_dead_cpu(self._arena, cpu, [self]).get(self.name, 0)
 
-    def drain_stock(self, timeout: float | None = None) -> None:
+    def drain_stock(self, timeout: float | None = None, *, trylock: bool = False) -> bool:
         """Every online CPU drains its own stock of this counter: a work message to
         each CPU process, then wait for all (drain.py). Any attached process may
-        call it. A CPU that dies meanwhile is left to the hotplug path; a live one
-        that does not answer within `timeout` (default arena.drain_timeout) raises
-        DrainTimeout naming it."""
+        call it; a CPU does its own part inline. A CPU that dies meanwhile is left
+        to the hotplug path; a live one that does not answer within `timeout`
+        (default arena.drain_timeout) raises DrainTimeout naming it.
+
+        trylock=True: skip (return False) if another trylock drain of this arena
+        is running, like memcg's percpu_charge_mutex. Otherwise returns True.
+        """
         from .drain import drain_stock
-        drain_stock(self._arena, [self], timeout)
+        return drain_stock(self._arena, [self], timeout, trylock)
