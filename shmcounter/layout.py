@@ -120,6 +120,7 @@ _by_name: weakref.WeakValueDictionary[str, Arena] = weakref.WeakValueDictionary(
 def _after_fork_in_child() -> None:
     for arena in list(_open_arenas):
         arena._writer.after_fork()
+    _by_name.clear()          # inherited handles are usable, but not this process's own
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -95,3 +95,22 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     rep = outcome.get_result()
     setattr(item, "rep_" + rep.when, rep)
+
+
+@pytest.fixture
+def make_machine(arena):
+    """make_machine(ncpus=None, start_method="fork") -> procs.Machine on `arena`,
+    closed after the test (every CPU process joined), before the invariants run."""
+    from procs import Machine
+    machines: list[Machine] = []
+
+    def make(ncpus: int | None = None, start_method: str = "fork") -> Machine:
+        m = Machine(arena, ncpus, start_method=start_method)
+        machines.append(m)
+        return m
+
+    yield make
+    for m in machines:
+        m.close()
+        for cpu in range(len(m._cpus)):
+            assert not m._cpus[cpu].process.is_alive()

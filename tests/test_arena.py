@@ -65,13 +65,14 @@ def test_only_the_creator_unlinks(arena):
     assert _segment_exists(arena.name)
 
 
-def test_arena_pickles_by_name(arena):
+def test_arena_pickles_by_name_to_the_open_handle(arena):
     arena.new_counter("x")
-    clone = pickle.loads(pickle.dumps(arena))
+    assert pickle.loads(pickle.dumps(arena)) is arena      # same process: same handle
+    other = Arena.attach(arena.name)
     try:
-        assert clone.name == arena.name and clone.counter("x").name == "x"
+        assert other is not arena and other.counter("x").name == "x"
     finally:
-        clone.close()
+        other.close()
 
 
 def test_attach_refuses_what_is_not_an_arena():
