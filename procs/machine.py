@@ -303,6 +303,8 @@ class Machine:
                 self._reply(c, c.conn.recv())
         except (EOFError, OSError):
             pass                                     # its sentinel follows
+        except Exception:                            # a reply that does not unpickle
+            log.exception("CPU %d (pid %d) sent a reply that cannot be read", c.cpu, c.pid)
 
     def _reply(self, c: _Cpu, msg: tuple) -> None:
         if msg[0] == "bye":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import faulthandler
 import os
+import pickle
 import select
 import signal
 import threading
@@ -65,8 +66,7 @@ def _remote_error(exc: BaseException) -> tuple[BaseException, str]:
     """The exception (or a picklable stand-in) and its formatted traceback."""
     tb = "".join(traceback.format_exception(exc))
     try:
-        import pickle
-        pickle.dumps(exc)
+        pickle.loads(pickle.dumps(exc))         # the owner must be able to rebuild it
         return exc, tb
     except Exception:
         return RuntimeError(f"{type(exc).__name__}: {exc} (not picklable)"), tb

@@ -94,7 +94,7 @@ cas_strong(int64_t *p, int64_t expected, int64_t desired)
 static int64_t *
 slot_at(Py_buffer *view, Py_ssize_t offset)
 {
-    if (offset < 0 || offset % 8 != 0 || offset + 8 > view->len) {
+    if (offset < 0 || offset % 8 != 0 || view->len < 8 || offset > view->len - 8) {
         PyErr_Format(PyExc_ValueError,
                      "offset %zd is not an aligned 8-byte slot of a %zd-byte buffer "
                      "(need offset %% 8 == 0 and offset + 8 <= len)",
@@ -237,7 +237,7 @@ word(SlotsObject *self, Py_ssize_t i, Py_ssize_t span)
         PyErr_SetString(PyExc_ValueError, "Slots is released (the arena was closed)");
         return NULL;
     }
-    if (i < 0 || i + span > self->nwords) {
+    if (i < 0 || span > self->nwords || i > self->nwords - span) {
         PyErr_Format(PyExc_IndexError, "slot %zd (+%zd) outside 0..%zd",
                      i, span, self->nwords);
         return NULL;
@@ -396,7 +396,19 @@ contrib_add(int64_t *k, int64_t delta)
 }
 
 /*
- * pc_try_charge_level(c, p, k, nr) -> new usage, or -1 when c's max refused nr.
+ * A usage that wrapped past INT64_MAX: only forced charges can get there (try_charge
+ * stops at max <= PAGE_COUNTER_MAX). The caller has undone the add.
+ */
+static PyObject *
+overflow(int64_t nr)
+{
+    PyErr_Format(PyExc_OverflowError,
+                 "charging %lld pages would take a usage past 2**63 - 1", (long long)nr);
+    return NULL;
+}
+
+/*
+ * pc_try_charge_level(c, p, k, nr) -> new usage, or None when c's max refused nr.
  * c, p: record of the counter and of its parent (-1: none); k: the caller's contrib
  * slot for c. Speculative add, then compare: the add is a full barrier before max is
  * read, so either we see a concurrent set_max's new limit, or set_max re-reads usage
@@ -413,11 +425,13 @@ Slots_pc_try_charge_level(SlotsObject *self, PyObject *const *args, Py_ssize_t n
         return NULL;
     int64_t new = ADD_FETCH(&cr[PC_USAGE], nr);
     contrib_add(k, nr);
-    if (new > LOAD(&cr[PC_MAX])) {
+    if (new > LOAD(&cr[PC_MAX]) || new < -nr) {
         ADD_FETCH(&cr[PC_USAGE], -nr);
         contrib_add(k, -nr);
+        if (new < -nr)
+            return overflow(nr);
         ADD_FETCH(&cr[PC_FAILCNT], 1);
-        return PyLong_FromLong(-1);
+        Py_RETURN_NONE;
     }
     propagate(cr, pr, new);
     bump_watermark(cr, new);
@@ -435,6 +449,11 @@ Slots_pc_charge_level(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs
         return NULL;
     int64_t new = ADD_FETCH(&cr[PC_USAGE], nr);
     contrib_add(k, nr);
+    if (new < -nr) {
+        ADD_FETCH(&cr[PC_USAGE], -nr);
+        contrib_add(k, -nr);
+        return overflow(nr);
+    }
     propagate(cr, pr, new);
     bump_watermark(cr, new);
     return PyLong_FromLongLong(new);
@@ -444,6 +463,7 @@ Slots_pc_charge_level(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs
  * pc_cancel(c, p, k, nr) -> new usage; negative means an underflow (caller bug) that
  * was clamped. The clamp adds the deficit back instead of storing 0 as the kernel
  * does: a store would also erase a charge that raced in after our subtraction.
+ * Concurrent underflows each add back at most their own nr: the sum is exact.
  */
 static PyObject *
 Slots_pc_cancel(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -457,8 +477,11 @@ Slots_pc_cancel(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
     contrib_add(k, -nr);
     int64_t settled = new;
     if (new < 0) {
-        settled = ADD_FETCH(&cr[PC_USAGE], -new);
-        contrib_add(k, -new);
+        /* Our own deficit only: with overlapping underflows each adds back what it
+         * took below 0, never more than its nr. */
+        int64_t deficit = -new < nr ? -new : nr;
+        settled = ADD_FETCH(&cr[PC_USAGE], deficit);
+        contrib_add(k, deficit);
     }
     propagate(cr, pr, settled);
     return PyLong_FromLongLong(new);
@@ -491,19 +514,24 @@ slot_unlock(int64_t *s)
 }
 
 /*
- * stock_consume(c, block, nr, owner) -> 1 hit, 0 miss (stock < nr), -1 slot busy,
+ * stock_consume(c, block, nr, owner, row) -> 1 hit, 0 miss (stock < nr), -1 busy,
  * -2 counter c has no stock. The fast path of try_charge in one call: read c's
  * stock id, trylock this CPU's slot (block = first word of this CPU's stock block),
  * take nr if the stock holds it, unlock. Only the owning CPU calls it.
+ * Busy also while an op of this CPU is in progress (row's op != 0: another thread
+ * of the process): that op's intent snapshot of the slot must stay the slot's only
+ * change, and the caller's slow path waits for the op instead.
  */
 static PyObject *
 Slots_stock_consume(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    ARGS("stock_consume", 4);
+    ARGS("stock_consume", 5);
     int64_t nr = a[2], owner = a[3];
-    int64_t *cr = word(self, a[0], PC_WORDS);
-    if (!cr)
+    int64_t *cr = word(self, a[0], PC_WORDS), *row = word(self, a[4], ROW_WORDS);
+    if (!cr || !row)
         return NULL;
+    if (LOAD(&row[R_OP]))
+        return PyLong_FromLong(-1);
     int64_t sid = LOAD(&cr[PC_STOCK_ID]);
     if (sid < 0)
         return PyLong_FromLong(-2);
@@ -569,8 +597,7 @@ Slots_stock_take(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     if (!slot_trylock(s, a[1]))
         return PyLong_FromLong(-1);
-    int64_t have = LOAD(&s[STOCK_NR]);
-    STORE(&s[STOCK_NR], 0);
+    int64_t have = XCHG(&s[STOCK_NR], 0);
     slot_unlock(s);
     return PyLong_FromLongLong(have);
 }
@@ -651,6 +678,47 @@ Slots_op_begin(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
     STORE(&r[R_STOCK_BEFORE], stock ? LOAD(&stock[STOCK_NR]) : 0);
     STORE(&r[R_OP], 1);
     Py_RETURN_TRUE;
+}
+
+/*
+ * op_abort(row, counters, contrib) -> None. The op of this (live) row raised: put
+ * every level of its path back to the snapshot taken by op_begin, and the stock
+ * slot too, then end it. Exact, because an exception comes only between two fused
+ * steps, when contrib[row] agrees with what the op did to usage. (A dead row is
+ * repaired under stop_machine instead, residues included: hotplug.py.)
+ */
+static PyObject *
+Slots_op_abort(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    ARGS("op_abort", 3);
+    int64_t *r = word(self, a[0], ROW_WORDS);
+    int64_t counters = a[1], contrib = a[2];
+    if (!r)
+        return NULL;
+    if (LOAD(&r[R_OP])) {
+        int64_t i = LOAD(&r[R_COUNTER]), depth = LOAD(&r[R_DEPTH]);
+        for (int64_t level = 0; level < depth && i >= 0; level++) {
+            int64_t *rec = word(self, counters + i * PC_WORDS, PC_WORDS);
+            int64_t *k = word(self, contrib + i, 1);
+            if (!rec || !k)
+                return NULL;
+            int64_t applied = LOAD(k) - LOAD(&r[R_BASE + level]);
+            if (applied) {
+                ADD_FETCH(&rec[PC_USAGE], -applied);
+                STORE(k, LOAD(k) - applied);
+            }
+            i = LOAD(&rec[PC_PARENT]);
+        }
+        int64_t stock_slot = LOAD(&r[R_STOCK_SLOT]);
+        int64_t *stock = stock_slot >= 0 ? word(self, stock_slot, STOCK_WORDS) : NULL;
+        if (stock_slot >= 0 && !stock)
+            return NULL;
+        if (stock)
+            STORE(&stock[STOCK_NR], LOAD(&r[R_STOCK_BEFORE]));
+    }
+    STORE(&r[R_OP], 0);
+    STORE(&r[R_IN_OP], 0);
+    Py_RETURN_NONE;
 }
 
 /* op_end(row): the op is complete (op = 0), then leave the quiesce section. */
@@ -739,7 +807,7 @@ static PyMethodDef Slots_methods[] = {
     FAST(pc_try_charge_level), FAST(pc_charge_level), FAST(pc_cancel), FAST(pc_propagate),
     FAST(stock_consume), FAST(stock_deposit), FAST(stock_return), FAST(stock_take),
     FAST(stock_trylock), FAST(stock_unlock),
-    FAST(op_begin), FAST(op_end), FAST(futex_wait), FAST(futex_wake),
+    FAST(op_begin), FAST(op_end), FAST(op_abort), FAST(futex_wait), FAST(futex_wake),
     {NULL}
 };
 

@@ -65,6 +65,7 @@ def register_cpu(arena: Arena, cpu: int) -> None:
     arena._writer.serve_drains = lambda: drain.serve(arena)
     arena._stock_block = arena._stock_slot(cpu, 0)
     arena._stock_owner = me
+    arena._stock_row = arena._row_slot(cpu)
     _registered = (arena, cpu)
 
 

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from .errors import DrainTimeout
-from .layout import H_DRAIN_LOCK, R_DONE_SEQ, R_REQ_SEQ, pid_alive
+from .layout import H_DRAIN_LOCK, H_STOP, R_DONE_SEQ, R_REQ_SEQ, pid_alive
 
 if TYPE_CHECKING:
     from .layout import Arena
@@ -147,13 +147,16 @@ def serve(arena: Arena) -> None:
     writer, slots = arena._writer, arena._slots
     cpu = this_cpu_of(arena)
     while writer.drain_pending and cpu is not None:
+        if slots.load(H_STOP) == os.getpid():
+            return                  # we hold stop_machine: served when it ends
         if not writer.try_lock():
             return
         try:
             writer.drain_pending = False
             row = arena._row_slot(cpu)
             seq = slots.load(row + R_REQ_SEQ)
-            for index in np.flatnonzero(arena.requests[cpu, :arena._published()]).tolist():
+            asked = arena.requests[cpu, :arena._published()].copy()   # others write it
+            for index in np.flatnonzero(asked).tolist():
                 if slots.exchange(arena._request_slot(cpu, index), 0):
                     counter = arena._handle(index)
                     slot = counter._local_slot()
@@ -161,8 +164,10 @@ def serve(arena: Arena) -> None:
                         writer.enter(index, slot)
                         try:
                             counter._drain_local_in_op(slot, writer.contrib_slot)
-                        finally:
-                            writer.leave()
+                        except BaseException:
+                            writer.rollback()
+                            raise
+                        writer.leave()
             while (done := slots.load(row + R_DONE_SEQ)) < seq:
                 if slots.cas(row + R_DONE_SEQ, done, seq) == done:
                     break

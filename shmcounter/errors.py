@@ -22,6 +22,9 @@ class CpuError(Exception):
         self.cpu = cpu
         self.pid = pid
 
+    def __reduce__(self):
+        return (type(self), (str(self), self.cpu, self.pid))
+
 
 class DrainTimeout(CpuError):
     """A live CPU did not answer a drain request in time; its stock stays charged."""

@@ -34,6 +34,7 @@ until it continues.
 from __future__ import annotations
 
 import os
+import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -52,29 +53,45 @@ if TYPE_CHECKING:
     from .page_counter import PageCounter
 
 
+# One stopper per process at a time: stop is held by a pid, so two threads of one
+# process must not both think they hold it.
+_stopper = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    global _stopper
+    _stopper = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 @contextmanager
 def stop_machine(arena: Arena) -> Iterator[None]:
     """Quiesce every live writer of `arena`: inside the block no op is in progress
     in any live process and none starts (fast-path stock hits go on: they change no
-    usage). One stopper at a time; a dead stopper's hold is taken over.
+    usage). One stopper at a time; a dead stopper's hold is taken over. Drain
+    requests that reach this process meanwhile are served when it ends.
 
     Handshake (Dekker, seq_cst): we store stop, then read each row's in_op; a
     writer stores in_op, then reads stop (op_begin in _atomic.c).
     """
     slots, me = arena._slots, os.getpid()
-    while (holder := slots.cas(H_STOP, 0, me)) != 0:
-        if holder == me:
-            raise RuntimeError("stop_machine is not reentrant")
-        if not pid_alive(holder):
-            slots.cas(H_STOP, holder, 0)
-            continue
-        slots.futex_wait(H_STOP, holder, 50_000)
-    try:
-        _wait_quiescent(arena)
-        yield
-    finally:
-        slots.store(H_STOP, 0)
-        slots.futex_wake(H_STOP)
+    with _stopper:
+        while (holder := slots.cas(H_STOP, 0, me)) != 0:
+            if not pid_alive(holder):
+                slots.cas(H_STOP, holder, 0)
+                continue
+            slots.futex_wait(H_STOP, holder, 50_000)
+        try:
+            _wait_quiescent(arena)
+            yield
+        finally:
+            slots.store(H_STOP, 0)
+            slots.futex_wake(H_STOP)
+    writer = arena._writer
+    if writer.drain_pending and writer.serve_drains is not None:
+        writer.serve_drains()
 
 
 def _wait_quiescent(arena: Arena) -> None:
@@ -98,7 +115,7 @@ def repair_dead_rows(arena: Arena) -> list[int]:
 
 
 def _dead_rows(arena: Arena) -> list[int]:
-    pids = arena.rows[:, R_PID]
+    pids = arena.rows[:, R_PID].copy()            # rows change while we look
     return [row for row in np.flatnonzero(pids).tolist() if not pid_alive(int(pids[row]))]
 
 
@@ -210,6 +227,9 @@ def cpu_dead(arena: Arena, cpu: int) -> dict[str, int]:
         pid = _check_dead(arena, cpu, slot)
         _repair(arena)
         reclaimed = {c.name: _drain_stopped(c, cpu) for c in arena.stocked_counters()}
+        # No slot of the dead CPU may stay locked, with stock or not: a stock id
+        # freed since and reused would be busy forever on this CPU.
+        arena.stocks[cpu, :, STOCK_LOCK] = 0
         arena.requests[cpu, :] = 0
         slots.store(row + R_DONE_SEQ, slots.load(row + R_REQ_SEQ))
         slots.cas(slot, pid, 0)

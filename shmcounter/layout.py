@@ -5,8 +5,8 @@ Bump LAYOUT_VERSION whenever a line below changes.
 
   header     3 lines.  line 0, written once by the creator:
                          MAGIC "SHMCNTR\\0", LAYOUT_VERSION, ncpus, max_counters,
-                         max_stocked, creator pid, creator's resource-tracker pipe
-                         inode, segment size
+                         max_stocked, creator pid, creator's start time (clock
+                         ticks after boot: a pid alone can be reused), segment size
                        line 1, shared and rarely written:
                          ncounters (published count), registry lock (holder pid),
                          underflows (count of clamped uncharges), max_writers,
@@ -52,8 +52,8 @@ Bump LAYOUT_VERSION whenever a line below changes.
 Lifetime (Python 3.11, see docs/design.md "Segment lifetime"):
   - the creator's resource tracker keeps the segment registered, so when the
     creator's whole process tree is gone (SIGKILL included) the tracker unlinks it;
-  - an attacher that does not share the creator's tracker unregisters its own
-    registration, so its exit never unlinks the creator's segment;
+  - an attacher maps the segment without registering it with any tracker, so
+    neither its exit nor its death at any instant unlinks the creator's segment;
   - Arena.create sweeps segments whose creator pid is dead and that no live
     process maps: the backstop when the tracker died with its tree.
 """
@@ -63,9 +63,13 @@ import os
 import re
 import secrets
 import struct
+import threading
+import warnings
 import time
 import weakref
-from multiprocessing import resource_tracker, shared_memory
+import mmap
+import sys
+from multiprocessing import shared_memory
 from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
@@ -85,7 +89,7 @@ NAME_BYTES = 64
 
 # header words
 H_MAGIC, H_VERSION, H_NCPUS, H_MAX_COUNTERS, H_MAX_STOCKED, H_CREATOR_PID, \
-    H_TRACKER_INO, H_SIZE = range(8)
+    H_CREATOR_START, H_SIZE = range(8)
 H_NCOUNTERS, H_REGISTRY_LOCK, H_UNDERFLOWS, H_MAX_WRITERS, H_DRAIN_LOCK = 8, 9, 10, 11, 12
 H_STOP = 16
 HEADER_WORDS = 24
@@ -111,6 +115,7 @@ _NAME_RE = re.compile(rf"^{NAME_PREFIX}(\d+)_[0-9a-f]+$")
 # Every open Arena handle of this process, so that a forked child can reset its
 # per-process state: a child is a new writer, never its parent's row or CPU.
 _open_arenas: weakref.WeakSet[Arena] = weakref.WeakSet()
+_registry_threads = threading.Lock()
 # The first open handle of each arena in this process: an Arena unpickled here
 # (a task argument sent to a CPU process) resolves to it, so that it is the handle
 # registered as this CPU and charges take this CPU's stock.
@@ -118,6 +123,8 @@ _by_name: weakref.WeakValueDictionary[str, Arena] = weakref.WeakValueDictionary(
 
 
 def _after_fork_in_child() -> None:
+    global _registry_threads
+    _registry_threads = threading.Lock()
     for arena in list(_open_arenas):
         arena._writer.after_fork()
     _by_name.clear()          # inherited handles are usable, but not this process's own
@@ -160,11 +167,36 @@ def pid_alive(pid: int) -> bool:
     return stat[stat.rindex(b")") + 2:stat.rindex(b")") + 3] not in (b"Z", b"X")
 
 
-def _tracker_inode() -> int:
-    """Inode of this process's resource-tracker pipe (starting the tracker if needed).
-    Two processes share a tracker iff they write to the same pipe."""
-    resource_tracker.ensure_running()
-    return os.fstat(resource_tracker._resource_tracker._fd).st_ino
+def proc_start_time(pid: int) -> int | None:
+    """Start time of process `pid` in clock ticks after boot, or None if none runs."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return int(stat[stat.rindex(b")") + 2:].split()[19])
+
+
+def _open_untracked(name: str) -> shared_memory.SharedMemory:
+    """SharedMemory(name), never registered with a resource tracker: an attacher's
+    tracker would unlink the creator's segment when the attacher exits or dies,
+    even between the stdlib's register and our unregister (python/cpython#82300).
+    3.13 has track=False; on 3.11 we do what __init__ does for an existing name on
+    POSIX, less the registration."""
+    if sys.version_info >= (3, 13):
+        return shared_memory.SharedMemory(name, track=False)
+    from _posixshmem import shm_open
+    shm = shared_memory.SharedMemory.__new__(shared_memory.SharedMemory)
+    shm._name = "/" + name
+    shm._fd = shm_open(shm._name, os.O_RDWR, mode=0o600)
+    try:
+        shm._size = os.fstat(shm._fd).st_size
+        shm._mmap = mmap.mmap(shm._fd, shm._size)
+        shm._buf = memoryview(shm._mmap)
+    except BaseException:
+        os.close(shm._fd)
+        raise
+    return shm
 
 
 def _mapped_shm_names() -> set[str]:
@@ -184,15 +216,32 @@ def _mapped_shm_names() -> set[str]:
     return names
 
 
+def _creator_alive(name: str, pid: int) -> bool:
+    """Is the process that created arena `name` (pid `pid`) still running? A pid
+    reused by another process has another start time."""
+    start = proc_start_time(pid)
+    if start is None or not pid_alive(pid):
+        return False
+    try:
+        with open(f"/dev/shm/{name}", "rb") as f:
+            header = f.read(HEADER_WORDS * WORD)
+        magic, created = struct.unpack_from("<q", header, 0)[0], \
+            struct.unpack_from("<q", header, H_CREATOR_START * WORD)[0]
+    except (OSError, struct.error):
+        return True                       # unreadable: leave it alone
+    return magic != MAGIC or created == start
+
+
 def sweep_dead_arenas() -> list[str]:
     """Unlink arenas whose creator is dead and that no live process maps.
 
-    Only names of our own pattern are touched. A reused pid makes the sweep skip a
-    leftover (it looks alive), never unlink a live arena. Returns the names removed.
+    Only names of our own pattern are touched; the creator is recognised by pid and
+    start time, so a reused pid does not keep a leftover alive. Returns the names
+    removed.
     """
     try:
         candidates = [n for n in os.listdir("/dev/shm")
-                      if (m := _NAME_RE.match(n)) and not pid_alive(int(m.group(1)))]
+                      if (m := _NAME_RE.match(n)) and not _creator_alive(n, int(m.group(1)))]
     except FileNotFoundError:
         return []
     if not candidates:
@@ -228,6 +277,7 @@ class Arena:
     # the lock owner token (its pid). -1 means "not a CPU of this arena".
     _stock_block = -1
     _stock_owner = 0
+    _stock_row = 0
     # Seconds a drain_stock waits for a live CPU before DrainTimeout. Too short
     # gives false timeouts on a busy machine; too long stalls a failing charge.
     drain_timeout = 5.0
@@ -235,7 +285,11 @@ class Arena:
     def __init__(self, shm: shared_memory.SharedMemory, creator: bool) -> None:
         self._shm = shm
         self._creator = creator
-        hdr = np.ndarray((HEADER_WORDS,), np.int64, shm.buf)
+        # Every view below is derived from _bytes, which holds an export of the
+        # buffer: while a caller keeps one, close() cannot unmap the segment under
+        # it (BufferError, turned into a warning), instead of a later segfault.
+        self._bytes = np.frombuffer(shm.buf, np.uint8)
+        hdr = np.ndarray((HEADER_WORDS,), np.int64, self._bytes)
         self.ncpus = int(hdr[H_NCPUS])
         self.max_counters = int(hdr[H_MAX_COUNTERS])
         self.max_stocked = int(hdr[H_MAX_STOCKED])
@@ -243,7 +297,7 @@ class Arena:
         sec = _Sections(self.ncpus, self.max_counters, self.max_stocked,
                         self.nrows - self.ncpus)
         self._sec = sec
-        buf = shm.buf
+        buf = self._bytes
         # numpy views for reading, vectorised sums and the stat view; writes that
         # race go through self._slots (seq_cst atomics).
         self.header = hdr
@@ -258,7 +312,7 @@ class Arena:
         self.requests = np.ndarray((self.ncpus, self.max_counters), np.int64, buf,
                                    sec.requests, strides=(sec.counter_block, WORD))
         self.names = np.ndarray((self.max_counters, NAME_BYTES), np.uint8, buf, sec.names)
-        self._slots = _atomic.Slots(buf)
+        self._slots = _atomic.Slots(shm.buf)
         # slot indexes (8-byte words from the segment start)
         self._rows_slot = sec.rows // WORD
         self._counters_slot = sec.counters // WORD
@@ -311,7 +365,7 @@ class Arena:
             hdr[:] = 0
             hdr[H_MAGIC], hdr[H_VERSION] = MAGIC, LAYOUT_VERSION
             hdr[H_NCPUS], hdr[H_MAX_COUNTERS], hdr[H_MAX_STOCKED] = ncpus, max_counters, max_stocked
-            hdr[H_CREATOR_PID], hdr[H_TRACKER_INO] = os.getpid(), _tracker_inode()
+            hdr[H_CREATOR_PID], hdr[H_CREATOR_START] = os.getpid(), proc_start_time(os.getpid())
             hdr[H_SIZE], hdr[H_MAX_WRITERS] = sec.size, max_writers
             del hdr
             arena = cls(shm, creator=True)
@@ -331,15 +385,11 @@ class Arena:
         if not isinstance(name, str):
             raise TypeError(f"arena name must be a str, got {type(name).__name__}")
         _check_header(name)
-        shm = shared_memory.SharedMemory(name)
         try:
-            # Our tracker has just registered the segment. Unless it is the
-            # creator's tracker (we were started by multiprocessing from the
-            # creator's tree), drop that registration, or our exit would unlink
-            # the creator's segment (python/cpython#82300).
-            tracker_ino = struct.unpack_from("<q", shm.buf, H_TRACKER_INO * WORD)[0]
-            if tracker_ino != _tracker_inode():
-                resource_tracker.unregister(shm._name, "shared_memory")
+            shm = _open_untracked(name)
+        except FileNotFoundError:
+            raise ArenaError(f"no shared-memory segment named {name!r}") from None
+        try:
             return cls(shm, creator=False)
         except BaseException:
             shm.close()
@@ -375,11 +425,15 @@ class Arena:
         if self._slots is not None:
             self._slots.release()
             self._slots = None
-        for attr in ("header", "rows", "records", "stock_owner", "stocks", "contrib",
-                     "requests", "names"):
+        for attr in ("_bytes", "header", "rows", "records", "stock_owner", "stocks",
+                     "contrib", "requests", "names"):
             self.__dict__.pop(attr, None)
-        if self._shm is not None:
+        try:
             self._shm.close()
+        except BufferError:
+            warnings.warn(f"arena {self._shm.name!r}: numpy views of it are still "
+                          f"referenced, so it stays mapped until they are gone",
+                          RuntimeWarning, stacklevel=2)
 
     def unlink(self) -> None:
         """Remove the segment's name (creator only). Processes that have it mapped
@@ -389,7 +443,10 @@ class Arena:
         if not self._creator:
             raise ArenaError(f"only the creator process unlinks arena {self._shm.name!r}")
         self._unlinked = True
-        self._shm.unlink()
+        try:
+            self._shm.unlink()
+        except FileNotFoundError:
+            pass                          # swept, or unlinked by the tracker
 
     def __enter__(self) -> Arena:
         return self
@@ -406,14 +463,14 @@ class Arena:
     # ---- registry lock: serialises counter creation and stock-id allocation --
 
     def _registry_lock(self) -> None:
-        """Take the arena-wide registry lock; steal it from a dead holder."""
+        """Take the arena-wide registry lock; steal it from a dead holder. The word
+        holds a pid, so the threads of one process queue on _registry_threads first."""
+        _registry_threads.acquire()
         slot, me = H_REGISTRY_LOCK, os.getpid()
         while True:
             holder = self._slots.cas(slot, 0, me)
             if holder == 0:
                 return
-            if holder == me:
-                raise RuntimeError("registry lock is not recursive")
             if not pid_alive(holder) and self._slots.cas(slot, holder, me) == holder:
                 # The dead holder may have claimed a stock id without publishing it.
                 self._repair_stock_owners()
@@ -422,6 +479,7 @@ class Arena:
 
     def _registry_unlock(self) -> None:
         self._slots.store(H_REGISTRY_LOCK, 0)
+        _registry_threads.release()
 
     def _repair_stock_owners(self) -> None:
         for sid in np.flatnonzero(self.stock_owner >= 0):

@@ -29,6 +29,7 @@ from .stock import PageCounterStock
 
 if TYPE_CHECKING:
     from .layout import Arena
+    from .writer import Writer
 
 # LONG_MAX / PAGE_SIZE, so that a limit in bytes never overflows (kernel, 64-bit).
 PAGE_COUNTER_MAX = (2**63 - 1) // 4096
@@ -121,9 +122,10 @@ class PageCounter(PageCounterStock):
         """
         if type(n) is not int or not 0 <= n < NR_PAGES_LIMIT:
             raise bad_nr(n)
-        block = self._arena._stock_block
+        arena = self._arena
+        block = arena._stock_block
         if block >= 0 and self._slots.stock_consume(
-                self._c, block, n, self._arena._stock_owner) == 1:
+                self._c, block, n, arena._stock_owner, arena._stock_row) == 1:
             return _SUCCESS
         return self._try_charge_slow(n, block)
 
@@ -144,17 +146,17 @@ class PageCounter(PageCounterStock):
             if fail is not None and charge > nr_pages:
                 charge = nr_pages
                 fail = self._try_charge_path(charge, kbase)
-            if fail is not None:
-                return False, fail
-            if charge > nr_pages:
+            if fail is None and charge > nr_pages:
                 if hooks.ARMED:
                     hooks.at("charge:deposit")
                 if not slots.stock_deposit(slot, charge - nr_pages,
                                            self._arena._stock_owner):
                     self._cancel_path(charge - nr_pages, kbase)
-            return _SUCCESS
-        finally:
-            writer.end()
+        except BaseException:
+            self._abort_op(writer)
+            raise
+        writer.end()
+        return _SUCCESS if fail is None else (False, fail)
 
     def _try_charge_path(self, nr_pages: int, kbase: int) -> PageCounter | None:
         """page_counter_try_charge without stock, inside an op: None, or the counter
@@ -162,7 +164,7 @@ class PageCounter(PageCounterStock):
         slots = self._slots
         path = self._path
         for level, (c, p, i) in enumerate(path):
-            if slots.pc_try_charge_level(c, p, kbase + i, nr_pages) < 0:
+            if slots.pc_try_charge_level(c, p, kbase + i, nr_pages) is None:
                 self._cancel_path(nr_pages, kbase, level)
                 return self._levels[level]
             if hooks.ARMED:
@@ -184,8 +186,10 @@ class PageCounter(PageCounterStock):
                 slots.pc_charge_level(c, p, kbase + i, nr_pages)
                 if hooks.ARMED:
                     hooks.at("charge:level")
-        finally:
-            writer.end()
+        except BaseException:
+            self._abort_op(writer)
+            raise
+        writer.end()
 
     # ---- uncharge -----------------------------------------------------------
 
@@ -208,8 +212,10 @@ class PageCounter(PageCounterStock):
             if slot >= 0:
                 nr_pages = self._return_to_stock(slot, nr_pages)
             self._cancel_path(nr_pages, writer.contrib_slot)
-        finally:
-            writer.end()
+        except BaseException:
+            self._abort_op(writer)
+            raise
+        writer.end()
 
     def cancel(self, n: int) -> None:
         """Take n pages out of this level only (page_counter_cancel)."""
@@ -218,8 +224,18 @@ class PageCounter(PageCounterStock):
         writer.begin(self._index)
         try:
             self._cancel_path(nr_pages, writer.contrib_slot, 1)
-        finally:
-            writer.end()
+        except BaseException:
+            self._abort_op(writer)
+            raise
+        writer.end()
+
+    def _abort_op(self, writer: Writer) -> None:
+        """The op raised (a signal handler's exception between two steps, say): put
+        every level and the stock slot back as they were when it began, so that no
+        level stays half-updated, then recompute the protected usage it touched."""
+        writer.abort()
+        for c, p, _ in self._path:
+            self._slots.pc_propagate(c, p)
 
     def _cancel_path(self, nr_pages: int, kbase: int, depth: int | None = None) -> None:
         """Cancel nr_pages at the first `depth` levels (all: page_counter_uncharge),
@@ -314,14 +330,14 @@ def calculate_protection(root: PageCounter, counter: PageCounter, *,
       5. recursive (memory_recursiveprot): unclaimed parental protection is shared
          in proportion to each child's unprotected usage.
     """
-    if counter is root:
+    if _same(counter, root):
         return
     usage = counter.usage
     if usage == 0:
         return
     parent = counter.parent
     slots, c = counter._slots, counter._c
-    if parent is root:
+    if parent is not None and _same(parent, root):
         slots.store(c + PC_EMIN, counter.min)
         slots.store(c + PC_ELOW, counter.low)
         return
@@ -332,6 +348,11 @@ def calculate_protection(root: PageCounter, counter: PageCounter, *,
         usage, parent_usage, counter.min, parent.emin, parent.children_min_usage, recursive))
     slots.store(c + PC_ELOW, _effective_protection(
         usage, parent_usage, counter.low, parent.elow, parent.children_low_usage, recursive))
+
+
+def _same(a: PageCounter, b: PageCounter) -> bool:
+    """One counter, even through handles of two Arena objects."""
+    return a._index == b._index and a._arena.name == b._arena.name
 
 
 def _effective_protection(usage: int, parent_usage: int, setting: int,

@@ -36,6 +36,7 @@ from .layout import PC_BATCH, PC_FLAGS, PC_FLAG_UNCHARGE_TO_STOCK, PC_STOCK_ID, 
 
 if TYPE_CHECKING:
     from .layout import Arena
+    from .writer import Writer
     from ._atomic import Slots
 
 # MEMCG_CHARGE_BATCH. Larger means fewer walks up the hierarchy but more pages
@@ -53,6 +54,7 @@ class PageCounterStock:
     _index: int
     name: str
     _cancel_path: Callable[[int, int], None]      # PageCounter's
+    _abort_op: Callable[[Writer], None]           # PageCounter's
 
     # ---- lifecycle ----------------------------------------------------------
 
@@ -133,8 +135,10 @@ class PageCounterStock:
         try:
             taken = self._slots.exchange(slot + STOCK_NR, 0)
             self._cancel_path(taken, writer.contrib_slot)
-        finally:
-            writer.end()
+        except BaseException:
+            self._abort_op(writer)
+            raise
+        writer.end()
         return taken
 
     # ---- reading ------------------------------------------------------------
@@ -189,9 +193,12 @@ class PageCounterStock:
         writer = arena._writer
         writer.begin(self._index, slot)
         try:
-            return self._drain_local_in_op(slot, writer.contrib_slot)
-        finally:
-            writer.end()
+            taken = self._drain_local_in_op(slot, writer.contrib_slot)
+        except BaseException:
+            self._abort_op(writer)
+            raise
+        writer.end()
+        return taken
 
     def _drain_local_in_op(self, slot: int, kbase: int) -> int:
         owner = self._arena._stock_owner

@@ -104,9 +104,21 @@ class Writer:
         if self.drain_pending and self.serve_drains is not None:
             self.serve_drains()
 
+    def abort(self) -> None:
+        """End an op that raised, rolled back to its snapshot (op_abort)."""
+        self.rollback()
+        self._lock.release()
+
+    def rollback(self) -> None:
+        """op_abort for a caller that keeps the op lock (the drain server)."""
+        arena = self._arena
+        arena._slots.op_abort(self.row_slot, arena._counters_slot, self.contrib_slot)
+
     def enter(self, index: int, stock_slot: int = -1) -> None:
         """begin() for a caller that holds the op lock already (the drain server)."""
         arena = self._arena
+        if arena._slots.load(H_STOP) == os.getpid():
+            raise RuntimeError("an op cannot start in the process that holds stop_machine")
         while not arena._slots.op_begin(self.row_slot, H_STOP, arena._counters_slot,
                                         self.contrib_slot, index, stock_slot):
             wait_for_restart(arena)
