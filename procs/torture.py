@@ -143,7 +143,10 @@ def torture(kills: int, seed: int = 0, ncpus: int = 4, start_method: str = "fork
             for name in LEAVES:
                 arena.counter(name).enable_stock(BATCH)
             with Machine(arena, start_method=start_method) as m:
-                _run(arena, m, ledger_shm.name, kills, rng, report, progress)
+                try:
+                    _run(arena, m, ledger_shm.name, kills, rng, report, progress)
+                finally:
+                    _ledger(ledger_shm.name)[0].store(_STOP, 1)   # loops end, CPUs stop
     finally:
         for name in list(_ledgers):
             shm, slots, words = _ledgers.pop(name)
@@ -169,6 +172,9 @@ def _run(arena: Arena, m: Machine, ledger: str, kills: int, rng: random.Random,
         report.kills += 1
         _pause(slots, m.online, loops)
         _check_after_kill(arena, words, victim, report)
+        # The dead process may have died paused (ack = 1): its successor is not
+        # paused until it says so itself.
+        slots.store(_cpu_base(victim) + _ACK, 0)
         m.start_cpu(victim)
         loops[victim] = m.submit(victim, torture_loop, arena, ledger, victim,
                                  rng.randrange(2**32))

@@ -7,7 +7,9 @@ The slow paths call `at(name)` between their steps when any hook is armed:
     charge:deposit    after the greedy charge, before the surplus is deposited
     uncharge:level    after each level of a hierarchical uncharge
     drain:taken       after drain_stock_local took the stock, before uncharging it
+    set_max:exchanged after set_max exchanged the limit, before it re-reads usage
 
+A hook may also raise, to play a signal handler's exception between two steps.
 Armed only in the process that installs a hook (a CPU process under test); the
 cost elsewhere is one module attribute test per step.
 """

@@ -277,6 +277,8 @@ class PageCounter(PageCounterStock):
             if usage > limit:
                 raise Busy(f"cannot set max of {self.name!r} to {limit}: usage is {usage}")
             old = slots.exchange(max_slot, limit)
+            if hooks.ARMED:
+                hooks.at("set_max:exchanged")
             if slots.load(usage_slot) <= usage or limit >= old:
                 return
             slots.store(max_slot, old)
