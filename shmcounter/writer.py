@@ -93,13 +93,16 @@ class Writer:
             self.claim_row()
         self._lock.acquire()
         try:
-            self.enter(index, stock_slot)
+            arena = self._arena
+            if not arena._slots.op_begin(self.row_slot, H_STOP, arena._counters_slot,
+                                         self.contrib_slot, index, stock_slot):
+                self.enter(index, stock_slot)          # a stop_machine: wait, retry
         except BaseException:
             self._lock.release()
             raise
 
     def end(self) -> None:
-        self.leave()
+        self._arena._slots.op_end(self.row_slot)
         self._lock.release()
         if self.drain_pending and self.serve_drains is not None:
             self.serve_drains()
