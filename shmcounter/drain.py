@@ -134,10 +134,6 @@ def _on_drain_signal(signum: int, frame: object) -> None:
     arena = registered[0]
     arena._writer.drain_pending = True
     serve(arena)
-    # With more CPUs than cores, a sibling CPU process pinned to this core is
-    # waiting for its time slice with the same request pending: give it the core
-    # now rather than at the end of our slice (milliseconds under CFS).
-    os.sched_yield()
 
 
 def serve(arena: Arena) -> None:

@@ -19,7 +19,8 @@ def pytest_configure(config) -> None:
 
 
 def _our_segments() -> set[str]:
-    return {n for n in os.listdir("/dev/shm") if n.startswith("shmcounter_")}
+    """Arenas created by this pytest process (not other runs on the machine)."""
+    return {n for n in os.listdir("/dev/shm") if n.startswith(f"shmcounter_{os.getpid()}_")}
 
 
 @pytest.fixture(autouse=True, scope="session")
