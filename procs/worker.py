@@ -17,6 +17,7 @@ so an owner killed with SIGKILL leaves no CPU process behind.
 from __future__ import annotations
 
 import faulthandler
+import multiprocessing.connection
 import os
 import pickle
 import select
@@ -36,8 +37,17 @@ def cpu_main(arena_name: str, cpu: int, core: int, owner_pid: int, conn: Any) ->
     os.sched_setaffinity(0, {core})
     arena = Arena.attach(arena_name)
     register_cpu(arena, cpu)
+    # A drain signal may be delivered to any thread that does not block it (a
+    # task's own threads); its handler still runs in the main thread, but only
+    # when that thread runs bytecode. Idle, it waits on the task pipe and on a
+    # wakeup fd that the signal writes to, so it wakes up for it.
+    wakeup_r, wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wakeup_w, warn_on_full_buffer=False)
     conn.send(("ready", os.getpid()))
     while True:
+        while not conn.poll():
+            multiprocessing.connection.wait([conn, wakeup_r])
+            _drain_pipe(wakeup_r)
         try:
             msg = conn.recv()
         except EOFError:
@@ -60,6 +70,14 @@ def cpu_main(arena_name: str, cpu: int, core: int, owner_pid: int, conn: Any) ->
     except OSError:
         pass
     arena.close()
+
+
+def _drain_pipe(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass
 
 
 def _remote_error(exc: BaseException) -> tuple[BaseException, str]:
