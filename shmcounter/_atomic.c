@@ -66,6 +66,7 @@
  */
 #define R_PID 0                 /* line 0: owner pid; drains done (CPU rows)    */
 #define R_DONE_SEQ 1
+#define R_STOCK_BLOCK 2         /* CPU rows: first slot of the CPU's stock block */
 #define R_REQ_SEQ 8             /* line 1: drain tickets, taken by requesters   */
 #define R_IN_OP 16              /* lines 2-3: the owner's op and intent record  */
 #define R_OP 17
@@ -514,10 +515,11 @@ slot_unlock(int64_t *s)
 }
 
 /*
- * stock_consume(c, block, nr, owner, row) -> 1 hit, 0 miss (stock < nr), -1 busy,
- * -2 counter c has no stock. The fast path of try_charge in one call: read c's
- * stock id, trylock this CPU's slot (block = first word of this CPU's stock block),
- * take nr if the stock holds it, unlock. Only the owning CPU calls it.
+ * stock_consume(c, row, nr) -> 1 hit, 0 miss (stock < nr), -1 busy, -2 counter c
+ * has no stock. The fast path of try_charge in one call: read c's stock id, trylock
+ * this CPU's slot (row: this CPU's writer row, which holds its pid, the lock owner
+ * token, and the first slot of its stock block), take nr if the stock holds it,
+ * unlock. Only the owning CPU calls it.
  * Busy also while an op of this CPU is in progress (row's op != 0: another thread
  * of the process): that op's intent snapshot of the slot must stay the slot's only
  * change, and the caller's slow path waits for the op instead.
@@ -525,17 +527,18 @@ slot_unlock(int64_t *s)
 static PyObject *
 Slots_stock_consume(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    ARGS("stock_consume", 5);
-    int64_t nr = a[2], owner = a[3];
-    int64_t *cr = word(self, a[0], PC_WORDS), *row = word(self, a[4], ROW_WORDS);
+    ARGS("stock_consume", 3);
+    int64_t nr = a[2];
+    int64_t *cr = word(self, a[0], PC_WORDS), *row = word(self, a[1], ROW_WORDS);
     if (!cr || !row)
         return NULL;
     if (LOAD(&row[R_OP]))
         return PyLong_FromLong(-1);
+    int64_t owner = LOAD(&row[R_PID]), block = LOAD(&row[R_STOCK_BLOCK]);
     int64_t sid = LOAD(&cr[PC_STOCK_ID]);
     if (sid < 0)
         return PyLong_FromLong(-2);
-    int64_t *s = word(self, a[1] + sid * STOCK_WORDS, STOCK_WORDS);
+    int64_t *s = word(self, block + sid * STOCK_WORDS, STOCK_WORDS);
     if (!s)
         return NULL;
     if (!slot_trylock(s, owner))
@@ -861,7 +864,7 @@ PyInit__atomic(void)
     CONST(PC_MIN); CONST(PC_LOW); CONST(PC_HIGH); CONST(PC_PARENT); CONST(PC_BATCH);
     CONST(PC_STOCK_ID); CONST(PC_FLAGS); CONST(PC_WORDS);
     CONST(STOCK_NR); CONST(STOCK_LOCK); CONST(STOCK_WORDS);
-    CONST(R_PID); CONST(R_DONE_SEQ); CONST(R_REQ_SEQ); CONST(R_IN_OP); CONST(R_OP);
+    CONST(R_PID); CONST(R_DONE_SEQ); CONST(R_STOCK_BLOCK); CONST(R_REQ_SEQ); CONST(R_IN_OP); CONST(R_OP);
     CONST(R_COUNTER); CONST(R_STOCK_SLOT); CONST(R_STOCK_BEFORE); CONST(R_DEPTH);
     CONST(R_BASE); CONST(MAX_DEPTH); CONST(ROW_WORDS);
 #undef CONST

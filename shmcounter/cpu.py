@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from . import drain
 from .errors import ArenaError
-from .layout import R_DONE_SEQ, pid_alive
+from .layout import R_DONE_SEQ, R_STOCK_BLOCK, pid_alive
 
 if TYPE_CHECKING:
     from .layout import Arena
@@ -65,6 +65,7 @@ def register_cpu(arena: Arena, cpu: int) -> None:
     arena._writer.serve_drains = lambda: drain.serve(arena)
     arena._stock_block = arena._stock_slot(cpu, 0)
     arena._stock_owner = me
+    arena._slots.store(arena._row_slot(cpu) + R_STOCK_BLOCK, arena._stock_block)
     arena._stock_row = arena._row_slot(cpu)
     _registered = (arena, cpu)
 
@@ -89,6 +90,7 @@ def _forget_arena(arena: Arena) -> None:
     global _registered
     arena._stock_block = -1
     arena._stock_owner = 0
+    arena._stock_row = -1
     if _registered is not None and _registered[0] is arena:
         _registered = None
         arena._writer.release_row()

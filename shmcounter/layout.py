@@ -17,7 +17,8 @@ Bump LAYOUT_VERSION whenever a line below changes.
                        Row k < ncpus is CPU k; the others are claimed by other
                        processes that change a usage. Every writer owns one row:
                        line 0  pid (0: free; for CPU k: the process registered as
-                               CPU k), done_seq (drains served, written by CPU k)
+                               CPU k), done_seq (drains served, written by CPU k),
+                               stock_block (CPU k's first stock slot, for the fast path)
                        line 1  req_seq (drain tickets, fetch_add by requesters)
                        line 2-3 in_op, op, counter, stock_slot, stock_before,
                                depth, base[MAX_DEPTH]: the intent record of the op
@@ -101,7 +102,7 @@ from ._atomic import (  # noqa: E402
     PC_MIN_USAGE, PC_PARENT, PC_STOCK_ID, PC_USAGE, PC_WATERMARK, PC_WORDS,
     STOCK_LOCK, STOCK_NR, STOCK_WORDS,
     MAX_DEPTH, R_BASE, R_COUNTER, R_DEPTH, R_DONE_SEQ, R_IN_OP, R_OP, R_PID, R_REQ_SEQ,
-    R_STOCK_BEFORE, R_STOCK_SLOT, ROW_WORDS,
+    R_STOCK_BEFORE, R_STOCK_BLOCK, R_STOCK_SLOT, ROW_WORDS,
 )
 
 # flags word of a counter
@@ -277,7 +278,7 @@ class Arena:
     # the lock owner token (its pid). -1 means "not a CPU of this arena".
     _stock_block = -1
     _stock_owner = 0
-    _stock_row = 0
+    _stock_row = -1                   # this CPU's row slot: the fast path's key
     # Seconds a drain_stock waits for a live CPU before DrainTimeout. Too short
     # gives false timeouts on a busy machine; too long stalls a failing charge.
     drain_timeout = 5.0

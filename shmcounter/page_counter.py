@@ -122,15 +122,14 @@ class PageCounter(PageCounterStock):
         """
         if type(n) is not int or not 0 <= n < NR_PAGES_LIMIT:
             raise bad_nr(n)
-        arena = self._arena
-        block = arena._stock_block
-        if block >= 0 and self._slots.stock_consume(
-                self._c, block, n, arena._stock_owner, arena._stock_row) == 1:
+        row = self._arena._stock_row
+        if row >= 0 and self._slots.stock_consume(self._c, row, n) == 1:
             return _SUCCESS
-        return self._try_charge_slow(n, block)
+        return self._try_charge_slow(n)
 
-    def _try_charge_slow(self, nr_pages: int, block: int) -> tuple[bool, PageCounter | None]:
+    def _try_charge_slow(self, nr_pages: int) -> tuple[bool, PageCounter | None]:
         slots, writer = self._slots, self._arena._writer
+        block = self._arena._stock_block
         if hooks.ARMED:
             hooks.at("charge:slow")
         # READ_ONCE(batch): one snapshot; a concurrent disable_stock (batch = 0)

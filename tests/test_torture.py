@@ -9,7 +9,7 @@ import pytest
 from procs.torture import torture
 
 
-@pytest.mark.parametrize("method, kills", [("fork", 600), ("forkserver", 200)])
+@pytest.mark.parametrize("method, kills", [("fork", 600), ("forkserver", 100)])
 def test_hotplug_torture(method, kills):
     report = torture(kills, seed=kills, start_method=method)
     assert report.kills == kills
