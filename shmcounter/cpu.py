@@ -73,7 +73,6 @@ def register_cpu(arena: Arena, cpu: int) -> None:
 def unregister_cpu() -> None:
     """Take the calling CPU offline cleanly: drain its own stocks, then free the slot.
     A no-op in a process that is not a CPU."""
-    global _registered
     if _registered is None:
         return
     arena, cpu = _registered

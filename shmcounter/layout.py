@@ -95,8 +95,9 @@ H_NCOUNTERS, H_REGISTRY_LOCK, H_UNDERFLOWS, H_MAX_WRITERS, H_DRAIN_LOCK = 8, 9, 
 H_STOP = 16
 HEADER_WORDS = 24
 
-# page_counter record words: defined by the C module, which the fused steps need
-from ._atomic import (  # noqa: E402
+# page_counter record, stock slot and writer row words: defined by the C module,
+# whose fused steps need them; re-exported here, where the layout is documented.
+from ._atomic import (  # noqa: E402, F401
     PC_BATCH, PC_CHILDREN_LOW_USAGE, PC_CHILDREN_MIN_USAGE, PC_ELOW, PC_EMIN,
     PC_FAILCNT, PC_FLAGS, PC_HIGH, PC_LOW, PC_LOW_USAGE, PC_MAX, PC_MIN,
     PC_MIN_USAGE, PC_PARENT, PC_STOCK_ID, PC_USAGE, PC_WATERMARK, PC_WORDS,
