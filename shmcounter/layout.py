@@ -580,10 +580,12 @@ class Arena:
 
     def cpu_pid(self, cpu: int) -> int:
         """Pid registered as CPU `cpu`, or 0."""
+        self._check_open()
         return self._slots.load(self._cpu_slot(cpu))
 
     def online_cpus(self) -> list[int]:
         """CPUs whose registered process is alive."""
+        self._check_open()
         pids = self.rows[:self.ncpus, R_PID]
         return [cpu for cpu in range(self.ncpus) if pids[cpu] and pid_alive(int(pids[cpu]))]
 
