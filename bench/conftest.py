@@ -66,10 +66,7 @@ def arena() -> Iterator[Arena]:
     finally:
         shmcounter.unregister_cpu()
         a.close()
-        try:
-            a.unlink()
-        except FileNotFoundError:
-            pass
+        a.unlink()                        # tolerates a name already gone
 
 
 @pytest.fixture

@@ -57,10 +57,7 @@ def make_arena(request):
         shmcounter.unregister_cpu()
         for a in made:
             a.close()
-            try:
-                a.unlink()
-            except FileNotFoundError:
-                pass
+            a.unlink()                    # tolerates a name already gone
 
 
 @pytest.fixture
