@@ -53,7 +53,7 @@ class _Cpu:
     process: Any = None                       # multiprocessing.Process
     conn: Any = None                          # owner end of the task pipe
     pid: int = 0
-    state: str = "offline"                    # "online" | "stopping" | "offline"
+    state: str = "offline"                    # "starting" | "online" | "stopping" | "offline"
     said_bye: bool = False                    # stopped on purpose, not a death
     pending: dict[int, tuple[Future, str]] = field(default_factory=dict)   # {7: (<Future>, "f(1)")}
     offline: threading.Event = field(default_factory=threading.Event)

@@ -90,7 +90,8 @@ cas_strong(int64_t *p, int64_t expected, int64_t desired)
                                        __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
 }
 
-/* ---- module functions on (buffer, byte offset) -------------------------- */
+/* ---- module functions on (buffer, byte offset): the primitives, for any buffer;
+ * the library itself uses Slots, which holds its buffer once ------------------ */
 
 static int64_t *
 slot_at(Py_buffer *view, Py_ssize_t offset)

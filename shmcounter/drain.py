@@ -138,7 +138,8 @@ def _on_drain_signal(signum: int, frame: object) -> None:
 
 def serve(arena: Arena) -> None:
     """Serve this CPU's pending drain requests, unless an op of this process holds
-    the op lock: then that op serves them when it ends. Never blocks."""
+    the op lock: then that op serves them when it ends. Never waits for the op lock;
+    it may wait for a stop_machine to end, or for the slot lock of its own CPU."""
     from .cpu import this_cpu_of
     writer, slots = arena._writer, arena._slots
     cpu = this_cpu_of(arena)

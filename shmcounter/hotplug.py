@@ -48,6 +48,8 @@ from .layout import (
     R_OP, R_PID, R_REQ_SEQ, R_STOCK_BEFORE, R_STOCK_SLOT, STOCK_LOCK, STOCK_NR, pid_alive,
 )
 
+from .writer import wait_for_stopper
+
 if TYPE_CHECKING:
     from .layout import Arena
     from .page_counter import PageCounter
@@ -79,10 +81,7 @@ def stop_machine(arena: Arena) -> Iterator[None]:
     slots, me = arena._slots, os.getpid()
     with _stopper:
         while (holder := slots.cas(H_STOP, 0, me)) != 0:
-            if not pid_alive(holder):
-                slots.cas(H_STOP, holder, 0)
-                continue
-            slots.futex_wait(H_STOP, holder, 50_000)
+            wait_for_stopper(arena, holder)
         try:
             _wait_quiescent(arena)
             yield

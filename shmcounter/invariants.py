@@ -1,4 +1,5 @@
-"""check_invariants(): the series' invariants (series.md §2) as executable checks.
+"""check_invariants(): the invariants of the page_counter stock series (I1-I6; see
+docs/design.md) as executable checks, plus our I7.
 
 Run it at quiescence: no charge, uncharge or drain in flight in any process.
 Every broken invariant is reported with its numbers, e.g.

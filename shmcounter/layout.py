@@ -158,25 +158,21 @@ class _Sections:
         self.size = self.names + max_counters * NAME_BYTES
 
 
-def pid_alive(pid: int) -> bool:
-    """True if `pid` is a running (not zombie) process on this machine."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    # state is the field after the parenthesised command name
-    return stat[stat.rindex(b")") + 2:stat.rindex(b")") + 3] not in (b"Z", b"X")
-
-
-def proc_start_time(pid: int) -> int | None:
-    """Start time of process `pid` in clock ticks after boot, or None if none runs."""
+def _proc_stat(pid: int) -> tuple[bytes, int] | None:
+    """(state, start time in clock ticks after boot) of process `pid`, or None."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except (FileNotFoundError, ProcessLookupError):
         return None
-    return int(stat[stat.rindex(b")") + 2:].split()[19])
+    fields = stat[stat.rindex(b")") + 2:].split()     # after the command name
+    return fields[0], int(fields[19])
+
+
+def pid_alive(pid: int) -> bool:
+    """True if `pid` is a running (not zombie) process on this machine."""
+    stat = _proc_stat(pid)
+    return stat is not None and stat[0] not in (b"Z", b"X")
 
 
 def _open_untracked(name: str) -> shared_memory.SharedMemory:
@@ -221,9 +217,10 @@ def _mapped_shm_names() -> set[str]:
 def _creator_alive(name: str, pid: int) -> bool:
     """Is the process that created arena `name` (pid `pid`) still running? A pid
     reused by another process has another start time."""
-    start = proc_start_time(pid)
-    if start is None or not pid_alive(pid):
+    stat = _proc_stat(pid)
+    if stat is None or stat[0] in (b"Z", b"X"):
         return False
+    start = stat[1]
     try:
         with open(f"/dev/shm/{name}", "rb") as f:
             header = f.read(HEADER_WORDS * WORD)
@@ -298,7 +295,6 @@ class Arena:
         self.nrows = self.ncpus + int(hdr[H_MAX_WRITERS])
         sec = _Sections(self.ncpus, self.max_counters, self.max_stocked,
                         self.nrows - self.ncpus)
-        self._sec = sec
         buf = self._bytes
         # numpy views for reading, vectorised sums and the stat view; writes that
         # race go through self._slots (seq_cst atomics).
@@ -367,7 +363,7 @@ class Arena:
             hdr[:] = 0
             hdr[H_MAGIC], hdr[H_VERSION] = MAGIC, LAYOUT_VERSION
             hdr[H_NCPUS], hdr[H_MAX_COUNTERS], hdr[H_MAX_STOCKED] = ncpus, max_counters, max_stocked
-            hdr[H_CREATOR_PID], hdr[H_CREATOR_START] = os.getpid(), proc_start_time(os.getpid())
+            hdr[H_CREATOR_PID], hdr[H_CREATOR_START] = os.getpid(), _proc_stat(os.getpid())[1]
             hdr[H_SIZE], hdr[H_MAX_WRITERS] = sec.size, max_writers
             del hdr
             arena = cls(shm, creator=True)
@@ -412,12 +408,18 @@ class Arena:
 
     def close(self) -> None:
         """Unmap this process's view. Safe to call twice or on a half-built handle.
-        Counters of this handle raise ValueError afterwards."""
+        Counters of this handle raise ValueError afterwards. If this process is a
+        CPU on this handle, it goes offline first (unregister_cpu)."""
         from . import cpu
         if self._closed:
             if self._shm is not None and self._slots is None:   # half-built
                 self._shm.close()
             return
+        if cpu.this_cpu_of(self) is not None:
+            # Closing the handle a CPU runs on takes that CPU offline cleanly;
+            # otherwise its registration would stand for a process that is no
+            # longer a CPU (others would wait for its drains).
+            cpu.unregister_cpu()
         cpu._forget_arena(self)
         self._writer.release_row()
         _open_arenas.discard(self)

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING
 from . import hooks
 from .errors import Busy
 from .layout import (
-    H_UNDERFLOWS, STOCK_WORDS, PC_BATCH, PC_CHILDREN_LOW_USAGE, PC_CHILDREN_MIN_USAGE, PC_ELOW,
+    H_UNDERFLOWS, PC_BATCH, PC_CHILDREN_LOW_USAGE, PC_CHILDREN_MIN_USAGE, PC_ELOW,
     PC_EMIN, PC_FAILCNT, PC_FLAGS, PC_FLAG_UNCHARGE_TO_STOCK, PC_HIGH, PC_LOW,
-    PC_MAX, PC_MIN, PC_PARENT, PC_STOCK_ID, PC_USAGE, PC_WATERMARK, PC_WORDS,
+    PC_MAX, PC_MIN, PC_PARENT, PC_USAGE, PC_WATERMARK, PC_WORDS,
 )
 from .stock import PageCounterStock
 
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 # LONG_MAX / PAGE_SIZE, so that a limit in bytes never overflows (kernel, 64-bit).
 PAGE_COUNTER_MAX = (2**63 - 1) // 4096
-# Exclusive bound on any page amount passed in (api.md).
+# Exclusive bound on any page amount passed in (the public API contract).
 NR_PAGES_LIMIT = 2**62
 
 _SUCCESS = (True, None)
@@ -129,13 +129,11 @@ class PageCounter(PageCounterStock):
 
     def _try_charge_slow(self, nr_pages: int) -> tuple[bool, PageCounter | None]:
         slots, writer = self._slots, self._arena._writer
-        block = self._arena._stock_block
         if hooks.ARMED:
             hooks.at("charge:slow")
         # READ_ONCE(batch): one snapshot; a concurrent disable_stock (batch = 0)
         # is seen by the next charge. Not a CPU process: exact charges only.
-        sid = slots.load(self._c + PC_STOCK_ID) if block >= 0 else -1
-        slot = block + STOCK_WORDS * sid if sid >= 0 else -1
+        slot = self._local_slot()
         batch = slots.load(self._c + PC_BATCH) if slot >= 0 else 0
         charge = batch if batch > nr_pages else nr_pages
         writer.begin(self._index, slot)
@@ -291,9 +289,9 @@ class PageCounter(PageCounterStock):
         self._set_protection(PC_LOW, check_limit(n, "low"))
 
     def _set_protection(self, field: int, value: int) -> None:
+        # Only this counter's protected usage changes: one propagation to the parent.
         self._slots.store(self._c + field, value)
-        for c, p, _ in self._path:
-            self._slots.pc_propagate(c, p)
+        self._slots.pc_propagate(self._c, self._p)
 
     def set_high(self, n: int) -> None:
         """Set the high limit. Stored for callers (memcg); page_counter never enforces it."""

@@ -1,4 +1,6 @@
-"""Per-CPU charge stock of a page_counter: consume, deposit, drain_local, drain_cpu.
+"""Per-CPU charge stock of a page_counter: enable/disable/free, drain_local,
+drain_cpu, drain_stock. (Consume and deposit are steps of try_charge, in
+page_counter.py; their slot operations are fused C steps in _atomic.c.)
 
 Each (CPU, counter) pair has one slot in the arena, [nr_pages, lock]. Pages in a
 slot are already charged to the counter and every ancestor (they are in usage);

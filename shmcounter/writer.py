@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from typing import TYPE_CHECKING, Callable
 
 from .errors import ArenaError
@@ -89,28 +88,29 @@ class Writer:
 
     def begin(self, index: int, stock_slot: int = -1) -> None:
         """Start an op on counter `index` that may touch stock slot `stock_slot`."""
-        if self.row < 0:
-            self.claim_row()
         self._lock.acquire()
         try:
-            arena = self._arena
-            if not arena._slots.op_begin(self.row_slot, H_STOP, arena._counters_slot,
-                                         self.contrib_slot, index, stock_slot):
-                self.enter(index, stock_slot)          # a stop_machine: wait, retry
+            if self.row < 0:
+                self.claim_row()
+            self.enter(index, stock_slot)
         except BaseException:
             self._lock.release()
             raise
 
     def end(self) -> None:
         self._arena._slots.op_end(self.row_slot)
-        self._lock.release()
-        if self.drain_pending and self.serve_drains is not None:
-            self.serve_drains()
+        self._unlock_and_serve()
 
     def abort(self) -> None:
         """End an op that raised, rolled back to its snapshot (op_abort)."""
         self.rollback()
+        self._unlock_and_serve()
+
+    def _unlock_and_serve(self) -> None:
+        """Release the op lock, then serve a drain that arrived during the op."""
         self._lock.release()
+        if self.drain_pending and self.serve_drains is not None:
+            self.serve_drains()
 
     def rollback(self) -> None:
         """op_abort for a caller that keeps the op lock (the drain server)."""
@@ -120,10 +120,11 @@ class Writer:
     def enter(self, index: int, stock_slot: int = -1) -> None:
         """begin() for a caller that holds the op lock already (the drain server)."""
         arena = self._arena
-        if arena._slots.load(H_STOP) == os.getpid():
-            raise RuntimeError("an op cannot start in the process that holds stop_machine")
         while not arena._slots.op_begin(self.row_slot, H_STOP, arena._counters_slot,
                                         self.contrib_slot, index, stock_slot):
+            if arena._slots.load(H_STOP) == os.getpid():
+                raise RuntimeError("an op cannot start in the process that holds "
+                                   "stop_machine")
             wait_for_restart(arena)
 
     def leave(self) -> None:
@@ -138,12 +139,16 @@ class Writer:
 
 
 def wait_for_restart(arena: Arena) -> None:
-    """Sleep while a stop_machine is in progress; take over from a dead holder is
-    the next stopper's job (hotplug.stop_machine)."""
+    """Sleep while a stop_machine is in progress."""
+    while holder := arena._slots.load(H_STOP):
+        wait_for_stopper(arena, holder)
+
+
+def wait_for_stopper(arena: Arena, holder: int) -> None:
+    """Wait a while for stop_machine holder `holder`; clear its hold if it is dead
+    (whatever it left half-repaired, the next repair finishes: hotplug.py)."""
     slots = arena._slots
-    while holder := slots.load(H_STOP):
-        if not pid_alive(holder):
-            slots.cas(H_STOP, holder, 0)
-            continue
-        if not slots.futex_wait(H_STOP, holder, 50_000):
-            time.sleep(0)
+    if not pid_alive(holder):
+        slots.cas(H_STOP, holder, 0)
+    else:
+        slots.futex_wait(H_STOP, holder, 50_000)

@@ -127,3 +127,14 @@ def wait_stopped(pid: int, timeout: float = 30.0) -> None:
             return
         time.sleep(0.001)
     raise TimeoutError(f"pid {pid} did not stop within {timeout} s")
+
+
+def park_then_raise_at(point: str) -> None:
+    """Arm `point`: stop there (SIGSTOP); once continued, raise, as a signal
+    handler's exception would, inside the op."""
+    def stop_then_raise(name: str) -> None:
+        hooks.clear()
+        os.kill(os.getpid(), signal.SIGSTOP)
+        raise KeyboardInterrupt(name)
+
+    hooks.install(point, stop_then_raise)

@@ -250,3 +250,25 @@ def test_scenario15_two_contexts_both_deposit(make_machine, tree, arena):
     assert (x.usage, x.stock(0)) == (128, 126)       # the stock exceeds batch (E14)
     check_invariants(arena, {"x": 2})
     m.run_on(0, tasks.uncharge, arena, "x", 2)
+
+
+def test_a_drain_arriving_in_an_op_that_raises_is_still_served(make_machine, tree, arena):
+    root, mid, x, y = tree
+    m = make_machine(2)
+    m.run_on(1, tasks.try_charge, arena, "y", 1)            # CPU 1 holds 63 of y
+    m.run_on(1, tasks.park_then_raise_at, "charge:level")
+    charge = m.submit(1, tasks.try_charge, arena, "x", 1)
+    tasks.wait_stopped(m.pid(1))                             # inside the op on x
+    result: list = []
+    drainer = threading.Thread(target=lambda: result.append(y.drain_stock(timeout=30)))
+    drainer.start()
+    while not arena.requests[1, y._index]:                   # the request is posted
+        threading.Event().wait(0.001)
+    os.kill(m.pid(1), signal.SIGCONT)                        # it defers, then the op raises
+    with pytest.raises(KeyboardInterrupt):
+        charge.result(timeout=30)
+    drainer.join(30)
+    assert result == [True]                                  # served at the abort
+    assert (y.stock(1), y.usage, x.usage) == (0, 1, 0)       # and the op rolled back
+    check_invariants(arena, {"y": 1})
+    m.run_on(1, tasks.uncharge, arena, "y", 1)

@@ -8,7 +8,7 @@ import os
 import pytest
 
 import shmcounter
-from shmcounter import ArenaError, Busy
+from shmcounter import Arena, ArenaError, Busy
 from shmcounter.invariants import check_invariants
 
 import cpuproc
@@ -353,3 +353,20 @@ def test_repr_shows_live_numbers(leaf, arena):
     assert repr(leaf) == "<PageCounter 'leaf' usage=64/1000 stock=[63, 0] failcnt=0>"
     assert repr(arena.counter("root")) == "<PageCounter 'root' usage=64/max stock=[0, 0] failcnt=0>"
     leaf.uncharge(1)
+
+
+def test_closing_the_handle_a_cpu_runs_on_takes_it_offline(make_arena):
+    arena = make_arena()
+    leaf = arena.new_counter("leaf")
+    leaf.enable_stock(64)
+    shmcounter.register_cpu(arena, 0)
+    leaf.try_charge(1)
+    other = Arena.attach(arena.name)
+    try:
+        arena.close()
+        assert shmcounter.this_cpu() is None
+        assert (other.cpu_pid(0), other.counter("leaf").stock(0), other.counter("leaf").usage) \
+            == (0, 0, 1)
+        other.counter("leaf").uncharge(1)
+    finally:
+        other.close()
