@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
-import os
-import signal
 import sys
 from typing import Sequence
 
@@ -34,62 +31,45 @@ def format_stat(arena: Arena) -> str:
     return "\n".join(lines)
 
 
-def _demo_cpu(name: str, cpu: int, conn) -> None:
-    """This runs in a separate process: CPU `cpu` charging on command."""
-    from .cpu import register_cpu, unregister_cpu
-    arena = Arena.attach(name)
-    register_cpu(arena, cpu)
-    leaf = arena.counter("job")
-    while (n := conn.recv()) is not None:
-        conn.send([leaf.try_charge(1)[0] for _ in range(n)].count(True))
-    unregister_cpu()
-    arena.close()
+def _charge_pages(arena: Arena, name: str, n: int) -> int:
+    """This runs in a CPU process: n single-page charges; returns how many succeeded."""
+    counter = arena.counter(name)
+    return [counter.try_charge(1)[0] for _ in range(n)].count(True)
 
 
 def demo(_: argparse.Namespace) -> int:
     """A short story: CPUs charge, the stock grows, a limit hit drains, a CPU dies."""
-    ctx = mp.get_context("fork")
-    with Arena.create(ncpus=2, max_counters=8) as arena:
+    from procs import Machine                 # the runtime uses the library, not back
+    with Arena.create(ncpus=2, max_counters=8) as arena, Machine(arena) as m:
         root = arena.new_counter("root")
         job = arena.new_counter("job", parent=root, max=200)
         job.enable_stock(64)
-        conns, procs = [], []
-        for cpu in range(2):
-            parent_end, child_end = ctx.Pipe()
-            p = ctx.Process(target=_demo_cpu, args=(arena.name, cpu, child_end), daemon=True)
-            p.start()
-            conns.append(parent_end)
-            procs.append(p)
 
         def step(cpu: int, n: int, what: str) -> None:
-            conns[cpu].send(n)
-            ok = conns[cpu].recv()
+            ok = m.run_on(cpu, _charge_pages, arena, "job", n)
             print(f"\n== CPU {cpu}: {what}: {ok} of {n} charges succeeded")
             print(format_stat(arena))
 
-        print("A counter 'job' (max 200) under 'root'; stock batch 64; 2 CPU processes.")
+        print("A counter 'job' (max 200) under 'root'; stock batch 64; 2 CPU processes, "
+              "one per core.")
         step(0, 1, "charge 1 page; the slow path takes 64 and keeps 63 in CPU 0's stock")
         step(0, 10, "10 more pages come from the stock: usage does not move")
         step(1, 100, "CPU 1 charges 100 pages: two refills of its own stock")
         step(1, 60, "CPU 1 asks for 60 more: the greedy refill hits max, then exact "
                     "charges fail once the limit is reached (failcnt counts both)")
-        print("\n== the limit is stranded in CPU 0's stock: CPU 0 drains it locally")
-        conns[0].send(None)                     # clean offline drains CPU 0's stocks
-        procs[0].join()
+        print("\n== the limit is stranded in the stocks: drain_stock sends every CPU a "
+              "work message")
+        job.drain_stock()
         print(format_stat(arena))
         step(1, 40, "now CPU 1 finds room again")
         job.set_max(400)
         step(1, 5, "max raised to 400: CPU 1's next miss refills its stock")
-        print(f"\n== SIGKILL CPU 1 (pid {procs[1].pid}): its stock is stranded until "
-              "the hotplug-dead path reclaims it")
-        os.kill(procs[1].pid, signal.SIGKILL)
-        procs[1].join()
+        print(f"\n== SIGKILL CPU 1 (pid {m.pid(1)}); Machine.kill returns once the "
+              "hotplug-dead path has run")
+        reclaimed = m.kill(1)
+        print(f"reclaimed {reclaimed}; online CPUs {sorted(m.online)}; usage is real "
+              "charges plus live stocks")
         print(format_stat(arena))
-        reclaimed = arena.hotplug_cpu_dead(1)
-        print(f"\n== hotplug_cpu_dead(1) reclaimed {reclaimed}: usage is real charges only")
-        print(format_stat(arena))
-        for conn in conns:
-            conn.close()
     return 0
 
 
