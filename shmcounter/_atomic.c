@@ -67,6 +67,7 @@
 #define R_PID 0                 /* line 0: owner pid; drains done (CPU rows)    */
 #define R_DONE_SEQ 1
 #define R_STOCK_BLOCK 2         /* CPU rows: first slot of the CPU's stock block */
+#define R_START 3               /* the owner's start time: a reused pid is not it */
 #define R_REQ_SEQ 8             /* line 1: drain tickets, taken by requesters   */
 #define R_IN_OP 16              /* lines 2-3: the owner's op and intent record  */
 #define R_OP 17
@@ -865,7 +866,7 @@ PyInit__atomic(void)
     CONST(PC_MIN); CONST(PC_LOW); CONST(PC_HIGH); CONST(PC_PARENT); CONST(PC_BATCH);
     CONST(PC_STOCK_ID); CONST(PC_FLAGS); CONST(PC_WORDS);
     CONST(STOCK_NR); CONST(STOCK_LOCK); CONST(STOCK_WORDS);
-    CONST(R_PID); CONST(R_DONE_SEQ); CONST(R_STOCK_BLOCK); CONST(R_REQ_SEQ); CONST(R_IN_OP); CONST(R_OP);
+    CONST(R_PID); CONST(R_DONE_SEQ); CONST(R_STOCK_BLOCK); CONST(R_START); CONST(R_REQ_SEQ); CONST(R_IN_OP); CONST(R_OP);
     CONST(R_COUNTER); CONST(R_STOCK_SLOT); CONST(R_STOCK_BEFORE); CONST(R_DEPTH);
     CONST(R_BASE); CONST(MAX_DEPTH); CONST(ROW_WORDS);
 #undef CONST

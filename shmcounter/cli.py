@@ -6,7 +6,7 @@ import sys
 from typing import Sequence
 
 from .errors import ArenaError
-from .layout import Arena, pid_alive
+from .layout import Arena
 from .page_counter import PAGE_COUNTER_MAX
 
 
@@ -23,7 +23,7 @@ def format_stat(arena: Arena) -> str:
                      *(str(c.stock(k)) for k in cpus)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [f"arena {arena.name}: {arena.ncpus} CPUs, "
-             f"online {[k for k in cpus if pid_alive(arena.cpu_pid(k))]}, "
+             f"online {arena.online_cpus()}, "
              f"underflows {arena.underflows}"]
     for r in rows:
         lines.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from . import drain
 from .errors import ArenaError
-from .layout import R_DONE_SEQ, R_STOCK_BLOCK, pid_alive
+from .layout import R_DONE_SEQ, R_STOCK_BLOCK
 
 if TYPE_CHECKING:
     from .layout import Arena
@@ -56,10 +56,11 @@ def register_cpu(arena: Arena, cpu: int) -> None:
     drain.install_handler()             # before anyone can see us as a CPU
     holder = arena._slots.cas(slot, 0, me)
     if holder not in (0, me):
-        if pid_alive(holder):
+        if arena.row_owner_alive(cpu):
             raise ArenaError(f"CPU {cpu} is already registered by pid {holder}")
         raise ArenaError(f"CPU {cpu}'s previous process (pid {holder}) died and its "
                          f"stocks were not reclaimed; run arena.hotplug_cpu_dead({cpu}) first")
+    arena._set_row_owner(cpu, me)
     arena._writer.release_row()
     arena._writer.use_row(cpu)
     arena._writer.serve_drains = lambda: drain.serve(arena)
@@ -78,6 +79,7 @@ def unregister_cpu() -> None:
     arena, cpu = _registered
     for counter in arena.stocked_counters():
         counter.drain_stock_local()
+    arena._set_row_owner(cpu, 0)
     arena._slots.cas(arena._cpu_slot(cpu), os.getpid(), 0)
     done = arena._row_slot(cpu) + R_DONE_SEQ
     arena._slots.futex_wake(done)       # drains waiting for us: we are gone

@@ -86,8 +86,8 @@ def _drain(arena: Arena, counters: Sequence[PageCounter], timeout: float | None)
     sent: list[tuple[int, int, int]] = []                  # (cpu, pid, ticket)
     for cpu in range(arena.ncpus):
         pid = slots.load(arena._cpu_slot(cpu))
-        if cpu == me or pid == 0:
-            continue
+        if cpu == me or not arena.row_owner_alive(cpu):
+            continue                                        # offline, or dead: hotplug's
         for counter in counters:
             slots.store(arena._request_slot(cpu, counter._index), 1)
         ticket = slots.fetch_add(arena._row_slot(cpu) + R_REQ_SEQ, 1) + 1
@@ -103,7 +103,7 @@ def _drain(arena: Arena, counters: Sequence[PageCounter], timeout: float | None)
     for cpu, pid, ticket in sent:
         done_slot = arena._row_slot(cpu) + R_DONE_SEQ
         while (done := slots.load(done_slot)) < ticket:
-            if slots.load(arena._cpu_slot(cpu)) != pid or not pid_alive(pid):
+            if slots.load(arena._cpu_slot(cpu)) != pid or not arena.row_owner_alive(cpu):
                 break                                       # died: hotplug's job
             remaining = deadline - time.monotonic()
             if remaining <= 0:

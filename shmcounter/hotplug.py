@@ -45,7 +45,7 @@ import numpy as np
 from .layout import (
     H_STOP, PC_CHILDREN_LOW_USAGE, PC_CHILDREN_MIN_USAGE, PC_LOW, PC_LOW_USAGE, PC_MIN,
     PC_MIN_USAGE, PC_PARENT, PC_STOCK_ID, PC_USAGE, PC_WORDS, R_BASE, R_COUNTER, R_DEPTH, R_DONE_SEQ, R_IN_OP,
-    R_OP, R_PID, R_REQ_SEQ, R_STOCK_BEFORE, R_STOCK_SLOT, STOCK_LOCK, STOCK_NR, pid_alive,
+    R_OP, R_PID, R_REQ_SEQ, R_STOCK_BEFORE, R_STOCK_SLOT, STOCK_LOCK, STOCK_NR,
 )
 
 from .writer import wait_for_stopper
@@ -100,8 +100,7 @@ def _wait_quiescent(arena: Arena) -> None:
         base = arena._row_slot(row)
         pause = 0.0
         while slots.load(base + R_IN_OP):
-            pid = slots.load(base + R_PID)
-            if pid == 0 or not pid_alive(pid):
+            if not arena.row_owner_alive(row):
                 break
             time.sleep(pause)
             pause = min(pause * 2 or 1e-5, 1e-3)
@@ -115,7 +114,7 @@ def repair_dead_rows(arena: Arena) -> list[int]:
 
 def _dead_rows(arena: Arena) -> list[int]:
     pids = arena.rows[:, R_PID].copy()            # rows change while we look
-    return [row for row in np.flatnonzero(pids).tolist() if not pid_alive(int(pids[row]))]
+    return [row for row in np.flatnonzero(pids).tolist() if not arena.row_owner_alive(row)]
 
 
 def _repair(arena: Arena) -> list[int]:
@@ -154,6 +153,7 @@ def _repair(arena: Arena) -> list[int]:
             slots.store(base_slot + R_OP, 0)
         slots.store(base_slot + R_IN_OP, 0)
         if row >= arena.ncpus:                          # a non-CPU row: free again
+            arena._set_row_owner(row, 0)
             slots.store(base_slot + R_PID, 0)
     if resets:
         _propagate_all(arena, n)
@@ -231,6 +231,7 @@ def cpu_dead(arena: Arena, cpu: int) -> dict[str, int]:
         arena.stocks[cpu, :, STOCK_LOCK] = 0
         arena.requests[cpu, :] = 0
         slots.store(row + R_DONE_SEQ, slots.load(row + R_REQ_SEQ))
+        arena._set_row_owner(cpu, 0)
         slots.cas(slot, pid, 0)
     slots.futex_wake(row + R_DONE_SEQ)                 # drains waiting on it: skip it
     return {name: n for name, n in reclaimed.items() if n}
@@ -238,7 +239,7 @@ def cpu_dead(arena: Arena, cpu: int) -> dict[str, int]:
 
 def _check_dead(arena: Arena, cpu: int, slot: int) -> int:
     pid = arena._slots.load(slot)
-    if pid and pid_alive(pid):
+    if arena.row_owner_alive(cpu):
         raise ValueError(f"CPU {cpu} is online (pid {pid}); drain_cpu is for dead "
                          f"CPUs, use drain_stock on a live one")
     return pid

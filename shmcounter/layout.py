@@ -18,7 +18,9 @@ Bump LAYOUT_VERSION whenever a line below changes.
                        processes that change a usage. Every writer owns one row:
                        line 0  pid (0: free; for CPU k: the process registered as
                                CPU k), done_seq (drains served, written by CPU k),
-                               stock_block (CPU k's first stock slot, for the fast path)
+                               stock_block (CPU k's first stock slot, for the fast path),
+                               start (the owner's start time, 0 until written: a
+                               pid reused by another process does not match it)
                        line 1  req_seq (drain tickets, fetch_add by requesters)
                        line 2-3 in_op, op, counter, stock_slot, stock_before,
                                depth, base[MAX_DEPTH]: the intent record of the op
@@ -103,7 +105,7 @@ from ._atomic import (  # noqa: E402, F401
     PC_MIN_USAGE, PC_PARENT, PC_STOCK_ID, PC_USAGE, PC_WATERMARK, PC_WORDS,
     STOCK_LOCK, STOCK_NR, STOCK_WORDS,
     MAX_DEPTH, R_BASE, R_COUNTER, R_DEPTH, R_DONE_SEQ, R_IN_OP, R_OP, R_PID, R_REQ_SEQ,
-    R_STOCK_BEFORE, R_STOCK_BLOCK, R_STOCK_SLOT, ROW_WORDS,
+    R_STOCK_BEFORE, R_STOCK_BLOCK, R_STOCK_SLOT, R_START, ROW_WORDS,
 )
 
 # flags word of a counter
@@ -169,10 +171,16 @@ def _proc_stat(pid: int) -> tuple[bytes, int] | None:
     return fields[0], int(fields[19])
 
 
-def pid_alive(pid: int) -> bool:
-    """True if `pid` is a running (not zombie) process on this machine."""
+def pid_alive(pid: int, start: int = 0) -> bool:
+    """True if `pid` is a running (not zombie) process on this machine, and, when
+    `start` is given, the one that started then (not a later user of the pid)."""
     stat = _proc_stat(pid)
-    return stat is not None and stat[0] not in (b"Z", b"X")
+    return stat is not None and stat[0] not in (b"Z", b"X") and start in (0, stat[1])
+
+
+def my_start_time() -> int:
+    """This process's start time, in clock ticks after boot."""
+    return _proc_stat(os.getpid())[1]
 
 
 def _open_untracked(name: str) -> shared_memory.SharedMemory:
@@ -363,7 +371,7 @@ class Arena:
             hdr[:] = 0
             hdr[H_MAGIC], hdr[H_VERSION] = MAGIC, LAYOUT_VERSION
             hdr[H_NCPUS], hdr[H_MAX_COUNTERS], hdr[H_MAX_STOCKED] = ncpus, max_counters, max_stocked
-            hdr[H_CREATOR_PID], hdr[H_CREATOR_START] = os.getpid(), _proc_stat(os.getpid())[1]
+            hdr[H_CREATOR_PID], hdr[H_CREATOR_START] = os.getpid(), my_start_time()
             hdr[H_SIZE], hdr[H_MAX_WRITERS] = sec.size, max_writers
             del hdr
             arena = cls(shm, creator=True)
@@ -588,8 +596,20 @@ class Arena:
     def online_cpus(self) -> list[int]:
         """CPUs whose registered process is alive."""
         self._check_open()
-        pids = self.rows[:self.ncpus, R_PID]
-        return [cpu for cpu in range(self.ncpus) if pids[cpu] and pid_alive(int(pids[cpu]))]
+        return [cpu for cpu in range(self.ncpus) if self.row_owner_alive(cpu)]
+
+    def row_owner_alive(self, row: int) -> bool:
+        """Is the process that owns writer row `row` (CPU k: row k) still running?
+        Pid and start time: a pid reused since by another process does not count."""
+        base = self._row_slot(row)
+        pid = self._slots.load(base + R_PID)
+        return pid != 0 and pid_alive(pid, self._slots.load(base + R_START))
+
+    def _set_row_owner(self, row: int, pid: int) -> None:
+        """Record the start time of row `row`'s new owner `pid` (this process), or,
+        with pid 0, forget it before the row is freed: start is 0 whenever the row
+        is free, so a checker never pairs a new pid with an old start."""
+        self._slots.store(self._row_slot(row) + R_START, my_start_time() if pid else 0)
 
     def _cpu_slot(self, cpu: int) -> int:
         """The slot of CPU `cpu`'s registered pid (its row's R_PID); validates cpu."""

@@ -64,6 +64,7 @@ class Writer:
             for row in range(arena.ncpus, arena.nrows):
                 slot = arena._row_slot(row) + R_PID
                 if arena._slots.cas(slot, 0, me) == 0:
+                    arena._set_row_owner(row, me)
                     self.use_row(row)
                     return
             if attempt == 0:
@@ -75,7 +76,8 @@ class Writer:
     def release_row(self) -> None:
         """Give a claimed non-CPU row back (close). CPU rows go with unregister_cpu."""
         arena = self._arena
-        if self.row >= arena.ncpus:
+        if self.row >= arena.ncpus and arena._slots.load(self.row_slot + R_PID) == os.getpid():
+            arena._set_row_owner(self.row, 0)
             arena._slots.cas(self.row_slot + R_PID, os.getpid(), 0)
         self.row = self.row_slot = self.contrib_slot = -1
 

@@ -272,3 +272,23 @@ def test_a_drain_arriving_in_an_op_that_raises_is_still_served(make_machine, tre
     assert (y.stock(1), y.usage, x.usage) == (0, 1, 0)       # and the op rolled back
     check_invariants(arena, {"y": 1})
     m.run_on(1, tasks.uncharge, arena, "y", 1)
+
+
+def test_a_pid_reused_by_another_process_does_not_keep_a_dead_row_alive(arena, tree):
+    """A dead CPU's row names pid P; P now belongs to an unrelated live process
+    (here: a sleeping child) that started later. The row is dead all the same:
+    stop_machine does not wait for its in_op, and hotplug reclaims it."""
+    from shmcounter.layout import R_IN_OP, R_PID, R_START
+    import subprocess, sys
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        row = arena._row_slot(1)
+        arena._slots.store(row + R_PID, sleeper.pid)        # the "reused" pid
+        arena._slots.store(row + R_START, 1)                # its owner started at tick 1
+        arena._slots.store(row + R_IN_OP, 1)                # and died inside an op
+        assert arena.online_cpus() == []
+        assert arena.hotplug_cpu_dead(1) == {}              # no wait, no "online" error
+        assert (arena.cpu_pid(1), arena.rows[1, R_START], arena.rows[1, R_IN_OP]) == (0, 0, 0)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
