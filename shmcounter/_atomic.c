@@ -79,6 +79,24 @@
 #define MAX_DEPTH 10
 #define ROW_WORDS 32
 
+/*
+ * legacy memcg_stock_pcp block of one CPU: 16 int64 words (see memcg/legacy.py).
+ * The lock sits where a stock slot's does, so the slot lock steps apply to it.
+ * Slot word: bits 0-7 nr_pages (the kernel's u8), bits 8-31 the cached cgroup's
+ * tag (its memory counter + 1; 0 = empty); bits 32-63 a second such half, pages
+ * taken out of the slot and not yet uncharged (legacy.py).
+ */
+#define MC_FLUSHING 0
+#define MC_LOCK STOCK_LOCK
+#define MC_DRAIN_IDX 2
+#define MC_SLOTS 3
+#define NR_MEMCG_STOCK 7
+#define MC_EVICTIONS 10         /* this CPU's event counts, written by it only  */
+#define MC_OVERFLOWS 11
+#define MC_FLUSHES 12
+#define MC_WORDS 16
+#define MEMCG_CHARGE_BATCH 64
+
 #define LOAD(p) __atomic_load_n((p), __ATOMIC_SEQ_CST)
 #define STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_SEQ_CST)
 #define ADD_FETCH(p, v) __atomic_add_fetch((p), (v), __ATOMIC_SEQ_CST)
@@ -608,6 +626,40 @@ Slots_stock_take(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 }
 
 /*
+ * legacy_consume(row, block, tag, nr) -> 1 hit, 0 miss, -1 busy: consume_stock of
+ * the old per-CPU cache (kernel.md §2.4) in one call. Refuses nr > 64; trylock the
+ * CPU's block; find the slot cached for tag; take nr if it holds that many. Only
+ * the owning CPU calls it; busy while an op of this CPU is in progress, as for
+ * stock_consume.
+ */
+static PyObject *
+Slots_legacy_consume(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    ARGS("legacy_consume", 4);
+    int64_t tag = a[2], nr = a[3];
+    int64_t *row = word(self, a[0], ROW_WORDS), *b = word(self, a[1], MC_WORDS);
+    if (!row || !b)
+        return NULL;
+    if (nr > MEMCG_CHARGE_BATCH)
+        return PyLong_FromLong(0);
+    if (LOAD(&row[R_OP]) || !slot_trylock(b, LOAD(&row[R_PID])))
+        return PyLong_FromLong(-1);
+    int hit = 0;
+    for (int i = 0; i < NR_MEMCG_STOCK; i++) {
+        int64_t w = LOAD(&b[MC_SLOTS + i]);
+        if (((w >> 8) & 0xffffff) == tag) {
+            if ((w & 0xff) >= nr) {
+                STORE(&b[MC_SLOTS + i], w - nr);
+                hit = 1;
+            }
+            break;
+        }
+    }
+    slot_unlock(b);
+    return PyLong_FromLong(hit);
+}
+
+/*
  * stock_trylock(s, owner) -> bool; stock_unlock(s). The lock word alone, for tests
  * that play a nested context holding the slot. Library paths use the fused steps.
  */
@@ -811,7 +863,7 @@ static PyMethodDef Slots_methods[] = {
     FAST(load), FAST(store), FAST(fetch_add), FAST(exchange), FAST(cas),
     FAST(pc_try_charge_level), FAST(pc_charge_level), FAST(pc_cancel), FAST(pc_propagate),
     FAST(stock_consume), FAST(stock_deposit), FAST(stock_return), FAST(stock_take),
-    FAST(stock_trylock), FAST(stock_unlock),
+    FAST(stock_trylock), FAST(stock_unlock), FAST(legacy_consume),
     FAST(op_begin), FAST(op_end), FAST(op_abort), FAST(futex_wait), FAST(futex_wake),
     {NULL}
 };
@@ -869,6 +921,9 @@ PyInit__atomic(void)
     CONST(R_PID); CONST(R_DONE_SEQ); CONST(R_STOCK_BLOCK); CONST(R_START); CONST(R_REQ_SEQ); CONST(R_IN_OP); CONST(R_OP);
     CONST(R_COUNTER); CONST(R_STOCK_SLOT); CONST(R_STOCK_BEFORE); CONST(R_DEPTH);
     CONST(R_BASE); CONST(MAX_DEPTH); CONST(ROW_WORDS);
+    CONST(MC_FLUSHING); CONST(MC_LOCK); CONST(MC_DRAIN_IDX); CONST(MC_SLOTS);
+    CONST(NR_MEMCG_STOCK); CONST(MC_EVICTIONS); CONST(MC_OVERFLOWS);
+    CONST(MC_FLUSHES); CONST(MC_WORDS); CONST(MEMCG_CHARGE_BATCH);
 #undef CONST
     return m;
 failure:

@@ -68,6 +68,7 @@ def register_cpu(arena: Arena, cpu: int) -> None:
     arena._stock_owner = me
     arena._slots.store(arena._row_slot(cpu) + R_STOCK_BLOCK, arena._stock_block)
     arena._stock_row = arena._row_slot(cpu)
+    arena._memcg_block = arena._memcg_cpu_slot(cpu)
     _registered = (arena, cpu)
 
 
@@ -79,6 +80,9 @@ def unregister_cpu() -> None:
     arena, cpu = _registered
     for counter in arena.stocked_counters():
         counter.drain_stock_local()
+    if arena.memcg_legacy:
+        from .memcg import legacy
+        legacy.drain_local(arena)
     arena._set_row_owner(cpu, 0)
     arena._slots.cas(arena._cpu_slot(cpu), os.getpid(), 0)
     done = arena._row_slot(cpu) + R_DONE_SEQ
@@ -92,6 +96,7 @@ def _forget_arena(arena: Arena) -> None:
     arena._stock_block = -1
     arena._stock_owner = 0
     arena._stock_row = -1
+    arena._memcg_block = -1
     if _registered is not None and _registered[0] is arena:
         _registered = None
         arena._writer.release_row()

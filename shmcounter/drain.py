@@ -36,7 +36,8 @@ from __future__ import annotations
 import os
 import signal
 import time
-from typing import TYPE_CHECKING, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
@@ -66,16 +67,27 @@ def drain_stock(arena: Arena, counters: Sequence[PageCounter],
     if not trylock:
         _drain(arena, counters, timeout)
         return True
+    with single_drainer(arena) as got:
+        if got:
+            _drain(arena, counters, timeout)
+    return got
+
+
+@contextmanager
+def single_drainer(arena: Arena) -> Iterator[bool]:
+    """mutex_trylock(percpu_charge_mutex): yield True holding the arena's drain
+    lock, or False at once if another process (or thread of this one) holds it.
+    The lock word holds the holder's pid; a dead holder's lock is taken over."""
     slots, me = arena._slots, os.getpid()
     while (holder := slots.cas(H_DRAIN_LOCK, 0, me)) != 0:
         if holder == me or pid_alive(holder):
-            return False
+            yield False
+            return
         slots.cas(H_DRAIN_LOCK, holder, 0)              # a dead drainer's: take it
     try:
-        _drain(arena, counters, timeout)
+        yield True
     finally:
         slots.store(H_DRAIN_LOCK, 0)
-    return True
 
 
 def _drain(arena: Arena, counters: Sequence[PageCounter], timeout: float | None) -> None:
@@ -90,12 +102,9 @@ def _drain(arena: Arena, counters: Sequence[PageCounter], timeout: float | None)
             continue                                        # offline, or dead: hotplug's
         for counter in counters:
             slots.store(arena._request_slot(cpu, counter._index), 1)
-        ticket = slots.fetch_add(arena._row_slot(cpu) + R_REQ_SEQ, 1) + 1
-        try:
-            os.kill(pid, SIGDRAIN)
-        except ProcessLookupError:
-            continue                                        # dead: hotplug's job
-        sent.append((cpu, pid, ticket))
+        ticket = post_work(arena, cpu, pid)
+        if ticket:
+            sent.append((cpu, pid, ticket))
     if me is not None:
         for counter in counters:
             counter.drain_stock_local()
@@ -109,6 +118,18 @@ def _drain(arena: Arena, counters: Sequence[PageCounter], timeout: float | None)
             if remaining <= 0:
                 raise _timeout(arena, cpu, pid, counters, timeout)
             slots.futex_wait(done_slot, done, min(int(remaining * 1e6) + 1, _WAIT_SLICE_US))
+
+
+def post_work(arena: Arena, cpu: int, pid: int) -> int:
+    """Ask CPU `cpu` (process `pid`) to serve what is asked of it: take a ticket
+    and send the signal. Returns the ticket (done when done_seq reaches it), or 0
+    if the process is gone (its stock is the hotplug path's)."""
+    ticket = arena._slots.fetch_add(arena._row_slot(cpu) + R_REQ_SEQ, 1) + 1
+    try:
+        os.kill(pid, SIGDRAIN)
+    except ProcessLookupError:
+        return 0
+    return ticket
 
 
 def _timeout(arena: Arena, cpu: int, pid: int, counters: Sequence[PageCounter],
@@ -165,6 +186,9 @@ def serve(arena: Arena) -> None:
                             writer.rollback()
                             raise
                         writer.leave()
+            if arena.memcg_legacy:
+                from .memcg import legacy
+                legacy.serve_flush(arena, cpu)
             while (done := slots.load(row + R_DONE_SEQ)) < seq:
                 if slots.cas(row + R_DONE_SEQ, done, seq) == done:
                     break

@@ -8,6 +8,10 @@ The slow paths call `at(name)` between their steps when any hook is armed:
     uncharge:level    after each level of a hierarchical uncharge
     drain:taken       after drain_stock_local took the stock, before uncharging it
     set_max:exchanged after set_max exchanged the limit, before it re-reads usage
+    stock:consume     memcg's stepwise stock hit, slot lock held: after reading
+                      the slot, before writing it back (PageCounter._consume_stepwise)
+    drain_all:locked  memcg drain_all_stock holds the single-drainer lock and has
+                      not drained yet: a concurrent drain_all_stock loses the trylock
 
 A hook may also raise, to play a signal handler's exception between two steps.
 Armed only in the process that installs a hook (a CPU process under test); the

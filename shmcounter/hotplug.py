@@ -226,6 +226,10 @@ def cpu_dead(arena: Arena, cpu: int) -> dict[str, int]:
         pid = _check_dead(arena, cpu, slot)
         _repair(arena)
         reclaimed = {c.name: _drain_stopped(c, cpu) for c in arena.stocked_counters()}
+        if arena.memcg_legacy:
+            from .memcg import legacy
+            for name, n in legacy.drain_dead(arena, cpu).items():
+                reclaimed[name] = reclaimed.get(name, 0) + n
         # No slot of the dead CPU may stay locked, with stock or not: a stock id
         # freed since and reused would be busy forever on this CPU.
         arena.stocks[cpu, :, STOCK_LOCK] = 0

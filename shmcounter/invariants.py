@@ -11,6 +11,8 @@ from typing import Mapping
 
 import numpy as np
 
+from .memcg import legacy
+
 from .layout import Arena, PC_MAX, PC_PARENT, PC_STOCK_ID, PC_USAGE, STOCK_NR
 
 
@@ -23,7 +25,8 @@ def check_invariants(arena: Arena, real: Mapping[str, int] | None = None, *,
                      batch: int | None = None) -> None:
     """Raise InvariantError unless these hold for every counter C:
 
-    I1  usage(C) == sum(real[D]) + sum(stock[cpu][D]) over D in subtree(C), when
+    I1  usage(C) == sum(real[D]) + sum(stock[cpu][D]) over D in subtree(C)
+        (stock: the per-counter stock, and the legacy memcg slots), when
         `real` (pages really charged to each counter by name, not counting
         stock) is given; without it, the part of I1 that needs no ledger:
         usage(C) >= sum(usage(children)) + sum(stock[cpu][C]).
@@ -43,6 +46,7 @@ def check_invariants(arena: Arena, real: Mapping[str, int] | None = None, *,
     stocks = np.zeros((arena.ncpus, n), np.int64)
     has = sid >= 0
     stocks[:, has] = arena.stocks[:, sid[has], STOCK_NR]
+    stocks += legacy.stock_pages(arena, n)
     stock = stocks.sum(axis=0)
     contrib = arena.contrib[:, :n].sum(axis=0)
     errors: list[str] = []

@@ -20,7 +20,9 @@ Bump LAYOUT_VERSION whenever a line below changes.
                                CPU k), done_seq (drains served, written by CPU k),
                                stock_block (CPU k's first stock slot, for the fast path),
                                start (the owner's start time, 0 until written: a
-                               pid reused by another process does not match it)
+                               pid reused by another process does not match it),
+                               walks (hierarchy walks made through this row, a
+                               statistic written by the owner)
                        line 1  req_seq (drain tickets, fetch_add by requesters)
                        line 2-3 in_op, op, counter, stock_slot, stock_before,
                                depth, base[MAX_DEPTH]: the intent record of the op
@@ -51,6 +53,17 @@ Bump LAYOUT_VERSION whenever a line below changes.
                        is 1 while a drain of c on CPU k is asked for (any process
                        sets it; CPU k clears it when it drains).
   names      max_counters x 64 bytes: UTF-8 name, NUL padded.
+  memcg      the cgroup tree of shmcounter.memcg (memcg/tree.py), if any:
+                       line 0: state (0 none, 1 being set up, 2 ready), variant,
+                         memsw, eviction, batch, root, first-child drain
+                       max_counters cgroup records of CG_WORDS = 8 words, indexed
+                         by the cgroup's memory counter: state, memsw counter,
+                         events.max (hierarchical), events.max local
+                       ncpus per-CPU blocks of MC_WORDS = 16 words (two lines):
+                         the legacy memcg_stock_pcp (flushing, lock, drain_idx,
+                         7 slot words) and this CPU's event counts (walks,
+                         evictions, overflow drains, flushes), written by CPU k
+                         only (or by hotplug once it is dead)
 
 Lifetime (Python 3.11, see docs/design.md "Segment lifetime"):
   - the creator's resource tracker keeps the segment registered, so when the
@@ -86,7 +99,7 @@ if TYPE_CHECKING:
 LINE = 64
 WORD = 8
 MAGIC = int.from_bytes(b"SHMCNTR\0", "little")
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 NAME_PREFIX = "shmcounter_"
 NAME_BYTES = 64
 
@@ -96,6 +109,16 @@ H_MAGIC, H_VERSION, H_NCPUS, H_MAX_COUNTERS, H_MAX_STOCKED, H_CREATOR_PID, \
 H_NCOUNTERS, H_REGISTRY_LOCK, H_UNDERFLOWS, H_MAX_WRITERS, H_DRAIN_LOCK = 8, 9, 10, 11, 12
 H_STOP = 16
 HEADER_WORDS = 24
+# writer row word used by Python only (the others come from _atomic.c below)
+R_WALKS = 4
+
+# memcg section: header line, cgroup records, per-CPU blocks (see memcg/tree.py)
+MEMCG_HEADER_WORDS = 8
+M_STATE, M_VARIANT, M_MEMSW, M_EVICTION, M_BATCH, M_ROOT, M_FIRST_CHILD_DRAIN = range(7)
+# M_VARIANT holds 1 + the index of the tree's variant here (0: no tree yet)
+MEMCG_VARIANTS = ("fixed", "v2", "rfc", "legacy")
+M_LEGACY = 1 + MEMCG_VARIANTS.index("legacy")
+CG_WORDS = 8
 
 # page_counter record, stock slot and writer row words: defined by the C module,
 # whose fused steps need them; re-exported here, where the layout is documented.
@@ -106,6 +129,8 @@ from ._atomic import (  # noqa: E402, F401
     STOCK_LOCK, STOCK_NR, STOCK_WORDS,
     MAX_DEPTH, R_BASE, R_COUNTER, R_DEPTH, R_DONE_SEQ, R_IN_OP, R_OP, R_PID, R_REQ_SEQ,
     R_STOCK_BEFORE, R_STOCK_BLOCK, R_STOCK_SLOT, R_START, ROW_WORDS,
+    MC_DRAIN_IDX, MC_EVICTIONS, MC_FLUSHES, MC_FLUSHING, MC_LOCK, MC_OVERFLOWS, MC_SLOTS,
+    MC_WORDS, MEMCG_CHARGE_BATCH, NR_MEMCG_STOCK,
 )
 
 # flags word of a counter
@@ -157,7 +182,10 @@ class _Sections:
         self.counter_block = _round_up(max_counters * WORD)
         self.requests = self.contrib + nrows * self.counter_block
         self.names = self.requests + ncpus * self.counter_block
-        self.size = self.names + max_counters * NAME_BYTES
+        self.memcg = _round_up(self.names + max_counters * NAME_BYTES)
+        self.cgroups = self.memcg + MEMCG_HEADER_WORDS * WORD
+        self.memcg_cpus = self.cgroups + max_counters * CG_WORDS * WORD
+        self.size = self.memcg_cpus + ncpus * MC_WORDS * WORD
 
 
 def _proc_stat(pid: int) -> tuple[bytes, int] | None:
@@ -285,6 +313,7 @@ class Arena:
     _stock_block = -1
     _stock_owner = 0
     _stock_row = -1                   # this CPU's row slot: the fast path's key
+    _memcg_block = -1                 # this CPU's memcg block (memcg/legacy.py)
     # Seconds a drain_stock waits for a live CPU before DrainTimeout. Too short
     # gives false timeouts on a busy machine; too long stalls a failing charge.
     drain_timeout = 5.0
@@ -318,6 +347,9 @@ class Arena:
         self.requests = np.ndarray((self.ncpus, self.max_counters), np.int64, buf,
                                    sec.requests, strides=(sec.counter_block, WORD))
         self.names = np.ndarray((self.max_counters, NAME_BYTES), np.uint8, buf, sec.names)
+        self.memcg_header = np.ndarray((MEMCG_HEADER_WORDS,), np.int64, buf, sec.memcg)
+        self.cgroups = np.ndarray((self.max_counters, CG_WORDS), np.int64, buf, sec.cgroups)
+        self.memcg_cpus = np.ndarray((self.ncpus, MC_WORDS), np.int64, buf, sec.memcg_cpus)
         self._slots = _atomic.Slots(shm.buf)
         # slot indexes (8-byte words from the segment start)
         self._rows_slot = sec.rows // WORD
@@ -327,6 +359,9 @@ class Arena:
         self._contrib_slot0 = sec.contrib // WORD
         self._requests_slot0 = sec.requests // WORD
         self._counter_block_words = sec.counter_block // WORD
+        self._memcg_slot = sec.memcg // WORD
+        self._cgroups_slot = sec.cgroups // WORD
+        self._memcg_cpus_slot = sec.memcg_cpus // WORD
         self._handles: list[PageCounter | None] = [None] * self.max_counters
         self._index: dict[str, int] = {}
         self._known = 0
@@ -438,7 +473,8 @@ class Arena:
             self._slots.release()
             self._slots = None
         for attr in ("_bytes", "header", "rows", "records", "stock_owner", "stocks",
-                     "contrib", "requests", "names"):
+                     "contrib", "requests", "names", "memcg_header", "cgroups",
+                     "memcg_cpus"):
             self.__dict__.pop(attr, None)
         try:
             self._shm.close()
@@ -581,6 +617,12 @@ class Arena:
                 yield self._handle(i)
 
     @property
+    def memcg_legacy(self) -> bool:
+        """Does this arena's cgroup tree use the legacy 7-slot per-CPU stock? The
+        CPU paths (drain serving, unregister, hotplug) then drain it too."""
+        return int(self.memcg_header[M_VARIANT]) == M_LEGACY
+
+    @property
     def underflows(self) -> int:
         """Uncharges that would have taken a usage below 0 (clamped, and warned)."""
         self._check_open()
@@ -626,6 +668,9 @@ class Arena:
 
     def _request_slot(self, cpu: int, index: int) -> int:
         return self._requests_slot0 + cpu * self._counter_block_words + index
+
+    def _memcg_cpu_slot(self, cpu: int) -> int:
+        return self._memcg_cpus_slot + cpu * MC_WORDS
 
     def _stock_slot(self, cpu: int, sid: int) -> int:
         return self._stocks_slot + cpu * self._stock_block_words + sid * STOCK_WORDS

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from . import hooks
 from .errors import Busy
 from .layout import (
-    H_UNDERFLOWS, PC_BATCH, PC_CHILDREN_LOW_USAGE, PC_CHILDREN_MIN_USAGE, PC_ELOW,
+    H_UNDERFLOWS, R_WALKS, PC_BATCH, PC_CHILDREN_LOW_USAGE, PC_CHILDREN_MIN_USAGE, PC_ELOW,
     PC_EMIN, PC_FAILCNT, PC_FLAGS, PC_FLAG_UNCHARGE_TO_STOCK, PC_HIGH, PC_LOW,
     PC_MAX, PC_MIN, PC_PARENT, PC_USAGE, PC_WATERMARK, PC_WORDS,
 )
@@ -160,6 +160,7 @@ class PageCounter(PageCounterStock):
         that refused (the levels below it cancelled)."""
         slots = self._slots
         path = self._path
+        self._count_walk()
         for level, (c, p, i) in enumerate(path):
             if slots.pc_try_charge_level(c, p, kbase + i, nr_pages) is None:
                 self._cancel_path(nr_pages, kbase, level)
@@ -179,6 +180,7 @@ class PageCounter(PageCounterStock):
         writer.begin(self._index)
         try:
             kbase = writer.contrib_slot
+            self._count_walk()
             for c, p, i in self._path:
                 slots.pc_charge_level(c, p, kbase + i, nr_pages)
                 if hooks.ARMED:
@@ -200,14 +202,20 @@ class PageCounter(PageCounterStock):
         and clamps usage at 0, at each level where it happens.
         """
         nr_pages = check_nr(n)
-        writer = self._arena._writer
         slot = -1
         if self._slots.load(self._c + PC_FLAGS) & PC_FLAG_UNCHARGE_TO_STOCK:
             slot = self._local_slot()
-        writer.begin(self._index, slot)
+        self._uncharge_hierarchy(nr_pages, slot)
+
+    def _uncharge_hierarchy(self, nr_pages: int, return_slot: int = -1) -> None:
+        """An op that uncharges nr_pages at every level (the RFC's
+        page_counter_cancel_hierarchy), after returning what fits to stock slot
+        `return_slot` when there is one."""
+        writer = self._arena._writer
+        writer.begin(self._index, return_slot)
         try:
-            if slot >= 0:
-                nr_pages = self._return_to_stock(slot, nr_pages)
+            if return_slot >= 0:
+                nr_pages = self._return_to_stock(return_slot, nr_pages)
             self._cancel_path(nr_pages, writer.contrib_slot)
         except BaseException:
             self._abort_op(writer)
@@ -240,12 +248,21 @@ class PageCounter(PageCounterStock):
         if nr_pages == 0:
             return
         slots = self._slots
+        if depth is None:
+            self._count_walk()
         for c, p, i in self._path[:depth]:
             new = slots.pc_cancel(c, p, kbase + i, nr_pages)
             if new < 0:
                 self._underflow(c, new, nr_pages)
             if hooks.ARMED:
                 hooks.at("uncharge:level")
+
+    def _count_walk(self) -> None:
+        """One more walk up the hierarchy in this process's writer row (a statistic
+        for the benchmarks; no row yet, as in a hotplug drain run by a reader: none)."""
+        row_slot = self._arena._writer.row_slot
+        if row_slot >= 0:
+            self._slots.fetch_add(row_slot + R_WALKS, 1)
 
     def _underflow(self, c: int, new: int, nr_pages: int) -> None:
         name = next(level.name for level in self._levels if level._c == c)

@@ -111,14 +111,24 @@ class PageCounterStock:
         its stock (what is left is still counted in usage), and free_stock can
         simply be called again.
         """
+        return self._free_stock(drain=True)
+
+    def _free_stock(self, drain: bool) -> int:
+        """free_stock; drain=False is the RFC's free_percpu without a drain (series
+        E4): pages left in the stocks vanish from them but stay in usage."""
         arena, slots = self._arena, self._slots
         arena._check_open()
         sid = slots.load(self._c + PC_STOCK_ID)
         if sid < 0:
             return 0
         slots.store(self._c + PC_BATCH, 0)
-        drained = sum(self._drain_slot(arena._stock_slot(cpu, sid))
-                      for cpu in range(arena.ncpus))
+        drained = 0
+        for cpu in range(arena.ncpus):
+            slot = arena._stock_slot(cpu, sid)
+            if drain:
+                drained += self._drain_slot(slot)
+            else:
+                slots.store(slot + STOCK_NR, 0)
         arena._registry_lock()
         try:
             slots.store(self._c + PC_STOCK_ID, -1)
@@ -174,6 +184,30 @@ class PageCounterStock:
         excess = self._slots.stock_return(slot, self._c + PC_BATCH, nr_pages,
                                           self._arena._stock_owner)
         return nr_pages if excess < 0 else excess
+
+    def _consume_stepwise(self, nr_pages: int) -> bool:
+        """The fast path of try_charge (stock_consume) as separate steps, with the
+        named point "stock:consume" between the read and the write of the slot:
+        the kernel's `stock->nr_pages -= n` under the local lock is such a plain
+        read-modify-write, and a remote writer that ignores the lock (v2's nolock
+        drain, series E5) can land in between. Used by memcg while hooks are armed;
+        same result as stock_consume otherwise. A CPU process only."""
+        arena, slots = self._arena, self._slots
+        slot = self._local_slot()
+        if slot < 0:
+            return False
+        with arena._writer.held():
+            if not slots.stock_trylock(slot, arena._stock_owner):
+                return False
+            try:
+                have = slots.load(slot + STOCK_NR)
+                if have < nr_pages:
+                    return False
+                hooks.at("stock:consume")
+                slots.store(slot + STOCK_NR, have - nr_pages)
+                return True
+            finally:
+                slots.stock_unlock(slot)
 
     # ---- drains -------------------------------------------------------------
 
