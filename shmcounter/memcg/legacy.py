@@ -1,0 +1,359 @@
+"""The old per-CPU charge cache, memcg_stock_pcp, that the series replaces
+(series.md §3; kernel.md §2.3-2.7): 7 slots per CPU, each caching one cgroup and
+up to 64 pages already charged to it.
+
+Each CPU's block (arena.memcg_cpus[cpu], layout.py) holds
+
+    flushing     FLUSHING_CACHED_CHARGE: a drain_all_stock asked this CPU to drain
+                 (set by the requester with a CAS, cleared by the CPU)
+    lock         the local_trylock (holder's pid), at the word a stock slot's lock
+                 sits at, so the slot lock steps of _atomic.c apply
+    drain_idx    next round-robin victim
+    slots[7]     one word per slot: bits 0-7 nr_pages (the kernel's u8), bits 8-31
+                 the cached cgroup's tag (its memory counter's index + 1; 0 empty);
+                 bits 32-63 a second half of the same form: pages taken out of the
+                 slot by an eviction and not yet uncharged ("pending")
+    evictions, overflows, flushes   this CPU's event counts
+
+Only CPU k changes its block (and hotplug once k is dead). Pages in either half of
+a slot are charged to the cgroup (they are in usage): the invariant
+usage == real + stock counts both halves.
+
+Kill-safety, as for the per-counter stock (writer.py): every change of a slot word
+that goes with a usage change is one op on one counter's path whose intent record
+names the slot word. An eviction touches two paths (charge the new cgroup, uncharge
+the victim), so it is two ops: the first charges the new cgroup and moves the
+victim's pages to the pending half in the same word store; the second uncharges
+them and clears the half. Killed between the two, the pending pages are still in
+the dead CPU's slot, and the hotplug path uncharges them with the rest.
+
+Cgroups of the legacy variant (cgroups.py) charge only memory (no memsw): one stock
+shared by memory and memsw would need one op across two counter trees.
+"""
+from __future__ import annotations
+
+import random
+import time
+from typing import TYPE_CHECKING, Callable, Collection
+
+import numpy as np
+
+from .. import hooks
+from ..drain import post_work, single_drainer
+from ..layout import (
+    M_EVICTION, MC_DRAIN_IDX, MC_EVICTIONS, MC_FLUSHES, MC_FLUSHING, MC_LOCK, MC_OVERFLOWS,
+    MC_SLOTS, MEMCG_CHARGE_BATCH, NR_MEMCG_STOCK,
+)
+
+if TYPE_CHECKING:
+    from ..layout import Arena
+    from ..page_counter import PageCounter
+
+HALF = 32                   # bits of one half of a slot word
+NR_MASK = 0xFF              # u8 nr_pages
+TAG_MASK = 0xFFFFFF
+CUR_MASK = (1 << HALF) - 1
+
+EVICTIONS = ("round-robin", "random")
+
+
+def _half(word: int, pending: bool) -> tuple[int, int]:
+    """(tag, nr_pages) of one half of a slot word."""
+    half = (word >> HALF if pending else word) & CUR_MASK
+    return half >> 8, half & NR_MASK
+
+
+# ---- charge and refill (the CPU's own steps) ---------------------------------
+
+def try_charge(arena: Arena, memory: PageCounter, nr_pages: int,
+               greedy: bool) -> PageCounter | None:
+    """The stock part of the old try_charge_memcg: consume_stock; else charge
+    max(64, n) (greedy) or n up the hierarchy, retry with n on failure, and
+    refill_stock the surplus. Returns None, or the counter that refused.
+
+    greedy=False is the kernel's state after a first failure (batch = n): later
+    retries of the same charge never try the batch again. Not a CPU process: an
+    exact charge, no stock. The second consume_stock of the kernel's exact retry
+    is not modelled (an op is in progress; it could only see a refill by another
+    context of this CPU).
+    """
+    block, slots = arena._memcg_block, arena._slots
+    tag = memory._index + 1
+    if block >= 0 and slots.legacy_consume(arena._stock_row, block, tag, nr_pages) == 1:
+        return None
+    charge = max(MEMCG_CHARGE_BATCH, nr_pages) if block >= 0 and greedy else nr_pages
+    writer = arena._writer
+    evicted = -1
+    writer.begin(memory._index)
+    try:
+        kbase = writer.contrib_slot
+        fail = memory._try_charge_path(charge, kbase)
+        if fail is not None and charge > nr_pages:
+            charge = nr_pages
+            fail = memory._try_charge_path(charge, kbase)
+        if fail is None and charge > nr_pages:
+            evicted = _refill(arena, memory, charge - nr_pages, kbase)
+    except BaseException:
+        memory._abort_op(writer)
+        raise
+    writer.end()
+    if evicted >= 0:
+        _drain_half(arena, block + MC_SLOTS + evicted, True, _own_op)
+    return fail
+
+
+def uncharge_to_stock(arena: Arena, memory: PageCounter, nr_pages: int) -> None:
+    """refill_stock as the kmem and socket uncharges call it: the pages go back to
+    this CPU's slot of the cgroup (still charged) instead of up the hierarchy.
+    More than 64 pages, or not a CPU process: a plain hierarchical uncharge."""
+    block = arena._memcg_block
+    if block < 0 or nr_pages > MEMCG_CHARGE_BATCH:
+        memory._uncharge_hierarchy(nr_pages)
+        return
+    writer = arena._writer
+    writer.begin(memory._index)
+    try:
+        evicted = _refill(arena, memory, nr_pages, writer.contrib_slot)
+    except BaseException:
+        memory._abort_op(writer)
+        raise
+    writer.end()
+    if evicted >= 0:
+        _drain_half(arena, block + MC_SLOTS + evicted, True, _own_op)
+
+
+def _refill(arena: Arena, memory: PageCounter, nr_pages: int, kbase: int) -> int:
+    """refill_stock(memory's cgroup, nr_pages) inside an op on memory's path, whose
+    pages are charged. Returns the slot whose old cgroup was evicted to the pending
+    half (the caller uncharges it in an op of its own), or -1.
+
+    Under the CPU's trylock: the slot cached for the cgroup gets the pages, and is
+    drained whole if that takes it past 64; else the first empty slot; else a
+    victim (round-robin or random) is evicted. Lock busy: the pages are uncharged
+    (the kernel's bypass), as they are when a victim still has a pending half.
+    """
+    slots, block, writer = arena._slots, arena._memcg_block, arena._writer
+    if not slots.stock_trylock(block, arena._stock_owner):
+        memory._cancel_path(nr_pages, kbase)
+        return -1
+    try:
+        tag = memory._index + 1
+        first = block + MC_SLOTS
+        words = [slots.load(first + i) for i in range(NR_MEMCG_STOCK)]
+        tags = [(w >> 8) & TAG_MASK for w in words]
+        if tag in tags:
+            i = tags.index(tag)
+            writer.set_stock_slot(first + i)
+            stocked = (words[i] & NR_MASK) + nr_pages
+            if stocked > MEMCG_CHARGE_BATCH:              # drain the whole slot
+                slots.store(first + i, words[i] & ~CUR_MASK)
+                memory._cancel_path(stocked, kbase)
+                slots.fetch_add(block + MC_OVERFLOWS, 1)
+            else:
+                slots.store(first + i, words[i] + nr_pages)
+            return -1
+        if 0 in tags:
+            i = tags.index(0)
+            writer.set_stock_slot(first + i)
+            slots.store(first + i, (words[i] & ~CUR_MASK) | tag << 8 | nr_pages)
+            return -1
+        i = _victim(arena, block)
+        if words[i] >> HALF:                              # still pending: bypass
+            memory._cancel_path(nr_pages, kbase)
+            return -1
+        writer.set_stock_slot(first + i)
+        slots.store(first + i, words[i] << HALF | tag << 8 | nr_pages)
+        slots.fetch_add(block + MC_EVICTIONS, 1)
+        return i
+    finally:
+        slots.stock_unlock(block)
+
+
+def _victim(arena: Arena, block: int) -> int:
+    if EVICTIONS[int(arena.memcg_header[M_EVICTION])] == "random":
+        return random.randrange(NR_MEMCG_STOCK)
+    slots = arena._slots
+    i = slots.load(block + MC_DRAIN_IDX)
+    slots.store(block + MC_DRAIN_IDX, (i + 1) % NR_MEMCG_STOCK)
+    return i
+
+
+# ---- drains ----------------------------------------------------------------------
+
+# An op runner: run body(kbase) as an op on counter's path that may change word
+# `slot`, in the right context (own process, drain server, dead CPU's row).
+OpRunner = Callable[["Arena", "PageCounter", int, Callable[[int], None]], None]
+
+
+def _own_op(arena: Arena, counter: PageCounter, slot: int,
+            body: Callable[[int], None]) -> None:
+    writer = arena._writer
+    writer.begin(counter._index, slot)
+    try:
+        body(writer.contrib_slot)
+    except BaseException:
+        counter._abort_op(writer)
+        raise
+    writer.end()
+
+
+def _served_op(arena: Arena, counter: PageCounter, slot: int,
+               body: Callable[[int], None]) -> None:
+    """For the drain server, which holds the op lock already (drain.serve)."""
+    writer = arena._writer
+    writer.enter(counter._index, slot)
+    try:
+        body(writer.contrib_slot)
+    except BaseException:
+        writer.rollback()
+        raise
+    writer.leave()
+
+
+def _dead_op(cpu: int) -> OpRunner:
+    """For hotplug under stop_machine: an op in the dead CPU's own row, so that a
+    repairer killed inside it is repaired the same way (hotplug._drain_stopped)."""
+    def run(arena: Arena, counter: PageCounter, slot: int,
+            body: Callable[[int], None]) -> None:
+        slots, row = arena._slots, arena._row_slot(cpu)
+        kbase = arena._contrib_slot(cpu, 0)
+        slots.op_begin(row, -1, arena._counters_slot, kbase, counter._index, slot)
+        body(kbase)
+        slots.op_end(row)
+    return run
+
+
+def _drain_half(arena: Arena, slot: int, pending: bool, run: OpRunner) -> int:
+    """Uncharge one half of slot word `slot` (the cached pages, or the pending ones)
+    and clear it, in one op. Returns the pages uncharged."""
+    slots = arena._slots
+    tag, nr_pages = _half(slots.load(slot), pending)
+    if tag == 0:
+        return 0
+    counter = arena._handle(tag - 1)
+    mask = CUR_MASK if pending else ~CUR_MASK
+
+    def body(kbase: int) -> None:
+        slots.store(slot, slots.load(slot) & mask)
+        counter._cancel_path(nr_pages, kbase)
+    run(arena, counter, slot, body)
+    return nr_pages
+
+
+def _drain_block(arena: Arena, block: int, run: OpRunner) -> int:
+    """drain_stock_fully: both halves of all 7 slots. Returns the pages uncharged."""
+    return sum(_drain_half(arena, block + MC_SLOTS + i, pending, run)
+               for i in range(NR_MEMCG_STOCK) for pending in (True, False))
+
+
+def _locked(arena: Arena, block: int, fn: Callable[[], int]) -> int:
+    """Run fn under this CPU's lock: the blocking local_lock of the drain work."""
+    slots = arena._slots
+    while not slots.stock_trylock(block, arena._stock_owner):
+        time.sleep(0)
+    try:
+        return fn()
+    finally:
+        slots.stock_unlock(block)
+
+
+def drain_local(arena: Arena) -> int:
+    """drain_local_memcg_stock in a CPU process, outside any op: drain all 7 slots
+    of this CPU. Returns the pages uncharged."""
+    block = arena._memcg_block
+    if block < 0:
+        return 0
+    return _locked(arena, block, lambda: _drain_block(arena, block, _own_op))
+
+
+def serve_flush(arena: Arena, cpu: int) -> None:
+    """The drain work item, run by drain.serve on CPU `cpu` (op lock held): if a
+    drain_all_stock flagged this CPU, drain all 7 slots and clear the flag."""
+    slots, block = arena._slots, arena._memcg_cpu_slot(cpu)
+    if not slots.load(block + MC_FLUSHING):
+        return
+    _locked(arena, block, lambda: _drain_block(arena, block, _served_op))
+    slots.fetch_add(block + MC_FLUSHES, 1)
+    slots.store(block + MC_FLUSHING, 0)
+
+
+def drain_dead(arena: Arena, cpu: int) -> dict[str, int]:
+    """memcg_hotplug_cpu_dead for the legacy stock, under stop_machine after the
+    repair: drain all 7 slots of dead CPU `cpu` without its lock, then clear the
+    lock and the flushing flag. Returns the pages reclaimed by counter name."""
+    slots, block = arena._slots, arena._memcg_cpu_slot(cpu)
+    reclaimed: dict[str, int] = {}
+    for i in range(NR_MEMCG_STOCK):
+        for pending in (True, False):
+            tag, _ = _half(slots.load(block + MC_SLOTS + i), pending)
+            taken = _drain_half(arena, block + MC_SLOTS + i, pending, _dead_op(cpu))
+            if taken:
+                name = arena._handle(tag - 1).name
+                reclaimed[name] = reclaimed.get(name, 0) + taken
+    slots.store(block + MC_LOCK, 0)
+    slots.store(block + MC_FLUSHING, 0)
+    return reclaimed
+
+
+def drain_all(arena: Arena, tags: Collection[int]) -> bool:
+    """The old drain_all_stock(root), tags = the subtree's cgroups: skip (False) if
+    another drain runs; else flag every online CPU that caches pages of the
+    subtree, drain this CPU inline, and send the others their work item without
+    waiting for it (asynchronous). A flagged CPU drains all 7 of its slots, other
+    cgroups' included. Returns True."""
+    from ..cpu import this_cpu_of
+    slots = arena._slots
+    with single_drainer(arena) as got:
+        if not got:
+            return False
+        if hooks.ARMED:
+            hooks.at("drain_all:locked")
+        me = this_cpu_of(arena)
+        for cpu in range(arena.ncpus):
+            pid = slots.load(arena._cpu_slot(cpu))
+            if cpu != me and not arena.row_owner_alive(cpu):
+                continue                            # offline: hotplug's
+            block = arena._memcg_cpu_slot(cpu)
+            if slots.load(block + MC_FLUSHING) or not _drain_needed(arena, cpu, tags):
+                continue
+            if slots.cas(block + MC_FLUSHING, 0, 1) != 0:
+                continue
+            if cpu == me:
+                drain_local(arena)
+                slots.fetch_add(block + MC_FLUSHES, 1)
+                slots.store(block + MC_FLUSHING, 0)
+            else:
+                post_work(arena, cpu, pid)
+    return True
+
+
+def _drain_needed(arena: Arena, cpu: int, tags: Collection[int]) -> bool:
+    """is_memcg_drain_needed: some slot of `cpu` holds pages of one of `tags`."""
+    return any(tag in tags and nr_pages
+               for word in arena.memcg_cpus[cpu, MC_SLOTS:MC_SLOTS + NR_MEMCG_STOCK].tolist()
+               for tag, nr_pages in (_half(word, False), _half(word, True)))
+
+
+def flushing(arena: Arena) -> list[int]:
+    """CPUs that have a drain_all_stock work item not yet served."""
+    return np.flatnonzero(arena.memcg_cpus[:, MC_FLUSHING]).tolist()
+
+
+# ---- reading ---------------------------------------------------------------------
+
+def stock_pages(arena: Arena, ncounters: int) -> np.ndarray:
+    """Pages held in legacy slots, both halves, as an (ncpus, ncounters) array."""
+    out = np.zeros((arena.ncpus, ncounters), np.int64)
+    words = arena.memcg_cpus[:, MC_SLOTS:MC_SLOTS + NR_MEMCG_STOCK]
+    for shift in (0, HALF):
+        half = (words >> shift) & CUR_MASK
+        cpus, _ = np.nonzero(half >> 8)
+        tag = half[half >> 8 != 0] >> 8
+        np.add.at(out, (cpus, tag - 1), half[half >> 8 != 0] & NR_MASK)
+    return out
+
+
+def slots_of(arena: Arena, cpu: int) -> list[tuple[int, int]]:
+    """CPU `cpu`'s 7 slots as (cached memory counter's index or -1, pages)."""
+    words = arena.memcg_cpus[cpu, MC_SLOTS:MC_SLOTS + NR_MEMCG_STOCK].tolist()
+    return [(tag - 1, nr_pages) for tag, nr_pages in (_half(w, False) for w in words)]
