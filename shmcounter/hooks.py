@@ -10,6 +10,9 @@ The slow paths call `at(name)` between their steps when any hook is armed:
     set_max:exchanged after set_max exchanged the limit, before it re-reads usage
     stock:consume     memcg's stepwise stock hit, slot lock held: after reading
                       the slot, before writing it back (PageCounter._consume_stepwise)
+    legacy:evicted    between the two ops of a legacy eviction: the new cgroup is
+                      charged and cached, the victim's pages wait in the slot's
+                      pending half
     drain_all:locked  memcg drain_all_stock holds the single-drainer lock and has
                       not drained yet: a concurrent drain_all_stock loses the trylock
 

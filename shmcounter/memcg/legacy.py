@@ -98,7 +98,7 @@ def try_charge(arena: Arena, memory: PageCounter, nr_pages: int,
         raise
     writer.end()
     if evicted >= 0:
-        _drain_half(arena, block + MC_SLOTS + evicted, True, _own_op)
+        _uncharge_evicted(arena, block + MC_SLOTS + evicted)
     return fail
 
 
@@ -119,7 +119,14 @@ def uncharge_to_stock(arena: Arena, memory: PageCounter, nr_pages: int) -> None:
         raise
     writer.end()
     if evicted >= 0:
-        _drain_half(arena, block + MC_SLOTS + evicted, True, _own_op)
+        _uncharge_evicted(arena, block + MC_SLOTS + evicted)
+
+
+def _uncharge_evicted(arena: Arena, slot: int) -> None:
+    """The second op of an eviction: uncharge the victim's pending pages."""
+    if hooks.ARMED:
+        hooks.at("legacy:evicted")
+    _drain_half(arena, slot, True, _own_op)
 
 
 def _refill(arena: Arena, memory: PageCounter, nr_pages: int, kbase: int) -> int:
