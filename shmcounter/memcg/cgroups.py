@@ -308,8 +308,11 @@ class Cgroups:
         """The cgroup named `name`, created by any process. KeyError if none."""
         if not isinstance(name, str):
             raise TypeError(f"cgroup name must be a str, got {type(name).__name__}")
-        index = self._arena.counter(name)._index
-        if self._arena.cgroups[index, CG_STATE] == 0 or name.endswith(MEMSW):
+        try:
+            index = self._arena.counter(name)._index
+        except KeyError:
+            index = -1
+        if index < 0 or self._arena.cgroups[index, CG_STATE] == 0:
             raise KeyError(f"no cgroup named {name!r}")
         return self._cgroup_at(index)
 

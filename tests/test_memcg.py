@@ -1,0 +1,213 @@
+"""Cgroups as api.md describes them: a tree in the arena that any attached process
+opens; css_online/offline/free in each design; try_charge_memcg's events; memsw;
+the first-child drain (V6); the read view; bad input. series.md §5 scenarios 10,
+16 and 17; kernel.md MT-17."""
+from __future__ import annotations
+
+import pytest
+
+from shmcounter.errors import ArenaError
+from shmcounter.invariants import check_invariants
+from shmcounter.memcg import Cgroups, VARIANTS
+from shmcounter.memcg.stat import format_cgroups
+
+import memcg_tasks as t
+
+
+@pytest.fixture
+def machine(make_machine):
+    return make_machine(2)
+
+
+# ---- the tree in the arena --------------------------------------------------------
+
+def test_a_tree_made_in_one_process_is_found_by_name_in_another(arena, machine):
+    cg = Cgroups(arena, variant="legacy")
+    a = cg.create("a", max=1000)
+    cg.create("b", parent=a)
+    assert machine.run_on(0, t.charge, arena, "b", 1, 2) == [True, True]
+    assert [(g.name, g.memory.usage) for g in Cgroups(arena).cgroups()] == [
+        ("root", 64), ("a", 64), ("b", 64)]
+    assert Cgroups(arena).cgroup("b").parent.name == "a"
+    check_invariants(arena, {"b": 2})
+    cg.cgroup("b").uncharge(2)
+
+
+def test_css_online_gives_memory_and_memsw_a_stock_of_64(arena):
+    cg = Cgroups(arena, memsw=True)
+    g = cg.create("g", max=500)
+    assert [(c.name, c.has_stock, c.batch, c.max) for c in g.counters] == [
+        ("g", True, 64, 500), ("g:memsw", True, 64, 500)]
+    assert g.memsw.parent.name == "root:memsw"
+
+
+def test_batch_0_is_the_design_without_stock(arena, machine):
+    cg = Cgroups(arena, batch=0)
+    g = cg.create("g")
+    assert not g.memory.has_stock
+    assert machine.run_on(0, t.charge, arena, "g") == [True]
+    assert (g.memory.usage, cg.stats()["walks"]) == (1, 1)
+    g.uncharge(1)
+
+
+def test_a_second_tree_with_other_options_is_refused(arena):
+    Cgroups(arena, variant="legacy")
+    with pytest.raises(ValueError, match=r"this arena's cgroup tree has variant='legacy' "
+                                         r"\(asked 'fixed'\)"):
+        Cgroups(arena, variant="fixed")
+    assert Cgroups(arena).variant == "legacy"
+
+
+# ---- lifecycle: scenario 10, a quiescent cgroup death, in every design -------------
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_scenario10_quiescent_death(arena, machine, variant):
+    cg = Cgroups(arena, variant=variant)
+    p = cg.create("P")
+    g = cg.create("g", parent=p)
+    for cpu in (0, 1):
+        assert machine.run_on(cpu, t.charge, arena, "g") == [True]
+    assert (p.memory.usage, g.stock(0), g.stock(1)) == (128, 63, 63)
+    g.offline()
+    cg.wait_flushed()
+    assert (g.state, g.memory.usage, g.stock(0), g.stock(1)) == ("offline", 2, 0, 0)
+    g.uncharge(2)
+    g.free()
+    assert (g.state, g.memory.has_stock, g.memory.usage, p.memory.usage) == ("freed", False, 0, 0)
+    assert arena.underflows == 0
+
+
+def test_lifecycle_errors_change_nothing(arena):
+    cg = Cgroups(arena)
+    p = cg.create("P")
+    c = cg.create("C", parent=p)
+    with pytest.raises(ValueError, match="the root cgroup cannot go offline"):
+        cg.root.offline()
+    with pytest.raises(ValueError, match=r"cgroup 'P' has online children \['C'\]"):
+        p.offline()
+    with pytest.raises(ValueError, match="cgroup 'C' is online; offline\\(\\) it first"):
+        c.free()
+    c.offline()
+    with pytest.raises(ValueError, match="cgroup 'C' is offline, not online"):
+        c.offline()
+    with pytest.raises(ValueError, match="parent 'C' is offline, not online"):
+        cg.create("D", parent=c)
+    c.free()
+    with pytest.raises(ValueError, match="cgroup 'C' is freed"):
+        c.try_charge(1)
+    assert [(g.name, g.state) for g in cg.cgroups()] == [
+        ("root", "online"), ("P", "online"), ("C", "freed")]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"variant": "v3"}, "bad variant: 'v3'"),
+    ({"memsw": 1}, "bad memsw: 1"),
+    ({"batch": -1}, "bad batch: -1"),
+    ({"eviction": "lru"}, "bad eviction: 'lru'"),
+    ({"variant": "legacy", "first_child_drain": True}, "first_child_drain is v2's V6"),
+    ({"variant": "legacy", "batch": 32}, "the legacy design's batch is MEMCG_CHARGE_BATCH"),
+    ({"variant": "legacy", "memsw": True}, "the legacy design is modelled for memory only"),
+])
+def test_bad_options(arena, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Cgroups(arena, **kwargs)
+    assert [c.name for c in arena.counters()] == []
+
+
+def test_bad_input_to_a_cgroup(arena):
+    cg = Cgroups(arena)
+    g = cg.create("g", max=10)
+    for bad, error in [("", ValueError), ("a:b", ValueError), (3, ValueError)]:
+        with pytest.raises(error, match="a cgroup name is a non-empty str without ':'"):
+            cg.create(bad)
+    with pytest.raises(ValueError, match="a counter named 'g' already exists"):
+        cg.create("g")
+    with pytest.raises(ValueError, match=r"max must be an int in \[0, "):
+        cg.create("h", max=-1)
+    with pytest.raises(TypeError, match="parent must be a MemCgroup of this tree"):
+        cg.create("h", parent=g.memory)
+    with pytest.raises(ValueError, match=r"n must be an int in \[0, 2\*\*62\), got -1"):
+        g.try_charge(-1)
+    with pytest.raises(TypeError, match="kmem must be a bool"):
+        g.uncharge(1, kmem="yes")
+    with pytest.raises(KeyError, match="no cgroup named 'g:memsw'"):
+        cg.cgroup("g:memsw")
+    assert [g.name for g in cg.cgroups()] == ["root", "g"] and g.memory.usage == 0
+
+
+# ---- try_charge_memcg: events (MT-17) -------------------------------------------------
+
+def test_a_max_event_counts_at_the_refusing_cgroup_and_its_ancestors_below_root(arena):
+    cg = Cgroups(arena)
+    p = cg.create("P", max=10)
+    c = cg.create("C", parent=p)
+    d = cg.create("D", parent=c)
+    assert d.try_charge(10) and not d.try_charge(1)      # a non-CPU process: exact charges
+    # refused by P twice (before and after the drain), hierarchical up to P only
+    assert [(g.events["max"], g.events_local["max"]) for g in (cg.root, p, c, d)] == [
+        (0, 0), (2, 2), (0, 0), (0, 0)]
+    assert p.memory.failcnt == 2
+    d.uncharge(10)
+
+
+# ---- scenario 16: memsw, cgroup v1 ------------------------------------------------------
+
+def test_scenario16_memsw_rollback_of_a_stock_hit(arena, machine):
+    cg = Cgroups(arena, memsw=True)
+    g = cg.create("g")
+    assert machine.run_on(0, t.charge, arena, "g") == [True]
+    assert [(c.usage, c.stock(0)) for c in g.counters] == [(64, 63), (64, 63)]
+    g.memory.drain_stock()
+    g.memory.set_max(1)
+    # memsw: a stock hit (63 -> 62); memory refuses, batch and exact; memsw is
+    # uncharged through the hierarchy: usage 63 = real 1 + stock 62 (E7). Max
+    # event, drain_all_stock(g), retry: memsw refills (65, 63), memory refuses
+    # again, memsw uncharged again: 64 = real 1 + stock 63.
+    assert machine.run_on(0, t.charge, arena, "g") == [False]
+    assert [(c.usage, c.stock(0)) for c in g.counters] == [(1, 0), (64, 63)]
+    assert (g.events["max"], g.memory.failcnt, g.memsw.failcnt) == (2, 4, 0)
+    check_invariants(arena, {"g": 1, "g:memsw": 1})
+    g.offline()
+    g.uncharge(1)
+    g.free()
+    assert (cg.root.memory.usage, cg.root.memsw.usage) == (0, 0)
+
+
+# ---- scenario 17: the cgroup v2 first-child drain (V6) ----------------------------------
+
+def test_scenario17_first_child_drains_the_parent(arena, machine):
+    cg = Cgroups(arena, variant="v2", first_child_drain=True)
+    p = cg.create("P")                                   # parent root: no drain
+    for cpu in (0, 1):
+        machine.run_on(cpu, t.charge, arena, "P")
+    assert (p.memory.usage, p.stock(0), p.stock(1)) == (128, 63, 63)
+    cg.create("C1", parent=p)                            # the first child drains P's subtree
+    assert (p.memory.usage, p.stock(0), p.stock(1)) == (2, 0, 0)
+    machine.run_on(0, t.charge, arena, "P")
+    cg.create("C2", parent=p)                            # the second: no drain
+    assert (p.memory.usage, p.stock(0)) == (66, 63)
+    machine.run_on(0, t.charge, arena, "root")
+    cg.create("X")                                       # parent is root: no drain
+    assert cg.root.stock(0) == 63
+    check_invariants(arena, {"P": 3, "root": 1})
+    p.uncharge(3)
+    cg.root.uncharge(1)
+
+
+# ---- the read view -------------------------------------------------------------------------
+
+def test_the_read_view_in_kernel_terms(arena, machine):
+    cg = Cgroups(arena)
+    a = cg.create("a", max=256)
+    machine.run_on(1, t.charge, arena, "a", 1, 3)
+    assert a.stat() == {
+        "memory.current": 64 * 4096, "memory.max": 256 * 4096, "memory.peak": 64 * 4096,
+        "memory.events": {"max": 0}, "memory.events.local": {"max": 0},
+        "memory.failcnt": 0, "stock": [0, 61]}
+    assert cg.root.stat()["memory.max"] == "max"
+    assert format_cgroups(cg).splitlines()[1:] == [
+        "cgroup  state   memory.current  memory.max  memory.peak  events.max  stock.cpu0  stock.cpu1",
+        "root    online          262144         max       262144           0           0           0",
+        "  a     online          262144     1048576       262144           0           0          61",
+    ]
+    a.uncharge(3)
