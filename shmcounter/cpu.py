@@ -82,7 +82,7 @@ def unregister_cpu() -> None:
         counter.drain_stock_local()
     if arena.memcg_legacy:
         from .memcg import legacy
-        legacy.drain_local(arena)
+        legacy.cpu_offline(arena, cpu)
     arena._set_row_owner(cpu, 0)
     arena._slots.cas(arena._cpu_slot(cpu), os.getpid(), 0)
     done = arena._row_slot(cpu) + R_DONE_SEQ

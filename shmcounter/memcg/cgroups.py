@@ -68,7 +68,8 @@ class MemCgroup:
     # ---- charging -------------------------------------------------------------
 
     def try_charge(self, n: int) -> bool:
-        """try_charge_memcg for n pages (see the module docstring)."""
+        """try_charge_memcg for n pages (see the module docstring). A live CPU that
+        does not serve the drain in time raises DrainTimeout (drain_stock)."""
         nr_pages = check_nr(n)
         self._check_alive()
         return self._tree._try_charge(self, nr_pages)
@@ -245,10 +246,16 @@ class Cgroups:
                 raise ArenaError(f"the cgroup tree of {arena.name!r} is being set up "
                                  f"by pid {holder}, which has not finished")
             time.sleep(0.001)
+        try:
+            self._write_tree(asked)
+        except BaseException:
+            slots.cas(state, me, 0)             # let another process try
+            raise
+        slots.store(state, READY)
+
+    def _write_tree(self, asked: dict[str, object]) -> None:
+        arena = self._arena
         variant = asked["variant"] or "fixed"
-        if variant == "legacy" and asked["memsw"]:
-            raise ValueError("the legacy design is modelled for memory only (memsw=False): "
-                             "its one stock per cgroup serves two counter trees")
         h = arena.memcg_header
         h[M_MEMSW] = bool(asked["memsw"])
         h[M_EVICTION] = legacy.EVICTIONS.index(asked["eviction"] or "round-robin")
@@ -268,7 +275,6 @@ class Cgroups:
         self._design = DESIGNS[variant]
         self._online(root, memsw, int(h[M_BATCH]))
         h[M_ROOT] = root._index
-        slots.store(state, READY)
 
     def _online(self, memory: PageCounter, memsw: PageCounter | None, batch: int) -> None:
         """css_online: stock on each counter, then the record says online."""
@@ -298,10 +304,12 @@ class Cgroups:
         memsw = None
         if self.memsw:
             memsw = self._arena.new_counter(name + MEMSW, parent.memsw, limit)
-        if (self._arena.memcg_header[M_FIRST_CHILD_DRAIN] and parent.parent is not None
-                and not any(g.state == "online" for g in self._children(parent))):
-            self._design.drain_all(self._arena, self._stocked(parent))   # V6, no mutex
+        first_child = (bool(self._arena.memcg_header[M_FIRST_CHILD_DRAIN])
+                       and parent.parent is not None
+                       and not any(g.state == "online" for g in self._children(parent)))
         self._online(memory, memsw, self.batch)
+        if first_child:                       # V6: drain the parent's subtree, no mutex
+            self._design.drain_all(self._arena, self._stocked(parent))
         return self._cgroup_at(memory._index)
 
     def cgroup(self, name: str) -> MemCgroup:
@@ -459,5 +467,8 @@ def _check_options(asked: dict[str, object]) -> None:
     if asked["variant"] == "legacy" and asked["first_child_drain"]:
         raise ValueError("first_child_drain is v2's V6; the legacy design has no "
                          "per-counter stock to drain")
+    if asked["variant"] == "legacy" and asked["memsw"]:
+        raise ValueError("the legacy design is modelled for memory only (memsw=False): "
+                         "its one stock per cgroup serves two counter trees")
     if asked["variant"] == "legacy" and asked["batch"] not in (None, 64):
         raise ValueError("the legacy design's batch is MEMCG_CHARGE_BATCH = 64")

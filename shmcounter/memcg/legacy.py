@@ -273,6 +273,13 @@ def drain_local(arena: Arena) -> int:
     return _locked(arena, block, lambda: _drain_block(arena, block, _own_op))
 
 
+def cpu_offline(arena: Arena, cpu: int) -> None:
+    """This CPU goes offline cleanly (unregister_cpu): drain its 7 slots and
+    forget a drain request, so that the next process of this CPU starts clean."""
+    drain_local(arena)
+    arena._slots.store(arena._memcg_cpu_slot(cpu) + MC_FLUSHING, 0)
+
+
 def serve_flush(arena: Arena, cpu: int) -> None:
     """The drain work item, run by drain.serve on CPU `cpu` (op lock held): if a
     drain_all_stock flagged this CPU, drain all 7 slots and clear the flag."""
