@@ -34,7 +34,7 @@ from ..layout import (
     M_VARIANT, MC_EVICTIONS, MC_FLUSHES, MC_OVERFLOWS, MEMCG_VARIANTS, PC_PARENT, R_WALKS,
     Arena, pid_alive,
 )
-from ..page_counter import PAGE_COUNTER_MAX, PageCounter, check_limit, check_nr
+from ..page_counter import NR_PAGES_LIMIT, PAGE_COUNTER_MAX, PageCounter, check_limit, check_nr
 from ..stock import BATCH_LIMIT, DEFAULT_BATCH
 from . import legacy
 from .variants import DESIGNS, Design
@@ -64,15 +64,32 @@ class MemCgroup:
         self.memsw: PageCounter | None = tree._arena._handle(memsw) if memsw >= 0 else None
         self.parent = parent
         self.name = self.memory.name
+        self._tag = index + 1                         # its tag in legacy slots
 
     # ---- charging -------------------------------------------------------------
 
     def try_charge(self, n: int) -> bool:
         """try_charge_memcg for n pages (see the module docstring). A live CPU that
-        does not serve the drain in time raises DrainTimeout (drain_stock)."""
+        does not serve the drain in time raises DrainTimeout (drain_stock).
+
+        The stock hit is inlined here (one C call), as the kernel's
+        consume_stock / page_counter fast path comes first: a cgroup with memsw,
+        armed hooks or no CPU take the general path."""
+        tree = self._tree
+        arena = tree._arena
+        row = arena._stock_row
+        if row >= 0 and self.memsw is None and type(n) is int and 0 <= n < NR_PAGES_LIMIT \
+                and not hooks.ARMED:
+            slots = arena._slots
+            if tree._legacy:
+                if slots.legacy_consume(row, arena._memcg_block, self._tag, n) == 1 \
+                        and slots.load(self._record + CG_STATE) != FREED:
+                    return True
+            elif slots.stock_consume(self.memory._c, row, n) == 1:
+                return True                 # a freed cgroup has no stock: never here
         nr_pages = check_nr(n)
         self._check_alive()
-        return self._tree._try_charge(self, nr_pages)
+        return tree._try_charge(self, nr_pages)
 
     def uncharge(self, n: int, *, kmem: bool = False) -> None:
         """Uncharge n pages from memory (and memsw). kmem=True is the kmem and
@@ -128,7 +145,7 @@ class MemCgroup:
 
     @property
     def state(self) -> str:
-        return STATES[int(self._tree._arena.cgroups[self._index, CG_STATE])]
+        return STATES[self._tree._arena._slots.load(self._record + CG_STATE)]
 
     @property
     def events(self) -> dict[str, int]:
@@ -168,7 +185,7 @@ class MemCgroup:
         return out
 
     def _check_alive(self) -> None:
-        if self.state == "freed":
+        if self._tree._arena._slots.load(self._record + CG_STATE) == FREED:
             raise ValueError(f"cgroup {self.name!r} is freed")
 
     def __repr__(self) -> str:
@@ -207,7 +224,6 @@ class Cgroups:
         self._arena = arena
         self._handles: dict[int, MemCgroup] = {}
         self._owner: dict[int, int] = {}           # counter index -> cgroup index
-        self._known = 0
         if int(arena.memcg_header[M_STATE]) != READY:
             self._set_up(asked)
         stored = self.options
@@ -219,6 +235,7 @@ class Cgroups:
         self.memsw: bool = stored["memsw"]
         self.batch: int = stored["batch"]
         self._design: Design = DESIGNS[self.variant]
+        self._legacy = self.variant == "legacy"
         self.root: MemCgroup = self._cgroup_at(int(arena.memcg_header[M_ROOT]))
 
     # ---- the tree in the arena --------------------------------------------------
@@ -368,7 +385,7 @@ class Cgroups:
 
     def _charge_once(self, g: MemCgroup, nr_pages: int, greedy: bool) -> PageCounter | None:
         """One attempt: memsw then memory. Returns the counter that refused, or None."""
-        if self.variant == "legacy":
+        if self._legacy:
             return legacy.try_charge(self._arena, g.memory, nr_pages, greedy)
         if g.memsw is not None:
             refused = self._page_counter_try_charge(g.memsw, nr_pages)
