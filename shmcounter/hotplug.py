@@ -25,7 +25,9 @@ state the next repair (of the same dead rows) finishes.
 
 Then drain_cpu takes each stock of the dead CPU without its lock, clears the lock
 word, and uncharges the pages, as an op in the dead CPU's own row (so that a
-repairer killed there is repaired the same way), and the CPU is free again.
+repairer killed there is repaired the same way); if the arena's cgroup tree uses
+the legacy 7-slot stock, its slots are drained the same way (memcg/legacy.py);
+and the CPU is free again.
 
 Not covered: watermark and failcnt may keep the effect of a rolled-back op (they
 are statistics). A live writer stopped (SIGSTOP) inside an op stalls stop_machine
