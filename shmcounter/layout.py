@@ -53,17 +53,18 @@ Bump LAYOUT_VERSION whenever a line below changes.
                        is 1 while a drain of c on CPU k is asked for (any process
                        sets it; CPU k clears it when it drains).
   names      max_counters x 64 bytes: UTF-8 name, NUL padded.
-  memcg      the cgroup tree of shmcounter.memcg (memcg/tree.py), if any:
-                       line 0: state (0 none, 1 being set up, 2 ready), variant,
-                         memsw, eviction, batch, root, first-child drain
+  memcg      the cgroup tree of shmcounter.memcg (memcg/cgroups.py), if any:
+                       line 0: state (0 none, the pid setting it up, -1 ready),
+                         variant, memsw, eviction, batch, root, first-child drain
                        max_counters cgroup records of CG_WORDS = 8 words, indexed
                          by the cgroup's memory counter: state, memsw counter,
                          events.max (hierarchical), events.max local
                        ncpus per-CPU blocks of MC_WORDS = 16 words (two lines):
                          the legacy memcg_stock_pcp (flushing, lock, drain_idx,
-                         7 slot words) and this CPU's event counts (walks,
-                         evictions, overflow drains, flushes), written by CPU k
-                         only (or by hotplug once it is dead)
+                         7 slot words; memcg/legacy.py) and this CPU's event
+                         counts (evictions, overflow drains, flushes), written by
+                         CPU k (or by hotplug once it is dead; flushing also by
+                         drain requesters)
 
 Lifetime (Python 3.11, see docs/design.md "Segment lifetime"):
   - the creator's resource tracker keeps the segment registered, so when the

@@ -211,3 +211,27 @@ def test_the_read_view_in_kernel_terms(arena, machine):
         "  a     online          262144     1048576       262144           0           0          61",
     ]
     a.uncharge(3)
+
+
+def test_handles_from_another_cgroups_object_name_the_same_subtree(arena, machine):
+    cg = Cgroups(arena)
+    p = cg.create("P")
+    cg.create("C", parent=p)
+    machine.run_on(0, t.charge, arena, "C")
+    assert Cgroups(arena).drain_all_stock(Cgroups.open(arena).cgroup("P"))
+    assert cg.cgroup("C").stock(0) == 0
+    cg.cgroup("C").uncharge(1)
+
+
+def test_a_memsw_name_too_long_for_its_second_counter_creates_neither(arena):
+    cg = Cgroups(arena, memsw=True)
+    with pytest.raises(ValueError, match=r"counter name must be 1..63 UTF-8 bytes"):
+        cg.create("x" * 60)
+    assert [c.name for c in arena.counters()] == ["root", "root:memsw"]
+
+
+def test_open_is_for_an_arena_that_holds_a_tree(arena):
+    with pytest.raises(ArenaError, match=f"arena '{arena.name}' holds no cgroup tree"):
+        Cgroups.open(arena)
+    Cgroups(arena, variant="rfc")
+    assert Cgroups.open(arena).variant == "rfc"

@@ -12,12 +12,16 @@ Every race shows under its design and not under "fixed", whose disable only sets
 batch = 0 and whose free does the only lock-free drain, once nobody charges."""
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
+import threading
 
 import pytest
 
+from shmcounter.drain import drain_stock
 from shmcounter.invariants import InvariantError, check_invariants
+from shmcounter.layout import MC_FLUSHING
 from shmcounter.memcg import Cgroups
 
 import memcg_tasks as t
@@ -146,3 +150,50 @@ def test_a_kill_inside_an_eviction_loses_no_page(arena, machine, point, a8_real,
     check_invariants(arena, {**{g.name: 1 for g in groups[:7]}, "A8": a8_real})
     for g in groups:
         g.uncharge(g.memory.usage)
+
+
+# ---- the legacy drain paths against each other ----------------------------------------
+
+def test_a_drain_served_between_the_two_ops_of_an_eviction_uncharges_once(arena, machine):
+    cg = Cgroups(arena, variant="legacy")
+    groups = [cg.create(f"A{i}") for i in range(1, 9)]
+    machine.run_on(0, t.charge_each, arena, [g.name for g in groups[:7]])
+    charger = park(machine, 0, "legacy:evicted", t.charge, arena, "A8")  # A1 pending
+    assert cg.drain_all_stock(groups[0])          # flags CPU 0, which is stopped
+    assert resume(machine, 0, charger) == [True]  # serves the drain, then its second op
+    cg.wait_flushed()
+    assert [g.memory.usage for g in groups] == [1] * 8
+    check_invariants(arena, {g.name: 1 for g in groups})
+    for g in groups:
+        g.uncharge(1)
+
+
+def test_a_drain_request_during_an_inline_drain_all_is_served_after_it(arena, machine):
+    """Lock order: the op lock, then the CPU's lock. CPU 0 drains its own slots
+    inline (holding both) and a work message arrives: served after, no deadlock."""
+    cg = Cgroups(arena, variant="legacy")
+    cg.create("A")
+    machine.run_on(0, t.charge, arena, "A")
+    drainer = park(machine, 0, "uncharge:level", t.drain_all, arena, "A")
+    done = []
+    waiter = threading.Thread(target=lambda: done.append(drain_stock(arena, [cg.root.memory], 30)))
+    waiter.start()                                # a work message to every CPU
+    assert resume(machine, 0, drainer) == True
+    waiter.join(30)
+    assert done == [True] and cg.cgroup("A").memory.usage == 1
+    cg.cgroup("A").uncharge(1)
+
+
+def test_a_flag_left_by_a_requester_that_died_before_sending_is_taken_over(arena, machine):
+    cg = Cgroups(arena, variant="legacy")
+    a = cg.create("A")
+    machine.run_on(1, t.charge, arena, "A")
+    dead = multiprocessing.get_context("fork").Process(target=int)
+    dead.start()
+    dead.join()
+    # a drain_all_stock that flagged CPU 1 and was killed before its signal
+    arena._slots.store(arena._memcg_cpu_slot(1) + MC_FLUSHING, dead.pid)
+    assert cg.drain_all_stock(a)
+    cg.wait_flushed()
+    assert (a.memory.usage, a.stock(1)) == (1, 0)
+    a.uncharge(1)

@@ -24,15 +24,13 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Iterator
-
 from .. import hooks
 from ..drain import single_drainer
 from ..errors import ArenaError
 from ..layout import (
     CG_WORDS, M_BATCH, M_EVICTION, M_FIRST_CHILD_DRAIN, M_MEMSW, M_ROOT, M_STATE,
     M_VARIANT, MC_EVICTIONS, MC_FLUSHES, MC_OVERFLOWS, MEMCG_VARIANTS, PC_PARENT, R_WALKS,
-    Arena, pid_alive,
+    Arena, _check_name, pid_alive,
 )
 from ..page_counter import NR_PAGES_LIMIT, PAGE_COUNTER_MAX, PageCounter, check_limit, check_nr
 from ..stock import BATCH_LIMIT, DEFAULT_BATCH
@@ -130,7 +128,9 @@ class MemCgroup:
 
     def free(self) -> None:
         """css_free: free_stock on each counter (in the fixed design, drains what
-        is left on every CPU without the lock: nobody charges it any more)."""
+        is left on every CPU without the lock). Call it once nobody charges or
+        uncharges the cgroup any more, as the kernel runs css_free after the last
+        reference is gone: a charge still in flight could land in a freed stock."""
         if self.state != "offline":
             raise ValueError(f"cgroup {self.name!r} is {self.state}; offline() it first")
         for counter in self.counters:
@@ -238,6 +238,14 @@ class Cgroups:
         self._legacy = self.variant == "legacy"
         self.root: MemCgroup = self._cgroup_at(int(arena.memcg_header[M_ROOT]))
 
+    @classmethod
+    def open(cls, arena: Arena) -> Cgroups:
+        """The tree the arena holds, read-only as to its options: ArenaError if the
+        arena has none (where Cgroups(arena) would create one)."""
+        if int(arena.memcg_header[M_STATE]) != READY:
+            raise ArenaError(f"arena {arena.name!r} holds no cgroup tree")
+        return cls(arena)
+
     # ---- the tree in the arena --------------------------------------------------
 
     @property
@@ -315,8 +323,13 @@ class Cgroups:
         if parent.state != "online":
             raise ValueError(f"parent {parent.name!r} is {parent.state}, not online")
         limit = PAGE_COUNTER_MAX if max is None else check_limit(max, "max")
-        if self.memsw and self._arena._published() + 2 > self._arena.max_counters:
-            raise ArenaError(f"arena {self._arena.name!r} has no room for two more counters")
+        if self.memsw:                        # both counters or neither
+            _check_name(name + MEMSW)
+            if self._arena._published() + 2 > self._arena.max_counters:
+                raise ArenaError(f"arena {self._arena.name!r} has no room for two more counters")
+            if name + MEMSW in {c.name for c in self._arena.counters()}:
+                raise ValueError(f"a counter named {name + MEMSW!r} already exists in this arena")
+        parent = self._cgroup_at(parent._index)   # this tree's handle, even if given another's
         memory = self._arena.new_counter(name, parent.memory, limit)
         memsw = None
         if self.memsw:
@@ -357,12 +370,15 @@ class Cgroups:
         return g
 
     def _children(self, g: MemCgroup) -> list[MemCgroup]:
-        return [c for c in self.cgroups() if c.parent is g]
+        return [c for c in self.cgroups() if c.parent is not None and c.parent._index == g._index]
 
-    def _subtree(self, g: MemCgroup) -> Iterator[MemCgroup]:
-        yield g
-        for child in self._children(g):
-            yield from self._subtree(child)
+    def _subtree(self, g: MemCgroup) -> list[MemCgroup]:
+        """g and its descendants (one pass: parents come before children)."""
+        inside = {g._index}
+        for c in self.cgroups():
+            if c.parent is not None and c.parent._index in inside:
+                inside.add(c._index)
+        return [self._cgroup_at(i) for i in sorted(inside)]
 
     def _stocked(self, g: MemCgroup) -> list[PageCounter]:
         return [c for m in self._subtree(g) for c in m.counters if c.has_stock]

@@ -4,8 +4,9 @@ up to 64 pages already charged to it.
 
 Each CPU's block (arena.memcg_cpus[cpu], layout.py) holds
 
-    flushing     FLUSHING_CACHED_CHARGE: a drain_all_stock asked this CPU to drain
-                 (set by the requester with a CAS, cleared by the CPU)
+    flushing     FLUSHING_CACHED_CHARGE: the pid of a drain_all_stock that asked
+                 this CPU to drain (set by the requester with a CAS, cleared by
+                 the CPU when it has drained, and when a process registers as it)
     lock         the local_trylock (holder's pid), at the word a stock slot's lock
                  sits at, so the slot lock steps of _atomic.c apply
     drain_idx    next round-robin victim
@@ -32,6 +33,7 @@ shared by memory and memsw would need one op across two counter trees.
 """
 from __future__ import annotations
 
+import os
 import random
 import time
 from typing import TYPE_CHECKING, Callable, Collection
@@ -42,7 +44,7 @@ from .. import hooks
 from ..drain import post_work, single_drainer
 from ..layout import (
     M_EVICTION, MC_DRAIN_IDX, MC_EVICTIONS, MC_FLUSHES, MC_FLUSHING, MC_LOCK, MC_OVERFLOWS,
-    MC_SLOTS, MEMCG_CHARGE_BATCH, NR_MEMCG_STOCK,
+    MC_SLOTS, MEMCG_CHARGE_BATCH, NR_MEMCG_STOCK, pid_alive,
 )
 
 if TYPE_CHECKING:
@@ -204,9 +206,9 @@ def _own_op(arena: Arena, counter: PageCounter, slot: int,
     writer.end()
 
 
-def _served_op(arena: Arena, counter: PageCounter, slot: int,
+def _locked_op(arena: Arena, counter: PageCounter, slot: int,
                body: Callable[[int], None]) -> None:
-    """For the drain server, which holds the op lock already (drain.serve)."""
+    """For a caller that holds the op lock already (the drain server, drain_local)."""
     writer = arena._writer
     writer.enter(counter._index, slot)
     try:
@@ -232,19 +234,28 @@ def _dead_op(cpu: int) -> OpRunner:
 
 def _drain_half(arena: Arena, slot: int, pending: bool, run: OpRunner) -> int:
     """Uncharge one half of slot word `slot` (the cached pages, or the pending ones)
-    and clear it, in one op. Returns the pages uncharged."""
+    and clear it, in one op. Returns the pages uncharged.
+
+    The word is read again inside the op: between the first look and the op, this
+    CPU's drain server may have drained the half (a signal served before the op
+    lock was taken); then the op changes nothing."""
     slots = arena._slots
-    tag, nr_pages = _half(slots.load(slot), pending)
+    tag, _ = _half(slots.load(slot), pending)
     if tag == 0:
         return 0
     counter = arena._handle(tag - 1)
     mask = CUR_MASK if pending else ~CUR_MASK
+    taken = [0]
 
     def body(kbase: int) -> None:
-        slots.store(slot, slots.load(slot) & mask)
-        counter._cancel_path(nr_pages, kbase)
+        word = slots.load(slot)
+        now_tag, nr_pages = _half(word, pending)
+        if now_tag == tag:
+            slots.store(slot, word & mask)
+            counter._cancel_path(nr_pages, kbase)
+            taken[0] = nr_pages
     run(arena, counter, slot, body)
-    return nr_pages
+    return taken[0]
 
 
 def _drain_block(arena: Arena, block: int, run: OpRunner) -> int:
@@ -266,11 +277,16 @@ def _locked(arena: Arena, block: int, fn: Callable[[], int]) -> int:
 
 def drain_local(arena: Arena) -> int:
     """drain_local_memcg_stock in a CPU process, outside any op: drain all 7 slots
-    of this CPU. Returns the pages uncharged."""
+    of this CPU. Returns the pages uncharged.
+
+    Lock order, everywhere: the op lock, then the CPU's lock (the drain server and
+    the refill inside a charge op take them in that order too). A drain request
+    arriving meanwhile is served after, not inside (Writer.held)."""
     block = arena._memcg_block
     if block < 0:
         return 0
-    return _locked(arena, block, lambda: _drain_block(arena, block, _own_op))
+    with arena._writer.held():
+        return _locked(arena, block, lambda: _drain_block(arena, block, _locked_op))
 
 
 def cpu_offline(arena: Arena, cpu: int) -> None:
@@ -286,7 +302,7 @@ def serve_flush(arena: Arena, cpu: int) -> None:
     slots, block = arena._slots, arena._memcg_cpu_slot(cpu)
     if not slots.load(block + MC_FLUSHING):
         return
-    _locked(arena, block, lambda: _drain_block(arena, block, _served_op))
+    _locked(arena, block, lambda: _drain_block(arena, block, _locked_op))
     slots.fetch_add(block + MC_FLUSHES, 1)
     slots.store(block + MC_FLUSHING, 0)
 
@@ -314,9 +330,13 @@ def drain_all(arena: Arena, tags: Collection[int]) -> bool:
     another drain runs; else flag every online CPU that caches pages of the
     subtree, drain this CPU inline, and send the others their work item without
     waiting for it (asynchronous). A flagged CPU drains all 7 of its slots, other
-    cgroups' included. Returns True."""
+    cgroups' included. Returns True.
+
+    The flag (FLUSHING_CACHED_CHARGE) holds the requester's pid: a CPU flagged by
+    a live requester has its work queued and is skipped; a flag left by a
+    requester that died before sending the work is taken over."""
     from ..cpu import this_cpu_of
-    slots = arena._slots
+    slots, mypid = arena._slots, os.getpid()
     with single_drainer(arena) as got:
         if not got:
             return False
@@ -327,17 +347,18 @@ def drain_all(arena: Arena, tags: Collection[int]) -> bool:
             pid = slots.load(arena._cpu_slot(cpu))
             if cpu != me and not arena.row_owner_alive(cpu):
                 continue                            # offline: hotplug's
-            block = arena._memcg_cpu_slot(cpu)
-            if slots.load(block + MC_FLUSHING) or not _drain_needed(arena, cpu, tags):
+            flag = arena._memcg_cpu_slot(cpu) + MC_FLUSHING
+            holder = slots.load(flag)
+            if holder and pid_alive(holder) or not _drain_needed(arena, cpu, tags):
                 continue
-            if slots.cas(block + MC_FLUSHING, 0, 1) != 0:
+            if slots.cas(flag, holder, mypid) != holder:
                 continue
             if cpu == me:
                 drain_local(arena)
-                slots.fetch_add(block + MC_FLUSHES, 1)
-                slots.store(block + MC_FLUSHING, 0)
-            else:
-                post_work(arena, cpu, pid)
+                slots.fetch_add(flag - MC_FLUSHING + MC_FLUSHES, 1)
+                slots.cas(flag, mypid, 0)
+            elif not post_work(arena, cpu, pid):
+                slots.cas(flag, mypid, 0)           # gone: hotplug's
     return True
 
 
@@ -349,8 +370,9 @@ def _drain_needed(arena: Arena, cpu: int, tags: Collection[int]) -> bool:
 
 
 def flushing(arena: Arena) -> list[int]:
-    """CPUs that have a drain_all_stock work item not yet served."""
-    return np.flatnonzero(arena.memcg_cpus[:, MC_FLUSHING]).tolist()
+    """CPUs flagged by a live requester whose drain work they have not served."""
+    flags = arena.memcg_cpus[:, MC_FLUSHING].tolist()
+    return [cpu for cpu, holder in enumerate(flags) if holder and pid_alive(holder)]
 
 
 # ---- reading ---------------------------------------------------------------------
