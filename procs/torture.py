@@ -1,26 +1,44 @@
 """Hotplug torture: random SIGKILLs of CPU processes charging a limited tree.
 
-CPU processes run random try_charge / uncharge / drain loops over a 3-level tree
-with limits, each keeping a shadow ledger of the pages it holds. The controller
-kills a random CPU at a random instant, lets the hotplug-dead path run, pauses
-every other CPU at a safe point, and checks:
+Two designs of the per-CPU charge stock (`design`):
+
+  page_counter  counters with the series' per-counter stock: a 3-level tree of 7
+                counters; CPUs try_charge, uncharge and drain_stock on 4 leaves.
+  legacy        a shmcounter.memcg Cgroups tree of the old design, 7 slots per CPU:
+                a 3-level tree of 14 cgroups, 10 leaves (more than 7, so that every
+                CPU evicts constantly); CPUs try_charge (try_charge_memcg: a refused
+                charge drains and retries), uncharge, uncharge to the stock (kmem)
+                and drain_all_stock (asynchronous).
+
+Each CPU process runs random operations on the leaves and keeps a shadow ledger of
+the pages it holds. For each kill the controller picks a victim, waits until it runs
+its loop, and SIGKILLs it at a random instant; every `aim_every`-th kill is aimed:
+the victim is stopped (SIGSTOP) at random instants until it is caught inside an
+operation, and killed there. Once the hotplug-dead path has run, every other CPU
+pauses at a safe point (legacy: and has served the drain work sent to it), and:
 
   - the killed CPU's operation in flight (written to its ledger before the call)
-    counts wholly or not at all: the leaf's unexplained usage is 0 or its delta,
-    and every ancestor agrees (I1 is exact with the resolved ledger);
-  - series I1, I2 (no underflow), I5 (no slot above batch), I6 (no usage above
-    max) and I7 (usage == writers' contributions) at every counter;
-  - the dead CPU's slots hold nothing and no lock.
+    counts wholly or not at all: the leaf's unexplained usage (usage - stock -
+    ledger) is 0 or the op's delta. For legacy a try_charge may make several ops
+    on the leaf (a refused pass, which changes nothing; the drain, which moves
+    stock pages only; the retry) and an eviction is an op on another cgroup, whose
+    pages are stock pages in either half of the slot: the leaf still shows 0 or
+    delta, and every other counter nothing (I1 is exact with the resolved ledger);
+  - series I1, I2 (no underflow), I5 (no slot above 64), I6 (no usage above max)
+    and I7 (usage == writers' contributions) at every counter;
+  - the dead CPU's stock holds nothing and no lock (legacy: no drain flag either).
 
 Then the CPU is restarted and resumes its ledger. At the end every CPU returns its
 pages, and every usage must be exactly 0.
 
     from procs.torture import torture
-    report = torture(kills=200, seed=1)
+    report = torture(kills=200, seed=1, design="legacy")
 """
 from __future__ import annotations
 
+import os
 import random
+import signal
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -31,19 +49,57 @@ import numpy as np
 from shmcounter import Arena
 from shmcounter._atomic import Slots
 from shmcounter.invariants import check_invariants
+from shmcounter.layout import MC_FLUSHING, MC_LOCK, MC_SLOTS, NR_MEMCG_STOCK
+from shmcounter.memcg import Cgroups, legacy
+from shmcounter.memcg.cgroups import ROOT
 
 from .machine import Machine
 
-LEAVES = ["a1", "a2", "b1", "b2"]
-TREE = [("root", None, 40_000), ("a", "root", 9_000), ("b", "root", 7_000),
-        ("a1", "a", 2_500), ("a2", "a", 8_000), ("b1", "b", 3_000), ("b2", "b", 3_000)]
-BATCH = 64
+BATCH = 64                      # the per-counter stock's batch; the legacy slot's max
+
 
 # ledger segment, int64 words: [pause, stop] then per CPU a line of
-# [ack, ops, inflight, leaf, delta, before, 0, 0] and len(LEAVES) held counts
+# [ack, ops, inflight, leaf, delta, before, 0, 0] and MAX_LEAVES held counts
 _PAUSE, _STOP = 0, 1
 _ACK, _OPS, _INFLIGHT, _LEAF, _DELTA, _BEFORE = range(6)
-_CPU_WORDS = 8 + 8
+_HELD = 8
+MAX_LEAVES = 16
+_CPU_WORDS = _HELD + MAX_LEAVES
+# inflight: what the CPU is doing; _OP is a charge or an uncharge of leaf by delta
+_NONE, _OP, _DRAIN = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Tree:
+    """A design's tree: (name, parent, max) with parents first and the root first,
+    and the leaves the CPUs charge."""
+    nodes: tuple[tuple[str, str | None, int], ...]
+    leaves: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.leaves) > MAX_LEAVES:
+            raise ValueError(f"a tree has at most {MAX_LEAVES} leaves (the ledger's line)")
+
+
+TREES: dict[str, Tree] = {
+    "page_counter": Tree(
+        (("root", None, 40_000), ("a", "root", 9_000), ("b", "root", 7_000),
+         ("a1", "a", 2_500), ("a2", "a", 8_000), ("b1", "b", 3_000), ("b2", "b", 3_000)),
+        ("a1", "a2", "b1", "b2")),
+    "legacy": Tree(
+        ((ROOT, None, 8_000), ("a", ROOT, 3_000), ("b", ROOT, 2_500), ("c", ROOT, 2_000),
+         ("a1", "a", 1_000), ("a2", "a", 1_500), ("a3", "a", 750), ("a4", "a", 1_250),
+         ("b1", "b", 1_000), ("b2", "b", 1_000), ("b3", "b", 1_500),
+         ("c1", "c", 750), ("c2", "c", 1_000), ("c3", "c", 1_250)),
+        ("a1", "a2", "a3", "a4", "b1", "b2", "b3", "c1", "c2", "c3")),
+}
+DESIGNS = tuple(TREES)
+
+CHARGES = (1, 1, 1, 2, 8, 33, 64, 100)   # try_charge sizes; kmem uncharges too
+P_UNCHARGE = 0.45                        # an uncharge (when the leaf holds pages)
+P_KMEM = 0.5                             # legacy: of those, to the stock
+AIM_TIMEOUT = 60.0                       # seconds to catch a victim inside an op
+RUN_TIMEOUT = 60.0                       # seconds for a victim to run its loop
 
 
 def _cpu_base(cpu: int) -> int:
@@ -52,20 +108,37 @@ def _cpu_base(cpu: int) -> int:
 
 @dataclass
 class Report:
+    design: str = "page_counter"
     kills: int = 0
+    aimed: int = 0                 # kills made once the victim was caught in an op
     ops: int = 0
     checks: int = 0
     in_flight: dict[str, int] = field(default_factory=lambda: {
-        "none": 0, "acknowledged": 0, "rolled back": 0, "counted wholly": 0})
+        "none": 0, "in a drain": 0, "acknowledged": 0, "rolled back": 0,
+        "counted wholly": 0})
+    stats: dict[str, int] = field(default_factory=dict)   # legacy: Cgroups.stats() + events
     seconds: float = 0.0
+
+    @property
+    def inside_op(self) -> int:
+        """Kills whose operation in flight had to be resolved: rolled back or wholly."""
+        return self.in_flight["rolled back"] + self.in_flight["counted wholly"]
 
     def __str__(self) -> str:
         f = self.in_flight
-        return (f"{self.kills} SIGKILLs, {self.ops} operations, {self.checks} invariant "
-                f"checks (I1 I2 I5 I6 I7 + dead slots), all passed in {self.seconds:.1f} s.\n"
-                f"Operation in flight at the kill: none {f['none']}, already acknowledged "
-                f"{f['acknowledged']}, rolled back (counted not at all) {f['rolled back']}, "
-                f"counted wholly {f['counted wholly']}.")
+        lines = [
+            f"{self.design}: {self.kills} SIGKILLs ({self.aimed} aimed inside an operation), "
+            f"{self.ops} operations, {self.checks} invariant checks (I1 I2 I5 I6 I7 + "
+            f"dead slots), all passed in {self.seconds:.1f} s.",
+            f"Operation in flight at the kill: none {f['none']}, in a drain "
+            f"{f['in a drain']}, already acknowledged {f['acknowledged']}, rolled back "
+            f"(counted not at all) {f['rolled back']}, counted wholly {f['counted wholly']}."]
+        if self.stats:
+            s = self.stats
+            lines.append(f"Legacy slots: {s['evictions']} evictions, {s['overflows']} overflow "
+                         f"drains, {s['flushes']} drain works served; {s['max events']} "
+                         f"max events (refused charges).")
+        return "\n".join(lines)
 
 
 _ledgers: dict[str, tuple[shared_memory.SharedMemory, Slots, np.ndarray]] = {}
@@ -78,75 +151,144 @@ def _ledger(name: str) -> tuple[Slots, np.ndarray]:
     return _ledgers[name][1:]
 
 
-def torture_loop(arena: Arena, ledger: str, cpu: int, seed: int) -> int:
-    """This runs in CPU process `cpu`: random operations until told to stop, pausing
-    at a safe point (no operation in flight) when asked. Returns operations done."""
+# ---- the CPU side -------------------------------------------------------------------
+
+class _CounterOps:
+    """The page_counter design's operations on the leaves, in a CPU process. A drain
+    is a round trip to every CPU (1-3 ms with 4 CPUs on 2 cores): one in 1000, or
+    the kills land in a drain's wait instead of in an operation (one in 50 kept
+    the CPUs waiting 75% of the time)."""
+    p_drain = 0.001
+    kmem = False
+
+    def __init__(self, arena: Arena, leaves: tuple[str, ...]) -> None:
+        self._leaves = [arena.counter(name) for name in leaves]
+
+    def charge(self, leaf: int, n: int) -> bool:
+        return self._leaves[leaf].try_charge(n)[0]
+
+    def uncharge(self, leaf: int, n: int, kmem: bool) -> None:
+        self._leaves[leaf].uncharge(n)
+
+    def drain(self, leaf: int) -> None:
+        self._leaves[leaf].drain_stock(timeout=30)
+
+
+class _CgroupOps:
+    """The legacy design's operations on the leaf cgroups, in a CPU process.
+    drain_all_stock does not wait for the other CPUs."""
+    p_drain = 0.01
+    kmem = True
+
+    def __init__(self, arena: Arena, leaves: tuple[str, ...]) -> None:
+        self._tree = Cgroups(arena)
+        self._leaves = [self._tree.cgroup(name) for name in leaves]
+
+    def charge(self, leaf: int, n: int) -> bool:
+        return self._leaves[leaf].try_charge(n)
+
+    def uncharge(self, leaf: int, n: int, kmem: bool) -> None:
+        self._leaves[leaf].uncharge(n, kmem=kmem)
+
+    def drain(self, leaf: int) -> None:
+        self._tree.drain_all_stock(self._leaves[leaf])
+
+
+_OPERATIONS: dict[str, type[_CounterOps | _CgroupOps]] = {"page_counter": _CounterOps, "legacy": _CgroupOps}
+
+
+def torture_loop(arena: Arena, ledger: str, cpu: int, seed: int, design: str) -> int:
+    """This runs in CPU process `cpu`: random operations on `design`'s leaves until
+    told to stop, pausing at a safe point (nothing in flight) when asked. Before an
+    operation its leaf, delta and the ledger's count go to the ledger and inflight
+    is set; the count is updated once the call returned. Returns operations done."""
     slots, words = _ledger(ledger)
     base = _cpu_base(cpu)
-    held = base + 8
-    leaves = [arena.counter(name) for name in LEAVES]
+    held = base + _HELD
+    leaves = TREES[design].leaves
+    ops = _OPERATIONS[design](arena, leaves)
     rng = random.Random(seed)
-    ops = 0
+    done = 0
     while not slots.load(_STOP):
         if slots.load(_PAUSE):
-            slots.store(base + _ACK, 1)
-            while slots.load(_PAUSE) and not slots.load(_STOP):
-                time.sleep(0)
-            slots.store(base + _ACK, 0)
+            _paused(slots, base)
             continue
-        leaf = rng.randrange(len(LEAVES))
+        leaf = rng.randrange(len(leaves))
         have = int(words[held + leaf])
         roll = rng.random()
-        if roll < 0.02:
-            leaves[leaf].drain_stock(timeout=30)            # a drain may be killed too
+        if roll < ops.p_drain:
+            slots.store(base + _INFLIGHT, _DRAIN)          # a drain may be killed too
+            ops.drain(leaf)
+            slots.store(base + _INFLIGHT, _NONE)
             continue
-        delta = -rng.randint(1, have) if have and roll < 0.47 else \
-            rng.choice([1, 1, 1, 2, 8, 33, 64, 100])
-        words[base + _LEAF], words[base + _DELTA], words[base + _BEFORE] = leaf, delta, have
-        slots.store(base + _INFLIGHT, 1)
-        if delta > 0:
-            ok = leaves[leaf].try_charge(delta)[0]
+        kmem = False
+        if have and roll < P_UNCHARGE:
+            kmem = ops.kmem and rng.random() < P_KMEM
+            delta = -min(have, rng.choice(CHARGES)) if kmem else -rng.randint(1, have)
         else:
-            leaves[leaf].uncharge(-delta)
+            delta = rng.choice(CHARGES)
+        words[base + _LEAF], words[base + _DELTA], words[base + _BEFORE] = leaf, delta, have
+        slots.store(base + _INFLIGHT, _OP)
+        if delta > 0:
+            ok = ops.charge(leaf, delta)
+        else:
+            ops.uncharge(leaf, -delta, kmem)
             ok = True
         if ok:
             words[held + leaf] = have + delta
-        slots.store(base + _INFLIGHT, 0)
-        ops += 1
+        slots.store(base + _INFLIGHT, _NONE)
+        done += 1
         words[base + _OPS] += 1
-    return ops
+    return done
 
 
-def release_all(arena: Arena, ledger: str, cpu: int) -> None:
+def _paused(slots: Slots, base: int) -> None:
+    """Stay at this safe point while the controller checks: say so (ack), sleep on
+    the pause word until it is cleared or the run stops. A drain sent to this CPU
+    meanwhile is served by its signal handler, which interrupts the sleep."""
+    slots.store(base + _ACK, 1)
+    while slots.load(_PAUSE) and not slots.load(_STOP):
+        slots.futex_wait(_PAUSE, 1, 10_000)
+    slots.store(base + _ACK, 0)
+
+
+def release_all(arena: Arena, ledger: str, cpu: int, design: str) -> None:
     """This runs in CPU process `cpu`: uncharge every page its ledger holds."""
-    slots, words = _ledger(ledger)
-    held = _cpu_base(cpu) + 8
-    for leaf, name in enumerate(LEAVES):
+    _, words = _ledger(ledger)
+    held = _cpu_base(cpu) + _HELD
+    ops = _OPERATIONS[design](arena, TREES[design].leaves)
+    for leaf in range(len(TREES[design].leaves)):
         if words[held + leaf]:
-            arena.counter(name).uncharge(int(words[held + leaf]))
+            ops.uncharge(leaf, int(words[held + leaf]), kmem=False)
             words[held + leaf] = 0
 
 
+# ---- the controller -------------------------------------------------------------------
+
 def torture(kills: int, seed: int = 0, ncpus: int = 4, start_method: str = "fork",
+            design: str = "page_counter", aim_every: int = 4,
             progress: bool = False) -> Report:
-    """Run `kills` random SIGKILLs; raise AssertionError (InvariantError) at the
-    first broken invariant. Returns what was checked."""
+    """Run `kills` SIGKILLs on `design`'s tree, every `aim_every`-th one aimed inside
+    an operation (0: none aimed); raise AssertionError (InvariantError) at the first
+    broken invariant. Returns what was checked."""
+    if design not in TREES:
+        raise ValueError(f"design must be one of {DESIGNS}, got {design!r}")
+    if type(aim_every) is not int or aim_every < 0:
+        raise ValueError(f"aim_every must be an int >= 0, got {aim_every!r}")
     rng = random.Random(seed)
-    report = Report()
+    report = Report(design=design)
     started = time.monotonic()
     ledger_shm = shared_memory.SharedMemory(create=True, size=8 * (8 + ncpus * _CPU_WORDS))
     try:
         ledger_shm.buf[:] = bytes(ledger_shm.size)
-        with Arena.create(ncpus=ncpus, max_counters=len(TREE)) as arena:
-            for name, parent, limit in TREE:
-                arena.new_counter(name, None if parent is None else arena.counter(parent), limit)
-            for name in LEAVES:
-                arena.counter(name).enable_stock(BATCH)
+        with Arena.create(ncpus=ncpus, max_counters=len(TREES[design].nodes)) as arena:
+            cgroups = _build(arena, design)
             with Machine(arena, start_method=start_method) as m:
                 try:
-                    _run(arena, m, ledger_shm.name, kills, rng, report, progress)
+                    _run(arena, m, cgroups, ledger_shm.name, design, kills, aim_every, rng,
+                         report, progress)
                 finally:
-                    _ledger(ledger_shm.name)[0].store(_STOP, 1)   # loops end, CPUs stop
+                    _stop(_ledger(ledger_shm.name)[0])      # loops end, CPUs stop
     finally:
         for name in list(_ledgers):
             shm, slots, words = _ledgers.pop(name)
@@ -159,40 +301,141 @@ def torture(kills: int, seed: int = 0, ncpus: int = 4, start_method: str = "fork
     return report
 
 
-def _run(arena: Arena, m: Machine, ledger: str, kills: int, rng: random.Random,
-         report: Report, progress: bool) -> None:
+def _build(arena: Arena, design: str) -> Cgroups | None:
+    """Create `design`'s tree in `arena`. Returns the legacy design's Cgroups."""
+    tree = TREES[design]
+    if design == "page_counter":
+        for name, parent, limit in tree.nodes:
+            arena.new_counter(name, None if parent is None else arena.counter(parent), limit)
+        for name in tree.leaves:
+            arena.counter(name).enable_stock(BATCH)
+        return None
+    cgroups = Cgroups(arena, variant="legacy")
+    (_, _, root_max), *children = tree.nodes
+    cgroups.root.memory.set_max(root_max)
+    for name, parent, limit in children:
+        cgroups.create(name, cgroups.cgroup(parent), max=limit)
+    return cgroups
+
+
+def _run(arena: Arena, m: Machine, cgroups: Cgroups | None, ledger: str, design: str,
+         kills: int, aim_every: int, rng: random.Random, report: Report,
+         progress: bool) -> None:
     slots, words = _ledger(ledger)
     ncpus = arena.ncpus
-    loops = {cpu: m.submit(cpu, torture_loop, arena, ledger, cpu, rng.randrange(2**32))
-             for cpu in range(ncpus)}
-    for k in range(kills):
-        time.sleep(rng.uniform(0, 0.015))
+    leaves = TREES[design].leaves
+
+    def start_loop(cpu: int) -> Future:
+        return m.submit(cpu, torture_loop, arena, ledger, cpu, rng.randrange(2**32), design)
+
+    loops = {cpu: start_loop(cpu) for cpu in range(ncpus)}
+    resumed_at = _ops_done(words, ncpus)
+    for k in range(1, kills + 1):
         victim = rng.randrange(ncpus)
+        _wait_running(words, victim, resumed_at[victim], loops[victim])
+        aimed = aim_every > 0 and k % aim_every == 0
+        if aimed:
+            _stop_inside_op(m.pid(victim), words, victim, rng)
+        else:
+            time.sleep(rng.uniform(0, 0.015))
         m.kill(victim)
         report.kills += 1
+        report.aimed += aimed
         _pause(slots, m.online, loops)
-        _check_after_kill(arena, words, victim, report)
+        if cgroups is not None:
+            cgroups.wait_flushed(timeout=30)           # asynchronous drains served
+        outcome = _check_after_kill(arena, words, leaves, victim)
+        assert not aimed or outcome in ("rolled back", "counted wholly"), (
+            f"kill {k} was aimed inside an operation of CPU {victim}, yet: {outcome}")
+        report.in_flight[outcome] += 1
+        report.checks += 1
         # The dead process may have died paused (ack = 1): its successor is not
         # paused until it says so itself.
         slots.store(_cpu_base(victim) + _ACK, 0)
         m.start_cpu(victim)
-        loops[victim] = m.submit(victim, torture_loop, arena, ledger, victim,
-                                 rng.randrange(2**32))
+        loops[victim] = start_loop(victim)
+        resumed_at = _ops_done(words, ncpus)
         slots.store(_PAUSE, 0)
-        if progress and (k + 1) % 100 == 0:
-            print(f"{k + 1} kills, {int(sum(words[_cpu_base(c) + _OPS] for c in range(ncpus)))} "
-                  f"operations, all invariants held", flush=True)
-    slots.store(_STOP, 1)
+        slots.futex_wake(_PAUSE)
+        if progress and k % 100 == 0:
+            print(f"{k} kills, {sum(_ops_done(words, ncpus))} operations, all invariants "
+                  f"held", flush=True)
+    _stop(slots)
     for future in loops.values():
         future.result()
-    report.ops = int(sum(words[_cpu_base(cpu) + _OPS] for cpu in range(ncpus)))
+    report.ops = sum(_ops_done(words, ncpus))
+    if cgroups is not None:
+        report.stats = cgroups.stats() | {
+            "max events": sum(g.events_local["max"] for g in cgroups.cgroups())}
     for cpu in range(ncpus):
-        m.run_on(cpu, release_all, arena, ledger, cpu)
+        m.run_on(cpu, release_all, arena, ledger, cpu, design)
     m.close()                                       # clean stops drain every stock
     usage = [c.usage for c in arena.counters()]
-    assert usage == [0] * len(TREE), f"pages left after every CPU returned its own: {usage}"
+    assert usage == [0] * len(usage), f"pages left after every CPU returned its own: {usage}"
     check_invariants(arena, {})
     report.checks += 1
+
+
+def _stop(slots: Slots) -> None:
+    slots.store(_STOP, 1)
+    slots.futex_wake(_PAUSE)
+
+
+def _ops_done(words: np.ndarray, ncpus: int) -> list[int]:
+    """Operations each CPU has done since the start (its processes summed)."""
+    return [int(words[_cpu_base(cpu) + _OPS]) for cpu in range(ncpus)]
+
+
+def _wait_running(words: np.ndarray, cpu: int, ops_before: int, loop: Future) -> None:
+    """Wait until CPU `cpu` has done an operation since it was resumed (or started),
+    so that the kill lands in its loop, not in its pause or its start-up."""
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while int(words[_cpu_base(cpu) + _OPS]) == ops_before:
+        if loop.done():
+            loop.result()                               # raises what the loop raised
+            raise AssertionError(f"CPU {cpu}'s loop returned while running")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"CPU {cpu} did no operation in {RUN_TIMEOUT} s")
+        time.sleep(0.0001)
+
+
+def _stop_inside_op(pid: int, words: np.ndarray, cpu: int, rng: random.Random) -> None:
+    """SIGSTOP process `pid` (CPU `cpu`'s loop) at random instants, continuing it
+    each time, until it is stopped inside an operation: in flight, its ledger not
+    yet updated. Returns with it stopped there (a SIGKILL now kills it at that
+    instant). AssertionError if it is not caught so within AIM_TIMEOUT seconds."""
+    deadline = time.monotonic() + AIM_TIMEOUT
+    stops = 0
+    while True:
+        time.sleep(rng.uniform(0, 0.001))
+        os.kill(pid, signal.SIGSTOP)
+        _wait_stopped(pid, deadline)
+        stops += 1
+        if _inside_op(words, cpu):
+            return
+        os.kill(pid, signal.SIGCONT)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"CPU {cpu} (pid {pid}) was stopped {stops} times in "
+                                 f"{AIM_TIMEOUT} s, never inside an operation")
+
+
+def _inside_op(words: np.ndarray, cpu: int) -> bool:
+    base = _cpu_base(cpu)
+    leaf = int(words[base + _LEAF])
+    return bool(words[base + _INFLIGHT] == _OP
+                and words[base + _HELD + leaf] == words[base + _BEFORE])
+
+
+def _wait_stopped(pid: int, deadline: float) -> None:
+    """Wait until process `pid` is stopped (state T in /proc)."""
+    while True:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        if stat[stat.rindex(b")") + 2:][:1] == b"T":
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"pid {pid} did not stop")
+        time.sleep(0)
 
 
 def _pause(slots: Slots, online: frozenset[int], loops: dict[int, Future]) -> None:
@@ -204,36 +447,67 @@ def _pause(slots: Slots, online: frozenset[int], loops: dict[int, Future]) -> No
             if loops[cpu].done():
                 loops[cpu].result()                    # raises what the loop raised
                 raise AssertionError(f"CPU {cpu}'s loop returned while running")
-            time.sleep(0)
+            time.sleep(0.0001)
 
 
-def _check_after_kill(arena: Arena, words: np.ndarray, victim: int, report: Report) -> None:
+def _check_after_kill(arena: Arena, words: np.ndarray, leaves: tuple[str, ...],
+                      victim: int) -> str:
+    """At quiescence after `victim`'s death: resolve its operation in flight in the
+    ledger, then check every invariant with the ledger and that the dead CPU's
+    stock is empty. Returns what was in flight ("none", "in a drain",
+    "acknowledged", "rolled back" or "counted wholly")."""
     ncpus = arena.ncpus
-    held = np.array([words[_cpu_base(cpu) + 8:_cpu_base(cpu) + 8 + len(LEAVES)]
+    held = np.array([words[_cpu_base(cpu) + _HELD:_cpu_base(cpu) + _HELD + len(leaves)]
                      for cpu in range(ncpus)])
-    base = _cpu_base(victim)
-    outcome = "none"
-    if words[base + _INFLIGHT]:
-        leaf, delta, before = (int(words[base + i]) for i in (_LEAF, _DELTA, _BEFORE))
-        counter = arena.counter(LEAVES[leaf])
-        stock = sum(counter.stock(cpu) for cpu in range(ncpus))
-        unexplained = counter.usage - stock - int(held[:, leaf].sum())
-        if held[victim, leaf] == before + delta:
-            outcome = "acknowledged"
-            assert unexplained == 0, f"acknowledged op not accounted: {unexplained}"
-        elif unexplained == 0:
-            outcome = "rolled back"
-        else:
-            assert unexplained == delta, (
-                f"the op in flight ({LEAVES[leaf]} {delta:+d}) counts {unexplained}: "
-                f"neither wholly nor not at all")
-            outcome = "counted wholly"
-            words[base + 8 + leaf] = before + delta    # the dead CPU's tasks hold them
-            held[victim, leaf] = before + delta
-        words[base + _INFLIGHT] = 0
-    report.in_flight[outcome] += 1
-    real = {name: int(held[:, i].sum()) for i, name in enumerate(LEAVES)}
+    outcome = _resolve_in_flight(arena, words, held, leaves, victim)
+    real = {name: int(held[:, i].sum()) for i, name in enumerate(leaves)}
     check_invariants(arena, real, batch=BATCH)
-    assert arena.stocks[victim].tolist() == [[0, 0]] * arena.max_stocked, \
-        f"CPU {victim}'s slots after hotplug: {arena.stocks[victim].tolist()}"
-    report.checks += 1
+    _check_dead_stock(arena, victim)
+    return outcome
+
+
+def _resolve_in_flight(arena: Arena, words: np.ndarray, held: np.ndarray,
+                       leaves: tuple[str, ...], victim: int) -> str:
+    """The victim's op in flight counted wholly or not at all at its leaf: the
+    leaf's unexplained usage is delta or 0. Wholly: the pages go to the victim's
+    ledger (its tasks hold them), in `words` and in `held`."""
+    base = _cpu_base(victim)
+    inflight = int(words[base + _INFLIGHT])
+    words[base + _INFLIGHT] = _NONE
+    if inflight != _OP:
+        return "in a drain" if inflight == _DRAIN else "none"
+    leaf, delta, before = (int(words[base + i]) for i in (_LEAF, _DELTA, _BEFORE))
+    name = leaves[leaf]
+    unexplained = arena.counter(name).usage - _stocked(arena, name) - int(held[:, leaf].sum())
+    if held[victim, leaf] == before + delta:
+        assert unexplained == 0, f"acknowledged op not accounted: {unexplained}"
+        return "acknowledged"
+    if unexplained == 0:
+        return "rolled back"
+    assert unexplained == delta, (
+        f"the op in flight ({name} {delta:+d}) counts {unexplained}: "
+        f"neither wholly nor not at all")
+    words[base + _HELD + leaf] = before + delta
+    held[victim, leaf] = before + delta
+    return "counted wholly"
+
+
+def _stocked(arena: Arena, name: str) -> int:
+    """Pages of counter `name` in any CPU's stock: its per-counter slots and the
+    legacy slots, both halves (what check_invariants counts as stock)."""
+    counters = arena.counters()
+    index = [c.name for c in counters].index(name)
+    in_slots = legacy.stock_pages(arena, len(counters))[:, index].sum()
+    return sum(counters[index].stock(cpu) for cpu in range(arena.ncpus)) + int(in_slots)
+
+
+def _check_dead_stock(arena: Arena, cpu: int) -> None:
+    """Dead CPU `cpu`'s stock after hotplug: no page and no lock in its per-counter
+    slots; no page, lock or drain flag in its legacy block."""
+    assert arena.stocks[cpu].tolist() == [[0, 0]] * arena.max_stocked, \
+        f"CPU {cpu}'s slots after hotplug: {arena.stocks[cpu].tolist()}"
+    block = arena.memcg_cpus[cpu]
+    left = {"lock": int(block[MC_LOCK]), "flushing": int(block[MC_FLUSHING]),
+            "slots": block[MC_SLOTS:MC_SLOTS + NR_MEMCG_STOCK].tolist()}
+    assert left == {"lock": 0, "flushing": 0, "slots": [0] * NR_MEMCG_STOCK}, \
+        f"CPU {cpu}'s legacy block after hotplug: {left}"

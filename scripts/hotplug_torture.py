@@ -1,15 +1,16 @@
 #!/usr/bin/env python3
 """Hotplug torture, the long version: random SIGKILLs of CPU processes charging a
-limited 3-level tree, with every invariant checked after every kill (procs/torture.py).
+limited tree, with every invariant checked after every kill (procs/torture.py).
 
     python scripts/hotplug_torture.py --kills 10000
+    python scripts/hotplug_torture.py --kills 3000 --design legacy
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from procs.torture import torture
+from procs.torture import DESIGNS, torture
 
 
 def main() -> int:
@@ -18,11 +19,17 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--cpus", type=int, default=4, help="CPU processes (default 4)")
     parser.add_argument("--start-method", choices=["fork", "forkserver"], default="fork")
+    parser.add_argument("--design", choices=DESIGNS, default="page_counter",
+                        help="the per-counter stock (page_counter, default) or the old "
+                             "7-slot memcg stock (legacy)")
+    parser.add_argument("--aim-every", type=int, default=4, metavar="N",
+                        help="aim every N-th kill inside an operation (default 4; 0: never)")
     args = parser.parse_args()
-    if args.kills < 1 or args.cpus < 1:
-        parser.error("--kills and --cpus must be at least 1")
+    if args.kills < 1 or args.cpus < 1 or args.aim_every < 0:
+        parser.error("--kills and --cpus must be at least 1, --aim-every at least 0")
     report = torture(args.kills, seed=args.seed, ncpus=args.cpus,
-                     start_method=args.start_method, progress=True)
+                     start_method=args.start_method, design=args.design,
+                     aim_every=args.aim_every, progress=True)
     print(report)
     return 0
 

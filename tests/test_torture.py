@@ -1,6 +1,6 @@
 """Hotplug torture in the suite: random SIGKILLs of CPU processes running random
-charge, uncharge and drain loops over a limited 3-level tree with a shadow ledger;
-every invariant is checked after every kill (procs/torture.py). The long version is
+charge, uncharge and drain loops over a limited tree with a shadow ledger; every
+invariant is checked after every kill (procs/torture.py). The long version is
 scripts/hotplug_torture.py."""
 from __future__ import annotations
 
@@ -9,11 +9,33 @@ import pytest
 from procs.torture import torture
 
 
-@pytest.mark.parametrize("method, kills", [("fork", 600), ("forkserver", 100)])
-def test_hotplug_torture(method, kills):
-    report = torture(kills, seed=kills, start_method=method)
+@pytest.mark.parametrize("design, method, kills", [
+    ("page_counter", "fork", 600),
+    ("page_counter", "forkserver", 100),
+    ("legacy", "fork", 500),
+])
+def test_hotplug_torture(design, method, kills):
+    report = torture(kills, seed=kills, start_method=method, design=design)
     assert report.kills == kills
     assert report.checks == kills + 1                # after every kill, and at the end
     assert report.ops > 50 * kills                   # the CPUs really worked between kills
-    # some kills landed inside an operation, and it counted wholly or not at all
-    assert report.in_flight["rolled back"] + report.in_flight["counted wholly"] > 0
+    # Every 4th kill is aimed: its CPU is stopped at random instants until it is
+    # caught inside an operation, and killed there. Each such op counted wholly
+    # or not at all (a kill elsewhere may land inside one too).
+    assert report.aimed == kills // 4
+    assert report.inside_op >= report.aimed
+
+
+def test_the_legacy_torture_keeps_the_7_slots_evicting_and_draining():
+    report = torture(40, seed=1, design="legacy")
+    stats = report.stats
+    assert stats["evictions"] > 1000                 # 10 leaf cgroups, 7 slots per CPU
+    assert stats["overflows"] > 0                    # kmem uncharges past 64 drain a slot
+    assert stats["flushes"] > 0                      # drain_all_stock work served
+    assert stats["max events"] > 0                   # refused charges: drain, retry
+
+
+def test_an_unknown_design_is_refused():
+    with pytest.raises(ValueError, match=r"design must be one of \('page_counter', "
+                                         r"'legacy'\), got 'rfc'"):
+        torture(1, design="rfc")
