@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from procs.peer import value_peer
 from shmcounter import PAGE_COUNTER_MAX, Arena, PageCounter, this_cpu
 from shmcounter.stock import BATCH_LIMIT
 
@@ -74,22 +75,6 @@ def test_try_charge_stock_hit(benchmark: Any, stocked_leaf: PageCounter, chain3:
     assert stock_before - stocked_leaf.stock(cpu0) == calls
 
 
-def value_peer() -> tuple[Callable[[int], bool], Callable[[], int]]:
-    """multiprocessing.Value('q') with its own lock (an RLock), doing what
-    try_charge does with a limit check. Returns (charge, read)."""
-    v = multiprocessing.Value("q", 0)
-    limit = PEER_LIMIT
-
-    def charge(n: int) -> bool:
-        with v.get_lock():
-            if v.value + n > limit:
-                return False
-            v.value += n
-            return True
-
-    return charge, lambda: v.value
-
-
 def lock_rawvalue_peer() -> tuple[Callable[[int], bool], Callable[[], int]]:
     """multiprocessing.Lock() guarding a multiprocessing.RawValue('q'), doing the same
     work. Returns (charge, read)."""
@@ -111,10 +96,10 @@ def lock_rawvalue_peer() -> tuple[Callable[[int], bool], Callable[[], int]]:
 def test_peer_mp_value_locked(benchmark: Any) -> None:
     """Peer: `with v.get_lock(): limit check; v.value += n` on multiprocessing.Value('q')
     (each v.value access through the synchronized wrapper re-takes the RLock)."""
-    charge, read = value_peer()
-    result, calls = run(benchmark, charge)
+    peer = value_peer(PEER_LIMIT)
+    result, calls = run(benchmark, peer.try_charge)
     assert result is True
-    assert read() == calls
+    assert peer.usage() == calls
 
 
 @pytest.mark.benchmark(group="charge")

@@ -1,11 +1,17 @@
-"""The command line: demo tells its story with numbers; stat reads a running arena;
-bad arguments get a clear error."""
+"""The command line: demo tells its story with numbers; stat reads a running arena,
+once or with --watch; bad arguments get a clear error (exit code 2)."""
 from __future__ import annotations
 
+import re
+import signal
 import subprocess
 import sys
 
+import pytest
+
 from shmcounter.cli import format_stat
+from shmcounter.memcg import Cgroups
+from shmcounter.memcg.stat import format_cgroups
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -40,3 +46,53 @@ def test_bad_arguments():
         2, "shmcounter stat: no shared-memory segment named 'shmcounter_nope'\n")
     done = run("frobnicate")
     assert done.returncode == 2 and "invalid choice: 'frobnicate'" in done.stderr
+
+
+def test_stat_shows_the_cgroup_tree(arena):
+    cg = Cgroups(arena)
+    g = cg.create("a", max=1000)
+    assert g.try_charge(5)                  # not a CPU: an exact charge, no stock
+    done = run("stat", arena.name)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == format_stat(arena) + "\n\n" + format_cgroups(Cgroups(arena)) + "\n"
+    g.uncharge(5)
+
+
+def test_stat_watch_shows_a_view_per_interval(arena):
+    arena.new_counter("root").charge(5)
+    done = run("stat", arena.name, "--watch", "--interval", "0.05", "--count", "2")
+    assert done.returncode == 0, done.stderr
+    view = format_stat(arena).splitlines()
+    first, second = done.stdout.split("\n\n")        # not a terminal: a blank line between
+    for shown in (first, second):
+        stamp, *rest = shown.rstrip("\n").splitlines()
+        assert re.fullmatch(r"\d\d:\d\d:\d\d, every 0.05 s \(Ctrl-C stops\)", stamp)
+        assert rest == view
+    arena.counter("root").uncharge(5)
+
+
+def test_stat_watch_exits_0_on_ctrl_c(arena):
+    watcher = subprocess.Popen([sys.executable, "-m", "shmcounter.cli", "stat", arena.name,
+                                "--watch", "--interval", "0.05"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "Ctrl-C stops" in watcher.stdout.readline()     # the first view is up
+        watcher.send_signal(signal.SIGINT)
+        _, err = watcher.communicate(timeout=30)
+    finally:
+        watcher.kill()
+        watcher.wait()
+    assert (watcher.returncode, err) == (0, "")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--count", "2"], "shmcounter stat: error: --interval and --count go with --watch"),
+    (["--watch", "--interval", "0"], "shmcounter stat: error: argument --interval: the "
+                                     "interval must be a number of seconds in [0.01, 3600], "
+                                     "got '0'"),
+    (["--watch", "--count", "-1"], "shmcounter stat: error: argument --count: count must be "
+                                   "an int in [1, 1000000000], got '-1'"),
+])
+def test_stat_bad_arguments(args, message):
+    done = run("stat", "shmcounter_nope", *args)
+    assert (done.returncode, done.stderr.splitlines()[-1]) == (2, message)
