@@ -18,7 +18,10 @@ of max(cpus) CPU processes, all alive for the whole run; a 1-CPU cell uses CPU 0
 
 Measured per cell and trial: wall time (first start to last end over the CPUs),
 hierarchy walks and legacy evictions (Cgroups.stats deltas). Per design: drain
-latency and kill-to-reclaimed time. After the run every arena must be empty and
+latency and kill-to-reclaimed time. Per trial and CPU count, the machine's own
+ceiling: a pure-Python loop that shares nothing, on the same CPU processes (on a
+2-core VM whose cores are hyperthreads, or with other load, 2 CPUs cannot give
+2x, whatever the design). After the run every arena must be empty and
 pass check_invariants, and every peer must read 0: a benchmark that lost a page
 fails instead of printing numbers.
 """
@@ -59,6 +62,9 @@ DRAIN_GAP_S = 0.002
 # Churn before the first drain of a burst, and the time allowed per drain.
 CHURN_WARMUP_S = 0.03
 CHURN_PER_DRAIN_S = 0.015
+# Loop steps of the ceiling's pure-Python loop per page of `work`: about as long
+# as a cell of fixed at 1 cgroup, so that both see the same kind of noise.
+SPIN_PER_PAGE = 8
 
 
 @dataclass(frozen=True)
@@ -97,11 +103,14 @@ def run(config: Config, progress: Progress | None = None) -> dict[str, Any]:
     raw: dict[tuple[str, int, int], list[dict[str, float]]] = {}
     drains: dict[str, list[float]] = {}
     kills: dict[str, list[tuple[float, int]]] = {}
+    spins: dict[int, list[float]] = {}
     with ExitStack() as stack:
         beds = {d: _make_bed(d, config, names, stack) for d in config.designs}
         for trial in range(config.trials):
             order = _rotated(config.designs, trial)
             for ncpus in config.cpus:
+                spins.setdefault(ncpus, []).append(_timed_cell(
+                    beds[order[0]].machine, ncpus, workload.spin, SPIN_PER_PAGE * config.work))
                 for ncg in config.cgroups:
                     for design in order:
                         sample = beds[design].cell(ncpus, names[ncg], config.iterations(ncg),
@@ -126,6 +135,7 @@ def run(config: Config, progress: Progress | None = None) -> dict[str, Any]:
             bed.check()
     results = summarise(config, raw, drains, kills, time.monotonic() - started)
     results["machine"]["loadavg_1min"] = [round(load, 2), round(os.getloadavg()[0], 2)]
+    results["ceiling"] = ceiling(spins)
     return results
 
 
@@ -155,12 +165,10 @@ class _CgroupBed:
     def cell(self, ncpus: int, names: list[str], iterations: int,
              pages: int) -> dict[str, float]:
         before = self.cg.stats()
-        start_at = time.monotonic() + START_MARGIN_S
-        futures = [self.machine.submit(cpu, workload.cgroup_cell, self.arena, names,
-                                       iterations, pages, start_at) for cpu in range(ncpus)]
-        spans = [f.result() for f in futures]
+        wall = _timed_cell(self.machine, ncpus, workload.cgroup_cell, self.arena, names,
+                           iterations, pages)
         after = self.cg.stats()
-        return {"wall_s": max(end for _, end in spans) - min(start for start, _ in spans),
+        return {"wall_s": wall,
                 "walks": after["walks"] - before["walks"],
                 "evictions": after["evictions"] - before["evictions"]}
 
@@ -227,11 +235,8 @@ class _PeerBed:
 
     def cell(self, ncpus: int, names: list[str], iterations: int,
              pages: int) -> dict[str, float]:
-        start_at = time.monotonic() + START_MARGIN_S
-        futures = [self.machine.submit(cpu, workload.peer_cell, names, iterations, pages,
-                                       start_at) for cpu in range(ncpus)]
-        spans = [f.result() for f in futures]
-        return {"wall_s": max(end for _, end in spans) - min(start for start, _ in spans)}
+        return {"wall_s": _timed_cell(self.machine, ncpus, workload.peer_cell, names,
+                                      iterations, pages)}
 
     def close(self) -> None:
         self.machine.close()
@@ -240,6 +245,16 @@ class _PeerBed:
         left = {name: p.usage() for name, p in workload.PEERS.items() if p.usage()}
         if left:
             raise AssertionError(f"mp-value peers lost updates: {left}")
+
+
+def _timed_cell(machine: Machine, ncpus: int, fn: Callable[..., tuple[float, float]],
+                *args: Any) -> float:
+    """Run fn(*args, start_at) on CPUs 0..ncpus-1 from one start time; return the
+    wall time from the first start to the last end, in seconds."""
+    start_at = time.monotonic() + START_MARGIN_S
+    futures = [machine.submit(cpu, fn, *args, start_at) for cpu in range(ncpus)]
+    spans = [f.result() for f in futures]
+    return max(end for _, end in spans) - min(start for start, _ in spans)
 
 
 def _make_bed(design: str, config: Config, names: dict[int, list[str]],
@@ -262,6 +277,7 @@ def summarise(config: Config, raw: dict[tuple[str, int, int], list[dict[str, flo
         uncharge call;
       drain_ms, kill_ms: per design, p50, p99, max over all samples;
       goals: the three goals of issue 5, as paired per-trial ratios (median).
+    run() adds machine.loadavg_1min and ceiling (see ceiling()).
     """
     cells = []
     for (design, ncpus, ncg), samples in raw.items():
@@ -288,6 +304,15 @@ def summarise(config: Config, raw: dict[tuple[str, int, int], list[dict[str, flo
     }
     results["goals"] = goals(results)
     return results
+
+
+def ceiling(spins: dict[int, list[float]]) -> dict[str, Any]:
+    """The pure-Python loop: wall times per CPU count, and the throughput of each
+    CPU count over 1 CPU (median of per-trial ratios), e.g. {"2": 1.93}."""
+    one = spins.get(1)
+    return {"wall_s": {str(n): w for n, w in spins.items()},
+            "speedup": {str(n): statistics.median(n * w1 / wn for w1, wn in zip(one, w))
+                        for n, w in spins.items()} if one else {}}
 
 
 def cell(results: dict[str, Any], design: str, cpus: int, cgroups: int) -> dict[str, Any] | None:

@@ -121,6 +121,12 @@ def _goals(results: dict[str, Any]) -> str:
         else:
             verdict = "met" if g["met"] else "NOT MET"
             lines.append(f"  [{verdict}] {g['goal']}: {g['ratio']:.2f}x")
+    speedup = {int(n): r for n, r in results["ceiling"]["speedup"].items() if int(n) > 1}
+    if speedup:
+        lines.append("Ceiling: a pure-Python loop that shares nothing, on the same CPU "
+                     "processes, gives " + ", ".join(f"{r:.2f}x on {_cpus(n)}"
+                                                     for n, r in sorted(speedup.items()))
+                     + " of its 1-CPU throughput.")
     return "\n".join(lines)
 
 

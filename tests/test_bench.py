@@ -33,7 +33,9 @@ def quick(tmp_path_factory) -> tuple[subprocess.CompletedProcess, dict]:
 def test_quick_run_writes_the_results_document(quick):
     _, results = quick
     assert set(results) == {"machine", "config", "elapsed_s", "cells", "drain_ms",
-                            "kill_ms", "goals"}
+                            "kill_ms", "goals", "ceiling"}
+    assert {n: len(w) for n, w in results["ceiling"]["wall_s"].items()} == {"1": 2, "2": 2}
+    assert set(results["ceiling"]["speedup"]) == {"1", "2"}
     assert results["config"] == json.loads(json.dumps(asdict(QUICK)))
     assert {(c["design"], c["cpus"], c["cgroups"]) for c in results["cells"]} == {
         (d, p, g) for d in DESIGNS for p in (1, 2) for g in (1, 4, 32)}
@@ -90,8 +92,10 @@ def test_quick_run_prints_the_report_of_its_json(quick):
                              "better)") + 1].split() == [
         "#cgroups", "legacy", "stddev", "fixed", "stddev", "delta", "%", "no-stock",
         "stddev", "delta", "%", "mp-value", "stddev", "delta", "%"]
-    assert lines[-4] == ("Goals (throughput ratios measured side by side, median of "
+    assert lines[-5] == ("Goals (throughput ratios measured side by side, median of "
                          "per-trial ratios):")
+    assert lines[-1].startswith("Ceiling: a pure-Python loop that shares nothing, on the "
+                                "same CPU processes, gives ")
 
 
 @pytest.mark.parametrize("args, message", [
