@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 
 from .errors import ArenaError
 from .layout import M_STATE, Arena
+from .memcg import Cgroups
 from .page_counter import PAGE_COUNTER_MAX
 
 # memcg_header[M_STATE] once a cgroup tree is set up (memcg/cgroups.py READY)
@@ -43,44 +44,54 @@ def format_stat(arena: Arena) -> str:
 
 
 def _charge_pages(arena: Arena, name: str, n: int) -> int:
-    """This runs in a CPU process: n single-page charges; returns how many succeeded."""
-    counter = arena.counter(name)
-    return [counter.try_charge(1)[0] for _ in range(n)].count(True)
+    """This runs in a CPU process: n single-page charges to cgroup `name`
+    (try_charge_memcg); returns how many succeeded."""
+    g = Cgroups(arena).cgroup(name)
+    return [g.try_charge(1) for _ in range(n)].count(True)
 
 
 def demo(_: argparse.Namespace) -> int:
-    """A short story: CPUs charge, the stock grows, a limit hit drains, a CPU dies."""
+    """A short story on a cgroup: two CPUs charge it, their stocks grow, a limit
+    hit drains every CPU's stock, a CPU is killed and its stock reclaimed."""
     from procs import Machine                 # the runtime uses the library, not back
-    with Arena.create(ncpus=2, max_counters=8) as arena, Machine(arena) as m:
-        root = arena.new_counter("root")
-        job = arena.new_counter("job", parent=root, max=200)
-        job.enable_stock(64)
+    from .memcg.stat import format_cgroups
+    with Arena.create(ncpus=2, max_counters=8) as arena:
+        cg = Cgroups(arena)                   # the per-counter stock design, batch 64
+        job = cg.create("job", max=200)
+        with Machine(arena) as m:
 
-        def step(cpu: int, n: int, what: str) -> None:
-            ok = m.run_on(cpu, _charge_pages, arena, "job", n)
-            print(f"\n== CPU {cpu}: {what}: {ok} of {n} charges succeeded")
-            print(format_stat(arena))
+            def state() -> str:
+                mem = job.memory
+                return (f"   memory.current {mem.usage} pages, stock {job.stock(0)} + "
+                        f"{job.stock(1)} (CPU 0 + CPU 1), failcnt {mem.failcnt}, "
+                        f"events.max {job.events['max']}")
 
-        print("A counter 'job' (max 200) under 'root'; stock batch 64; 2 CPU processes, "
-              "one per core.")
-        step(0, 1, "charge 1 page; the slow path takes 64 and keeps 63 in CPU 0's stock")
-        step(0, 10, "10 more pages come from the stock: usage does not move")
-        step(1, 100, "CPU 1 charges 100 pages: two refills of its own stock")
-        step(1, 60, "CPU 1 asks for 60 more: the greedy refill hits max, then exact "
-                    "charges fail once the limit is reached (failcnt counts both)")
-        print("\n== the limit is stranded in the stocks: drain_stock sends every CPU a "
-              "work message")
-        job.drain_stock()
-        print(format_stat(arena))
-        step(1, 40, "now CPU 1 finds room again")
-        job.set_max(400)
-        step(1, 5, "max raised to 400: CPU 1's next miss refills its stock")
-        print(f"\n== SIGKILL CPU 1 (pid {m.pid(1)}); Machine.kill returns once the "
-              "hotplug-dead path has run")
-        reclaimed = m.kill(1)
-        print(f"reclaimed {reclaimed}; online CPUs {sorted(m.online)}; usage is real "
-              "charges plus live stocks")
-        print(format_stat(arena))
+            def step(cpu: int, n: int, what: str) -> None:
+                ok = m.run_on(cpu, _charge_pages, arena, "job", n)
+                print(f"\n== CPU {cpu} charges {n} page{'s' if n > 1 else ''}, one at a "
+                      f"time: {ok} succeed{'s' if ok == 1 else ''}. {what}\n{state()}")
+
+            print("A cgroup 'job' with memory.max = 200 pages; per-counter stock, batch "
+                  "64; CPUs 0 and 1 are processes, one per core.")
+            step(0, 1, "The slow path charges a batch of 64 and keeps 63 in CPU 0's "
+                       "stock.")
+            step(0, 10, "All 10 come from CPU 0's stock: memory.current does not move.")
+            step(1, 100, "CPU 1 has its own stock: two batches, 28 pages left over.")
+            step(1, 60, "Its stock runs dry; batches no longer fit under memory.max "
+                        "(failcnt counts each), single pages do until 200. Then a page "
+                        "is refused: try_charge drains every CPU's stock (a work message "
+                        "to each; events.max counts the refusal) and retries: CPU 0's 53 "
+                        "pages were stranded there.")
+            step(1, 40, "They fit until 200; then the limit is real charges only: each "
+                        "refused page drains and retries in vain (two events each).")
+            job.memory.set_max(400)
+            step(1, 5, "memory.max raised to 400: a miss refills CPU 1's stock again.")
+            print(f"\n== SIGKILL CPU 1 (pid {m.pid(1)}); Machine.kill returns once the "
+                  f"hotplug-dead path has run")
+            reclaimed = m.kill(1)
+            print(f"   reclaimed {reclaimed}; online CPUs {sorted(m.online)}\n{state()}")
+            print(f"\n== shmcounter stat {arena.name}\n{format_stat(arena)}\n\n"
+                  f"{format_cgroups(cg)}")
     return 0
 
 
@@ -88,7 +99,6 @@ def view(arena: Arena) -> str:
     """What stat prints: the counters, then the cgroup tree if the arena holds one."""
     text = format_stat(arena)
     if int(arena.memcg_header[M_STATE]) == CGROUPS_READY:
-        from .memcg import Cgroups
         from .memcg.stat import format_cgroups
         text += "\n\n" + format_cgroups(Cgroups(arena))
     return text

@@ -19,11 +19,24 @@ def run(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-def test_demo_ends_with_the_killed_cpus_stock_reclaimed():
+def test_demo_tells_its_story_with_numbers():
     done = run("demo")
     assert done.returncode == 0, done.stderr
-    assert "reclaimed {'job': 59}; online CPUs [0]" in done.stdout
-    assert done.stdout.rstrip().endswith("  job      192  400   251       96     64     0     0")
+    states = [line.strip() for line in done.stdout.splitlines()
+              if line.startswith("   memory.current")]
+    assert states == [     # after each step: 1, 10 (CPU 0), 100, 60, 40, 5 (CPU 1), kill
+        "memory.current 64 pages, stock 63 + 0 (CPU 0 + CPU 1), failcnt 0, events.max 0",
+        "memory.current 64 pages, stock 53 + 0 (CPU 0 + CPU 1), failcnt 0, events.max 0",
+        "memory.current 192 pages, stock 53 + 28 (CPU 0 + CPU 1), failcnt 0, events.max 0",
+        "memory.current 171 pages, stock 0 + 0 (CPU 0 + CPU 1), failcnt 34, events.max 1",
+        "memory.current 200 pages, stock 0 + 0 (CPU 0 + CPU 1), failcnt 107, events.max 23",
+        "memory.current 264 pages, stock 0 + 59 (CPU 0 + CPU 1), failcnt 107, events.max 23",
+        "memory.current 205 pages, stock 0 + 0 (CPU 0 + CPU 1), failcnt 107, events.max 23",
+    ]
+    assert "   reclaimed {'job': 59}; online CPUs [0]" in done.stdout.splitlines()
+    assert done.stdout.rstrip().endswith(
+        "  job   online          839680     1638400      1081344          23           0"
+        "           0")
 
 
 def test_stat_of_a_running_arena(arena):
