@@ -74,8 +74,8 @@ class Config:
     cpus: tuple[int, ...] = (1, 2)           # CPU counts (processes per design)
     cgroups: tuple[int, ...] = (1, 4, 32)    # cgroup counts
     designs: tuple[str, ...] = tuple(DESIGNS)
-    trials: int = 10
-    work: int = 30_000       # pages each CPU charges per cell (iterations rounded up)
+    trials: int = 20
+    work: int = 60_000       # pages each CPU charges per cell (iterations rounded up)
     pages: int = 128         # pages per cgroup per iteration (one MADV_DONTNEED)
     drains: int = 20         # timed drains per design per trial
     kills: int = 1           # timed kills per design per trial
@@ -272,7 +272,7 @@ def summarise(config: Config, raw: dict[tuple[str, int, int], list[dict[str, flo
       machine, config, elapsed_s;
       cells: per (design, cpus, cgroups): iterations, per-trial samples, and
         ms_per_iteration / throughput (pages charged and released per second,
-        over all CPUs) as mean, stdev, min, max, median over trials; walks_per_op
+        over all CPUs) as mean, stdev, min, p25, median, p75, max over trials; walks_per_op
         and evictions_per_op (None for the peer), an op being a try_charge or an
         uncharge call;
       drain_ms, kill_ms: per design, p50, p99, max over all samples;
@@ -362,9 +362,11 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _spread(values: list[float]) -> dict[str, float]:
+    p25, median, p75 = np.percentile(values, [25, 50, 75]).tolist()
     return {"mean": statistics.mean(values),
             "stdev": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values), "median": statistics.median(values)}
+            "min": min(values), "p25": p25, "median": median, "p75": p75,
+            "max": max(values)}
 
 
 def _percentiles(samples: list[float]) -> dict[str, float | int | None]:

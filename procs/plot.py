@@ -1,6 +1,7 @@
 """The PNG of a `shmcounter bench` run: throughput against the CPU count (at the
 fewest and the most cgroups) and against the cgroup count (at the most CPUs),
-one line per design; the dot is the median over trials, the bar spans min to max.
+one line per design; the dot is the median over trials, the bar spans the middle
+half of the trials (25th to 75th percentile).
 
 Uses matplotlib's object API with the Agg canvas (no pyplot, no display, no
 global state), so it works in a CI job and in a thread."""
@@ -33,8 +34,8 @@ def plot(results: dict[str, Any], path: str | Path) -> None:
             cells = [cell(results, design, x, fixed) if x_axis == "cpus"
                      else cell(results, design, fixed, x) for x in xs]
             mid = [c["throughput"]["median"] / 1e6 for c in cells]
-            low = [m - c["throughput"]["min"] / 1e6 for m, c in zip(mid, cells)]
-            high = [c["throughput"]["max"] / 1e6 - m for m, c in zip(mid, cells)]
+            low = [m - c["throughput"]["p25"] / 1e6 for m, c in zip(mid, cells)]
+            high = [c["throughput"]["p75"] / 1e6 - m for m, c in zip(mid, cells)]
             ax.errorbar(xs, mid, yerr=[low, high], marker="o", capsize=3, label=design,
                         color=COLOURS.get(design))
         if x_axis == "cpus":

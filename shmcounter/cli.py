@@ -274,10 +274,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--designs", type=_designs, metavar="NAME,NAME",
                    help="designs to run (default all: legacy,fixed,no-stock,mp-value)")
     p.add_argument("--trials", type=_int("trials", 1, 1000), metavar="N",
-                   help="trials; each runs every cell once (default 10)")
+                   help="trials; each runs every cell once (default 20)")
     p.add_argument("--work", type=_int("work", 1, 10**8), metavar="PAGES",
                    help="pages each CPU charges per cell, rounded up to whole "
-                        "iterations (default 30000)")
+                        "iterations (default 60000)")
     p.add_argument("--pages", type=_int("pages", 1, 10**6), metavar="N",
                    help="pages per cgroup per iteration (default 128)")
     p.add_argument("--drains", type=_int("drains", 0, 10**4), metavar="N",

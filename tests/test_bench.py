@@ -42,7 +42,7 @@ def test_quick_run_writes_the_results_document(quick):
     for c in results["cells"]:
         assert len(c["trials"]) == QUICK.trials
         assert set(c["ms_per_iteration"]) == set(c["throughput"]) == {
-            "mean", "stdev", "min", "max", "median"}
+            "mean", "stdev", "min", "p25", "median", "p75", "max"}
     # drains and kills for the three cgroup designs; the peer has neither
     assert set(results["drain_ms"]) == set(results["kill_ms"]) == {"legacy", "fixed", "no-stock"}
     assert {k: v["samples"] for k, v in results["kill_ms"].items()} == {
