@@ -33,6 +33,10 @@ from shmcounter.drain import SIGDRAIN
 def cpu_main(arena_name: str, cpu: int, core: int, owner_pid: int, conn: Any) -> None:
     """This runs in a separate process: CPU `cpu` of arena `arena_name`."""
     faulthandler.enable()
+    # Ctrl-C in a terminal sends SIGINT to the whole process group: it is the
+    # owner's to handle (leaving `with Machine` stops each CPU in order). A CPU
+    # that took it would die with a traceback, and go through the hotplug path.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _watch_owner(owner_pid)
     os.sched_setaffinity(0, {core})
     arena = Arena.attach(arena_name)

@@ -4,8 +4,11 @@ times and ratios depend on the machine."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import asdict
 
 import pytest
@@ -114,3 +117,35 @@ def test_bad_arguments_exit_2_with_a_clear_message(args, message):
     done = bench(*args)
     assert done.returncode == 2
     assert done.stderr.splitlines()[-1] == f"shmcounter bench: error: {message}"
+
+
+def test_ctrl_c_stops_every_cpu_and_unlinks_every_arena(tmp_path):
+    """SIGINT to the process group, as a terminal's Ctrl-C sends it: the CPU
+    processes ignore it, the bench stops them in order and exits with 130."""
+    run = subprocess.Popen([sys.executable, "-m", "shmcounter.cli", "bench", "--quick",
+                            "--trials", "1000", "--json", str(tmp_path / "r.json"),
+                            "--png", str(tmp_path / "r.png")],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    prefix = f"shmcounter_{run.pid}_"
+    try:
+        deadline = time.monotonic() + 60
+        while sum(n.startswith(prefix) for n in os.listdir("/dev/shm")) < 4:  # 4 designs
+            assert run.poll() is None and time.monotonic() < deadline, run.stderr.read()
+            time.sleep(0.05)
+        time.sleep(0.5)                                   # the cells are under way
+        cpus = [int(p) for p in open(f"/proc/{run.pid}/task/{run.pid}/children").read().split()
+                if b"resource_tracker" not in open(f"/proc/{p}/cmdline", "rb").read()]
+        os.killpg(run.pid, signal.SIGINT)
+        out, err = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+    assert run.returncode == 130
+    assert err.splitlines() == ["shmcounter bench: interrupted; every CPU process was "
+                                "stopped and every arena unlinked"]
+    assert out == ""
+    assert len(cpus) == 8                                  # 4 designs x 2 CPUs
+    assert [p for p in cpus if os.path.exists(f"/proc/{p}")] == []
+    assert [n for n in os.listdir("/dev/shm") if n.startswith(prefix)] == []
