@@ -3,11 +3,12 @@ design side by side in one run.
 
     for trial in 1..T:
         for cpus in (1, 2):                  a cell: every CPU of the design's Machine
-            for cgroups in (1, 4, 32):       runs the workload (workload.py) from one
-                for design in rotated:       start time; the designs take turns, in
-                    cell                     an order rotated each trial, so that the
-        for design in rotated:               noise of a shared machine hits them alike
-            drains: drain_all_stock(root) while every CPU churns
+            ceiling: a pure-Python loop      runs the workload (workload.py) from one
+            for cgroups in (1, 4, 32):       start time; the designs take turns, in
+                for design in rotated:       an order rotated each trial, so that the
+                    cell                     noise of a shared machine hits them alike
+        for design in rotated:
+            drains: drain_all_stock(root) while every CPU churns on the most cgroups
             kills:  SIGKILL a CPU that holds stock, until Machine.kill returns
 
 Designs: "legacy" (the old 7-slot memcg_stock_pcp), "fixed" (per-counter stock,
@@ -19,11 +20,11 @@ of max(cpus) CPU processes, all alive for the whole run; a 1-CPU cell uses CPU 0
 Measured per cell and trial: wall time (first start to last end over the CPUs),
 hierarchy walks and legacy evictions (Cgroups.stats deltas). Per design: drain
 latency and kill-to-reclaimed time. Per trial and CPU count, the machine's own
-ceiling: a pure-Python loop that shares nothing, on the same CPU processes (on a
-2-core VM whose cores are hyperthreads, or with other load, 2 CPUs cannot give
-2x, whatever the design). After the run every arena must be empty and
-pass check_invariants, and every peer must read 0: a benchmark that lost a page
-fails instead of printing numbers.
+ceiling: a pure-Python loop that shares nothing, on the same CPU processes (when
+other work runs, or two cores share one, 2 CPUs cannot give 2x, whatever the
+design). After the run every arena must be empty and pass check_invariants, and
+every peer must read 0: a benchmark that lost a page fails instead of printing
+numbers.
 """
 from __future__ import annotations
 
