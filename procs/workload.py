@@ -10,9 +10,9 @@ One iteration, on one CPU, over its cgroups g[0..k):
 The CPU interleaves its cgroups page by page, as a CPU does that runs tasks of
 many cgroups: this is what makes the old 7-slot stock thrash past 7 cgroups.
 The faults run as one flat loop over a precomputed sequence of bound methods
-(g0, g1, ..., g0, g1, ...): the nested loop cost about 0.4 us per page more at
-1 cgroup, as much as a stock hit itself, the same for every design, and would
-hide the differences the bench is for.
+(g0, g1, ..., g0, g1, ...): at 1 cgroup, a nested loop (an inner loop per page)
+cost 0.1 to 0.17 us per page more on a quiet machine, half of a stock hit, the
+same for every design; overhead that hides the differences the bench is for.
 Every function here runs in a separate process (a CPU of a Machine).
 """
 from __future__ import annotations
