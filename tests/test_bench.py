@@ -27,8 +27,14 @@ def bench(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path_factory.mktemp("bench")
-    done = bench("--quick", "--json", str(out / "r.json"), "--png", str(out / "r.png"))
+    args = [sys.executable, "-m", "shmcounter.cli", "bench", "--quick",
+            "--json", str(out / "r.json"), "--png", str(out / "r.png")]
+    with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as run:
+        stdout, stderr = run.communicate(timeout=120)
+    done = subprocess.CompletedProcess(args, run.returncode, stdout, stderr)
     assert done.returncode == 0, done.stderr
+    assert [n for n in os.listdir("/dev/shm") if n.startswith(f"shmcounter_{run.pid}_")] == []
     assert (out / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     return done, json.loads((out / "r.json").read_text())
 
