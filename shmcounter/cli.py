@@ -316,7 +316,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.func is stat and not args.watch and (args.interval, args.count) != (None, None):
         args.error("--interval and --count go with --watch")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:              # e.g. `shmcounter stat NAME | head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":
