@@ -58,6 +58,7 @@ class _Cpu:
     pending: dict[int, tuple[Future, str]] = field(default_factory=dict)   # {7: (<Future>, "f(1)")}
     offline: threading.Event = field(default_factory=threading.Event)
     reclaimed: dict[str, int] = field(default_factory=dict)                # last hotplug's pages
+    hotplug_error: Exception | None = None    # what the last hotplug-dead path raised
     send_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -182,6 +183,9 @@ class Machine:
             pid = c.pid
         os.kill(pid, signal.SIGKILL)
         c.offline.wait()
+        if c.hotplug_error is not None:
+            raise RuntimeError(f"CPU {cpu} (pid {pid}) is dead but its hotplug-dead path "
+                               f"failed; its stocks are not reclaimed") from c.hotplug_error
         return dict(c.reclaimed)
 
     def wait_offline(self, cpu: int, timeout: float | None = None) -> None:
@@ -326,10 +330,14 @@ class Machine:
         """The process of CPU c exited. Replies it sent first are delivered first."""
         self._read_replies(c)
         c.process.join()
-        if c.said_bye:
-            reclaimed: dict[str, int] = {}
-        else:
-            reclaimed = self.arena.hotplug_cpu_dead(c.cpu)
+        reclaimed: dict[str, int] = {}
+        c.hotplug_error = None
+        if not c.said_bye:
+            try:
+                reclaimed = self.arena.hotplug_cpu_dead(c.cpu)
+            except Exception as exc:            # the CPU still goes offline: no hang
+                log.exception("CPU %d (pid %d): the hotplug-dead path failed", c.cpu, c.pid)
+                c.hotplug_error = exc
         with self._lock:
             c.state = "offline"
             pending, c.pending = c.pending, {}

@@ -88,6 +88,25 @@ def test_kill_returns_after_the_dead_cpus_stock_is_reclaimed(make_machine, leaf,
         m.run_on(cpu, tasks.uncharge, arena, "leaf", 10)
 
 
+def test_a_failing_hotplug_path_raises_from_kill_instead_of_hanging(make_machine, leaf,
+                                                                    arena, monkeypatch):
+    m = make_machine(2)
+    m.run_on(1, tasks.try_charge, arena, "leaf", 10)
+    real = arena.hotplug_cpu_dead
+
+    def broken(cpu: int) -> dict[str, int]:
+        raise OSError("no such thing")
+
+    monkeypatch.setattr(arena, "hotplug_cpu_dead", broken)
+    with pytest.raises(RuntimeError, match=r"^CPU 1 \(pid \d+\) is dead but its hotplug-dead "
+                                           r"path failed; its stocks are not reclaimed$"):
+        m.kill(1)
+    assert m.online == {0} and leaf.stock(1) == 54
+    assert real(1) == {"leaf": 54}                          # run it by hand: reclaimed
+    m.start_cpu(1)
+    m.run_on(1, tasks.uncharge, arena, "leaf", 10)
+
+
 def test_kill_minus_9_from_a_shell_and_a_crash_are_detected(make_machine, leaf, arena):
     m = make_machine()
     m.run_on(0, tasks.try_charge, arena, "leaf", 1)
