@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from shmcounter.errors import ArenaError
+from shmcounter.errors import ArenaError, Busy
 from shmcounter.invariants import check_invariants
 from shmcounter.memcg import Cgroups, VARIANTS
 from shmcounter.memcg.stat import format_cgroups
@@ -235,3 +235,22 @@ def test_open_is_for_an_arena_that_holds_a_tree(arena):
         Cgroups.open(arena)
     Cgroups(arena, variant="rfc")
     assert Cgroups.open(arena).variant == "rfc"
+
+
+def test_a_legacy_cgroup_cached_with_0_pages_stays_pinned(arena, machine):
+    """kernel.md §2.7: drain_all_stock skips a slot with 0 pages, yet the slot
+    holds a reference, so css_free cannot happen until the slot goes."""
+    cg = Cgroups(arena, variant="legacy")
+    a = cg.create("A")
+    machine.run_on(0, t.charge, arena, "A", 1, 64)        # 1 walk, 63 hits: slot at 0
+    assert (a.memory.usage, a.stock(0)) == (64, 0)
+    a.offline()
+    cg.wait_flushed()
+    a.uncharge(64)
+    with pytest.raises(Busy, match=r"cgroup 'A' is still cached by the stock of CPUs \[0\]"):
+        a.free()
+    assert a.state == "offline"
+    machine.run_on(0, t.charge_each, arena, [cg.create(f"B{i}").name for i in range(7)])
+    a.free()                                              # evicted by B6: free now
+    for i in range(7):
+        cg.cgroup(f"B{i}").uncharge(1)

@@ -80,9 +80,8 @@ class MemCgroup:
                 and not hooks.ARMED:
             slots = arena._slots
             if tree._legacy:
-                if slots.legacy_consume(row, arena._memcg_block, self._tag, n) == 1 \
-                        and slots.load(self._record + CG_STATE) != FREED:
-                    return True
+                if slots.legacy_consume(row, arena._memcg_block, self._tag, n) == 1:
+                    return True             # a freed cgroup is in no slot: never here
             elif slots.stock_consume(self.memory._c, row, n) == 1:
                 return True                 # a freed cgroup has no stock: never here
         nr_pages = check_nr(n)
@@ -133,7 +132,7 @@ class MemCgroup:
         reference is gone: a charge still in flight could land in a freed stock."""
         if self.state != "offline":
             raise ValueError(f"cgroup {self.name!r} is {self.state}; offline() it first")
-        for counter in self.counters:
+        for counter in self.counters:               # legacy: Busy while a slot caches it
             self._tree._design.free(counter)
         self._tree._arena._slots.store(self._record + CG_STATE, FREED)
 

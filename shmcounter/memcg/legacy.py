@@ -369,6 +369,14 @@ def _drain_needed(arena: Arena, cpu: int, tags: Collection[int]) -> bool:
                for tag, nr_pages in (_half(word, False), _half(word, True)))
 
 
+def cached_on(arena: Arena, tag: int) -> list[int]:
+    """CPUs with a slot that caches cgroup `tag`, in either half (pages or not):
+    each holds a reference (css_get) that keeps the cgroup from being freed."""
+    words = arena.memcg_cpus[:, MC_SLOTS:MC_SLOTS + NR_MEMCG_STOCK]
+    held = (((words >> 8) & TAG_MASK) == tag) | (((words >> (HALF + 8)) & TAG_MASK) == tag)
+    return np.flatnonzero(held.any(axis=1)).tolist()
+
+
 def flushing(arena: Arena) -> list[int]:
     """CPUs flagged by a live requester whose drain work they have not served."""
     flags = arena.memcg_cpus[:, MC_FLUSHING].tolist()

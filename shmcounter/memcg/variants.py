@@ -19,7 +19,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from ..drain import drain_stock
+from ..errors import Busy
 from ..layout import PC_STOCK_ID, STOCK_NR
+from . import legacy
 
 if TYPE_CHECKING:
     from ..layout import Arena
@@ -93,7 +95,12 @@ class Legacy(Design):
         drain_all()
 
     def free(self, counter: PageCounter) -> None:
-        pass                    # slots that still cache it keep its pages charged
+        """css_free happens once the last reference is gone, and a slot that
+        caches the cgroup holds one, even with 0 pages (kernel.md §2.7)."""
+        cpus = legacy.cached_on(counter._arena, counter._index + 1)
+        if cpus:
+            raise Busy(f"cgroup {counter.name!r} is still cached by the stock of CPUs "
+                       f"{cpus}: drain_all_stock it (and wait_flushed) first")
 
 
 DESIGNS: dict[str, Design] = {d.name: d for d in (Design(), V2(), RFC(), Legacy())}
