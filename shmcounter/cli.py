@@ -14,12 +14,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .errors import ArenaError
-from .layout import M_STATE, Arena
+from .layout import Arena
 from .memcg import Cgroups
 from .page_counter import PAGE_COUNTER_MAX
-
-# memcg_header[M_STATE] once a cgroup tree is set up (memcg/cgroups.py READY)
-CGROUPS_READY = -1
 
 
 def format_stat(arena: Arena) -> str:
@@ -97,11 +94,13 @@ def demo(_: argparse.Namespace) -> int:
 
 def view(arena: Arena) -> str:
     """What stat prints: the counters, then the cgroup tree if the arena holds one."""
+    from .memcg.stat import format_cgroups
     text = format_stat(arena)
-    if int(arena.memcg_header[M_STATE]) == CGROUPS_READY:
-        from .memcg.stat import format_cgroups
-        text += "\n\n" + format_cgroups(Cgroups(arena))
-    return text
+    try:
+        cg = Cgroups.open(arena)
+    except ArenaError:
+        return text                             # no cgroup tree
+    return text + "\n\n" + format_cgroups(cg)
 
 
 def stat(args: argparse.Namespace) -> int:
