@@ -184,6 +184,7 @@ def serve(arena: Arena) -> None:
                             counter._drain_local_in_op(slot, writer.contrib_slot)
                         except BaseException:
                             writer.rollback()
+                            counter._propagate_path()
                             raise
                         writer.leave()
             if arena.memcg_legacy:

@@ -239,6 +239,11 @@ class PageCounter(PageCounterStock):
         every level and the stock slot back as they were when it began, so that no
         level stays half-updated, then recompute the protected usage it touched."""
         writer.abort()
+        self._propagate_path()
+
+    def _propagate_path(self) -> None:
+        """Recompute the protected usage of every level from its usage (after a
+        rollback changed usages behind the fused steps' backs)."""
         for c, p, _ in self._path:
             self._slots.pc_propagate(c, p)
 

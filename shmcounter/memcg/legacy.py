@@ -128,7 +128,8 @@ def _uncharge_evicted(arena: Arena, slot: int) -> None:
     """The second op of an eviction: uncharge the victim's pending pages."""
     if hooks.ARMED:
         hooks.at("legacy:evicted")
-    _drain_half(arena, slot, True, _own_op)
+    with arena._writer.held():
+        _drain_half(arena, slot, True, _locked_op)
 
 
 def _refill(arena: Arena, memory: PageCounter, nr_pages: int, kbase: int) -> int:
@@ -190,31 +191,20 @@ def _victim(arena: Arena, block: int) -> int:
 # ---- drains ----------------------------------------------------------------------
 
 # An op runner: run body(kbase) as an op on counter's path that may change word
-# `slot`, in the right context (own process, drain server, dead CPU's row).
+# `slot`, in the right context (this CPU, op lock held; or a dead CPU's row).
 OpRunner = Callable[["Arena", "PageCounter", int, Callable[[int], None]], None]
-
-
-def _own_op(arena: Arena, counter: PageCounter, slot: int,
-            body: Callable[[int], None]) -> None:
-    writer = arena._writer
-    writer.begin(counter._index, slot)
-    try:
-        body(writer.contrib_slot)
-    except BaseException:
-        counter._abort_op(writer)
-        raise
-    writer.end()
 
 
 def _locked_op(arena: Arena, counter: PageCounter, slot: int,
                body: Callable[[int], None]) -> None:
-    """For a caller that holds the op lock already (the drain server, drain_local)."""
+    """For a caller that holds the op lock (Writer.held, or the drain server)."""
     writer = arena._writer
     writer.enter(counter._index, slot)
     try:
         body(writer.contrib_slot)
     except BaseException:
         writer.rollback()
+        counter._propagate_path()
         raise
     writer.leave()
 
