@@ -660,6 +660,85 @@ Slots_legacy_consume(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 }
 
 /*
+ * legacy_refill(row, block, tag, nr, victim) -> (action, slot index, pages):
+ * refill_stock of the old per-CPU cache (kernel.md §2.4) in one call, inside an op
+ * of row (the CPU's writer row) on the path of the cgroup tagged tag, whose nr
+ * pages are charged. Under the CPU's trylock: the slot cached for tag gets the
+ * pages, and is emptied whole if that takes it past 64 (OVERFLOW: the caller
+ * uncharges `pages`); else the first slot with an empty cached half takes them;
+ * else the victim slot (victim, or the round-robin index if victim < 0) is
+ * evicted: its cached half moves to its pending half in the same store (EVICTED:
+ * the caller uncharges it in an op of its own). BYPASS (nr > 64, lock busy, or a
+ * victim whose pending half is taken): the caller uncharges the nr pages.
+ * Before the slot word changes, the op's intent record names it and its value
+ * (R_STOCK_BEFORE, then R_STOCK_SLOT), so a kill rolls the word back with the op.
+ */
+enum { LEGACY_DEPOSITED, LEGACY_OVERFLOW, LEGACY_EVICTED, LEGACY_BYPASS };
+
+static PyObject *
+Slots_legacy_refill(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    ARGS("legacy_refill", 5);
+    int64_t tag = a[2], nr = a[3], victim = a[4];
+    int64_t *row = word(self, a[0], ROW_WORDS), *b = word(self, a[1], MC_WORDS);
+    if (!row || !b)
+        return NULL;
+    if (victim >= NR_MEMCG_STOCK) {
+        PyErr_Format(PyExc_ValueError, "victim must be < %d, got %lld",
+                     NR_MEMCG_STOCK, (long long)victim);
+        return NULL;
+    }
+    if (nr > MEMCG_CHARGE_BATCH || !slot_trylock(b, LOAD(&row[R_PID])))
+        return Py_BuildValue("(iiL)", LEGACY_BYPASS, -1, (long long)0);
+    const int64_t cur = 0xffffffffLL;
+    int action = LEGACY_DEPOSITED, i, empty = -1;
+    int64_t pages = 0, w = 0;
+    for (i = 0; i < NR_MEMCG_STOCK; i++) {
+        w = LOAD(&b[MC_SLOTS + i]);
+        if (((w >> 8) & 0xffffff) == tag)
+            break;
+        if (empty < 0 && (w & cur) == 0)
+            empty = i;
+    }
+    int64_t next;
+    if (i < NR_MEMCG_STOCK) {
+        pages = (w & 0xff) + nr;
+        if (pages > MEMCG_CHARGE_BATCH) {
+            action = LEGACY_OVERFLOW;
+            next = w & ~cur;
+        } else {
+            next = w + nr;
+        }
+    } else if (empty >= 0) {
+        i = empty;
+        w = LOAD(&b[MC_SLOTS + i]);
+        next = (w & ~cur) | tag << 8 | nr;
+    } else {
+        if (victim < 0) {
+            victim = LOAD(&b[MC_DRAIN_IDX]);
+            STORE(&b[MC_DRAIN_IDX], (victim + 1) % NR_MEMCG_STOCK);
+        }
+        i = (int)victim;
+        w = LOAD(&b[MC_SLOTS + i]);
+        if (w & ~cur) {
+            slot_unlock(b);
+            return Py_BuildValue("(iiL)", LEGACY_BYPASS, -1, (long long)0);
+        }
+        action = LEGACY_EVICTED;
+        next = w << 32 | tag << 8 | nr;
+    }
+    STORE(&row[R_STOCK_BEFORE], w);
+    STORE(&row[R_STOCK_SLOT], a[1] + MC_SLOTS + i);
+    STORE(&b[MC_SLOTS + i], next);
+    if (action == LEGACY_OVERFLOW)
+        ADD_FETCH(&b[MC_OVERFLOWS], 1);
+    else if (action == LEGACY_EVICTED)
+        ADD_FETCH(&b[MC_EVICTIONS], 1);
+    slot_unlock(b);
+    return Py_BuildValue("(iiL)", action, i, (long long)pages);
+}
+
+/*
  * stock_trylock(s, owner) -> bool; stock_unlock(s). The lock word alone, for tests
  * that play a nested context holding the slot. Library paths use the fused steps.
  */
@@ -863,7 +942,7 @@ static PyMethodDef Slots_methods[] = {
     FAST(load), FAST(store), FAST(fetch_add), FAST(exchange), FAST(cas),
     FAST(pc_try_charge_level), FAST(pc_charge_level), FAST(pc_cancel), FAST(pc_propagate),
     FAST(stock_consume), FAST(stock_deposit), FAST(stock_return), FAST(stock_take),
-    FAST(stock_trylock), FAST(stock_unlock), FAST(legacy_consume),
+    FAST(stock_trylock), FAST(stock_unlock), FAST(legacy_consume), FAST(legacy_refill),
     FAST(op_begin), FAST(op_end), FAST(op_abort), FAST(futex_wait), FAST(futex_wake),
     {NULL}
 };
@@ -924,6 +1003,7 @@ PyInit__atomic(void)
     CONST(MC_FLUSHING); CONST(MC_LOCK); CONST(MC_DRAIN_IDX); CONST(MC_SLOTS);
     CONST(NR_MEMCG_STOCK); CONST(MC_EVICTIONS); CONST(MC_OVERFLOWS);
     CONST(MC_FLUSHES); CONST(MC_WORDS); CONST(MEMCG_CHARGE_BATCH);
+    CONST(LEGACY_DEPOSITED); CONST(LEGACY_OVERFLOW); CONST(LEGACY_EVICTED); CONST(LEGACY_BYPASS);
 #undef CONST
     return m;
 failure:

@@ -42,9 +42,10 @@ import numpy as np
 
 from .. import hooks
 from ..drain import post_work, single_drainer
+from .._atomic import LEGACY_BYPASS, LEGACY_EVICTED, LEGACY_OVERFLOW
 from ..layout import (
-    M_EVICTION, MC_DRAIN_IDX, MC_EVICTIONS, MC_FLUSHES, MC_FLUSHING, MC_LOCK, MC_OVERFLOWS,
-    MC_SLOTS, MEMCG_CHARGE_BATCH, NR_MEMCG_STOCK, pid_alive,
+    M_EVICTION, MC_FLUSHES, MC_FLUSHING, MC_LOCK, MC_SLOTS, MEMCG_CHARGE_BATCH,
+    NR_MEMCG_STOCK, pid_alive,
 )
 
 if TYPE_CHECKING:
@@ -134,58 +135,20 @@ def _uncharge_evicted(arena: Arena, slot: int) -> None:
 
 def _refill(arena: Arena, memory: PageCounter, nr_pages: int, kbase: int) -> int:
     """refill_stock(memory's cgroup, nr_pages) inside an op on memory's path, whose
-    pages are charged. Returns the slot whose old cgroup was evicted to the pending
-    half (the caller uncharges it in an op of its own), or -1.
-
-    Under the CPU's trylock: the slot cached for the cgroup gets the pages, and is
-    drained whole if that takes it past 64; else the first empty slot; else a
-    victim (round-robin or random) is evicted. Lock busy: the pages are uncharged
-    (the kernel's bypass), as they are when a victim still has a pending half.
-    """
-    slots, block, writer = arena._slots, arena._memcg_block, arena._writer
-    if not slots.stock_trylock(block, arena._stock_owner):
+    pages are charged (the slot steps are one C call, legacy_refill). Returns the
+    slot whose old cgroup was evicted to the pending half (the caller uncharges it
+    in an op of its own), or -1. Pages the stock does not take (an overflow past
+    64 empties the slot; a busy lock bypasses it) are uncharged here."""
+    victim = -1
+    if arena._slots.load(arena._memcg_slot + M_EVICTION) == EVICTIONS.index("random"):
+        victim = random.randrange(NR_MEMCG_STOCK)
+    action, i, pages = arena._slots.legacy_refill(
+        arena._writer.row_slot, arena._memcg_block, memory._index + 1, nr_pages, victim)
+    if action == LEGACY_BYPASS:
         memory._cancel_path(nr_pages, kbase)
-        return -1
-    try:
-        tag = memory._index + 1
-        first = block + MC_SLOTS
-        words = [slots.load(first + i) for i in range(NR_MEMCG_STOCK)]
-        tags = [(w >> 8) & TAG_MASK for w in words]
-        if tag in tags:
-            i = tags.index(tag)
-            writer.set_stock_slot(first + i)
-            stocked = (words[i] & NR_MASK) + nr_pages
-            if stocked > MEMCG_CHARGE_BATCH:              # drain the whole slot
-                slots.store(first + i, words[i] & ~CUR_MASK)
-                memory._cancel_path(stocked, kbase)
-                slots.fetch_add(block + MC_OVERFLOWS, 1)
-            else:
-                slots.store(first + i, words[i] + nr_pages)
-            return -1
-        if 0 in tags:
-            i = tags.index(0)
-            writer.set_stock_slot(first + i)
-            slots.store(first + i, (words[i] & ~CUR_MASK) | tag << 8 | nr_pages)
-            return -1
-        i = _victim(arena, block)
-        if words[i] >> HALF:                              # still pending: bypass
-            memory._cancel_path(nr_pages, kbase)
-            return -1
-        writer.set_stock_slot(first + i)
-        slots.store(first + i, words[i] << HALF | tag << 8 | nr_pages)
-        slots.fetch_add(block + MC_EVICTIONS, 1)
-        return i
-    finally:
-        slots.stock_unlock(block)
-
-
-def _victim(arena: Arena, block: int) -> int:
-    if EVICTIONS[int(arena.memcg_header[M_EVICTION])] == "random":
-        return random.randrange(NR_MEMCG_STOCK)
-    slots = arena._slots
-    i = slots.load(block + MC_DRAIN_IDX)
-    slots.store(block + MC_DRAIN_IDX, (i + 1) % NR_MEMCG_STOCK)
-    return i
+    elif action == LEGACY_OVERFLOW:
+        memory._cancel_path(pages, kbase)
+    return i if action == LEGACY_EVICTED else -1
 
 
 # ---- drains ----------------------------------------------------------------------
