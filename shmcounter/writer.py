@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from .errors import ArenaError
-from .layout import H_STOP, R_PID, R_STOCK_BEFORE, R_STOCK_SLOT, STOCK_NR, pid_alive
+from .layout import H_STOP, R_PID, pid_alive
 
 if TYPE_CHECKING:
     from .layout import Arena
@@ -129,15 +129,6 @@ class Writer:
                 raise RuntimeError("an op cannot start in the process that holds "
                                    "stop_machine")
             wait_for_restart(arena)
-
-    def set_stock_slot(self, stock_slot: int) -> None:
-        """Name the stock slot of the op in progress, when it is known only after
-        begin (the legacy stock picks its slot inside the op). Call it before the
-        op touches the slot: the value saved is the slot's value now. The slot
-        index is stored last, so a repair sees either no slot or the pair."""
-        slots = self._arena._slots
-        slots.store(self.row_slot + R_STOCK_BEFORE, slots.load(stock_slot + STOCK_NR))
-        slots.store(self.row_slot + R_STOCK_SLOT, stock_slot)
 
     @contextmanager
     def held(self) -> Iterator[None]:
