@@ -52,7 +52,8 @@ def start(arena, machine, variant):
     """g and h under root; CPU 0 charged g once (usage 64, stock 63); CPU 1 parked
     in drain_all_stock(h), holding the drain lock."""
     cg = Cgroups(arena, variant=variant)
-    g, h = cg.create("g"), cg.create("h")
+    g = cg.create("g")
+    cg.create("h")
     assert machine.run_on(0, t.charge, arena, "g") == [True]
     assert (g.memory.usage, g.stock(0)) == (64, 63)
     drainer = park(machine, 1, "drain_all:locked", t.drain_all, arena, "h")
