@@ -85,44 +85,44 @@ def try_charge(arena: Arena, memory: PageCounter, nr_pages: int,
     if block >= 0 and slots.legacy_consume(arena._stock_row, block, tag, nr_pages) == 1:
         return None
     charge = max(MEMCG_CHARGE_BATCH, nr_pages) if block >= 0 and greedy else nr_pages
-    writer = arena._writer
-    evicted = -1
-    writer.begin(memory._index)
-    try:
-        kbase = writer.contrib_slot
+
+    def charge_and_refill(kbase: int) -> tuple[PageCounter | None, int]:
+        nonlocal charge
         fail = memory._try_charge_path(charge, kbase)
         if fail is not None and charge > nr_pages:
             charge = nr_pages
             fail = memory._try_charge_path(charge, kbase)
         if fail is None and charge > nr_pages:
-            evicted = _refill(arena, memory, charge - nr_pages, kbase)
-    except BaseException:
-        memory._abort_op(writer)
-        raise
-    writer.end()
-    if evicted >= 0:
-        _uncharge_evicted(arena, block + MC_SLOTS + evicted)
-    return fail
+            return None, _refill(arena, memory, charge - nr_pages, kbase)
+        return fail, -1
+    return _refill_op(arena, memory, charge_and_refill)
 
 
 def uncharge_to_stock(arena: Arena, memory: PageCounter, nr_pages: int) -> None:
     """refill_stock as the kmem and socket uncharges call it: the pages go back to
     this CPU's slot of the cgroup (still charged) instead of up the hierarchy.
     More than 64 pages, or not a CPU process: a plain hierarchical uncharge."""
-    block = arena._memcg_block
-    if block < 0 or nr_pages > MEMCG_CHARGE_BATCH:
+    if arena._memcg_block < 0 or nr_pages > MEMCG_CHARGE_BATCH:
         memory._uncharge_hierarchy(nr_pages)
         return
+    _refill_op(arena, memory, lambda kbase: (None, _refill(arena, memory, nr_pages, kbase)))
+
+
+def _refill_op(arena: Arena, memory: PageCounter,
+               body: Callable[[int], tuple[PageCounter | None, int]]) -> PageCounter | None:
+    """Run body(kbase) -> (refused counter or None, evicted slot or -1) as one op on
+    memory's path, then uncharge an evicted cgroup's pages in the second op."""
     writer = arena._writer
     writer.begin(memory._index)
     try:
-        evicted = _refill(arena, memory, nr_pages, writer.contrib_slot)
+        refused, evicted = body(writer.contrib_slot)
     except BaseException:
         memory._abort_op(writer)
         raise
     writer.end()
     if evicted >= 0:
-        _uncharge_evicted(arena, block + MC_SLOTS + evicted)
+        _uncharge_evicted(arena, arena._memcg_block + MC_SLOTS + evicted)
+    return refused
 
 
 def _uncharge_evicted(arena: Arena, slot: int) -> None:
