@@ -60,6 +60,10 @@ def register_cpu(arena: Arena, cpu: int) -> None:
             raise ArenaError(f"CPU {cpu} is already registered by pid {holder}")
         raise ArenaError(f"CPU {cpu}'s previous process (pid {holder}) died and its "
                          f"stocks were not reclaimed; run arena.hotplug_cpu_dead({cpu}) first")
+    # The pid claims the row; the start word, written next, publishes it to
+    # drain.post_work, which signals no row whose start word is 0. Until then
+    # this CPU has no stock (_stock_block below), so a drain that skips it loses
+    # nothing. unregister_cpu and hotplug.cpu_dead clear the start word first.
     arena._set_row_owner(cpu, me)
     arena._writer.release_row()
     arena._writer.use_row(cpu)
@@ -84,7 +88,7 @@ def unregister_cpu() -> None:
     if arena.memcg_legacy:
         from .memcg import legacy
         legacy.cpu_offline(arena, cpu)
-    arena._set_row_owner(cpu, 0)
+    arena._set_row_owner(cpu, 0)                         # start word first: see register_cpu
     arena._slots.cas(arena._cpu_slot(cpu), os.getpid(), 0)
     done = arena._row_slot(cpu) + R_DONE_SEQ
     arena._slots.futex_wake(done)       # drains waiting for us: we are gone

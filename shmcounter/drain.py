@@ -8,7 +8,7 @@ then waits for all, so the latency is one round trip:
   -----------------------------------         --------------------------------------
   requests[k][c] = 1                  (1)
   t = ++req_seq[k]                    (2)
-  kill(pid_k, SIGDRAIN) ------------------->  handler, between two bytecodes:
+  signal CPU k's process (post_work) ------>  handler, between two bytecodes:
   (own part inline, if a CPU)                   s = req_seq[k]          (3)
                                                 for c with requests[k][c]:
                                                     requests[k][c] = 0
@@ -30,6 +30,10 @@ serves the other while it waits: no deadlock.
 A CPU that dies before answering is skipped: its stock is the hotplug path's, which
 wakes the waiters. A live CPU that stays silent (SIGSTOP, or a long C call that
 never returns to the interpreter) raises DrainTimeout.
+
+post_work is the only sender of SIGDRAIN, and signals only the live process
+registered as the CPU, through a pidfd: never a free row's stray pid, a pid
+reused since, pid 0 (the caller's process group) or pid 1.
 """
 from __future__ import annotations
 
@@ -42,7 +46,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import numpy as np
 
 from .errors import DrainTimeout
-from .layout import H_DRAIN_LOCK, H_STOP, R_DONE_SEQ, R_REQ_SEQ, pid_alive
+from .layout import H_DRAIN_LOCK, H_STOP, R_DONE_SEQ, R_PID, R_REQ_SEQ, R_START, pid_alive
 
 if TYPE_CHECKING:
     from .layout import Arena
@@ -95,16 +99,13 @@ def _drain(arena: Arena, counters: Sequence[PageCounter], timeout: float | None)
     timeout = arena.drain_timeout if timeout is None else timeout
     slots = arena._slots
     me = this_cpu_of(arena)
+    indexes = [counter._index for counter in counters]
     sent: list[tuple[int, int, int]] = []                  # (cpu, pid, ticket)
     for cpu in range(arena.ncpus):
-        pid = slots.load(arena._cpu_slot(cpu))
-        if cpu == me or not arena.row_owner_alive(cpu):
-            continue                                        # offline, or dead: hotplug's
-        for counter in counters:
-            slots.store(arena._request_slot(cpu, counter._index), 1)
-        ticket = post_work(arena, cpu, pid)
-        if ticket:
-            sent.append((cpu, pid, ticket))
+        if cpu != me:
+            pid, ticket = post_work(arena, cpu, indexes)
+            if ticket:
+                sent.append((cpu, pid, ticket))
     if me is not None:
         for counter in counters:
             counter.drain_stock_local()
@@ -120,16 +121,54 @@ def _drain(arena: Arena, counters: Sequence[PageCounter], timeout: float | None)
             slots.futex_wait(done_slot, done, min(int(remaining * 1e6) + 1, _WAIT_SLICE_US))
 
 
-def post_work(arena: Arena, cpu: int, pid: int) -> int:
-    """Ask CPU `cpu` (process `pid`) to serve what is asked of it: take a ticket
-    and send the signal. Returns the ticket (done when done_seq reaches it), or 0
-    if the process is gone (its stock is the hotplug path's)."""
-    ticket = arena._slots.fetch_add(arena._row_slot(cpu) + R_REQ_SEQ, 1) + 1
+def post_work(arena: Arena, cpu: int, indexes: Sequence[int] = ()) -> tuple[int, int]:
+    """Ask CPU `cpu` to serve what is asked of it: set its request flag of each
+    counter in `indexes`, take a ticket and send it SIGDRAIN. Returns (pid, ticket):
+    the process signalled and the ticket it serves (done when done_seq reaches it);
+    or (0, 0) if CPU `cpu` is not a live registered process, which nobody need wait
+    for: its stock, if any, is the hotplug path's.
+
+    The only sender of SIGDRAIN. The row's pid is read once, and signalled only if
+    it is > 1 (0 is the caller's process group), the row's start word is not 0,
+    and, with a pidfd of that pid held, the row still holds that pid and a start
+    word equal to the start time of the process at that pid. A row's start word is
+    written after its pid and cleared before it (register_cpu, unregister_cpu,
+    hotplug.cpu_dead), so a start word read between two reads of the same pid
+    belongs to a registration of that pid; a row whose start word is 0 (free, or
+    its CPU registering or unregistering) has no stock, and skipping it loses
+    nothing. The pidfd pins the process: if the send succeeds, the process lived
+    from the pidfd's opening to the send, so the /proc read in between was its
+    own, and it is the process that registered. It may have unregistered since the
+    check: its handler, installed before it registered and kept for life, then
+    ignores the request.
+    """
+    slots, row = arena._slots, arena._row_slot(cpu)
+    pid = slots.load(row + R_PID)
+    if pid <= 1 or slots.load(row + R_START) == 0:
+        return 0, 0
     try:
-        os.kill(pid, SIGDRAIN)
+        pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
-        return 0
-    return ticket
+        return 0, 0
+    try:
+        start = slots.load(row + R_START)
+        if start == 0 or slots.load(row + R_PID) != pid or not pid_alive(pid, start):
+            return 0, 0
+        # Flags and ticket after the checks: a skipped CPU keeps no stale request.
+        # Ticket before the send: the handler reads req_seq once the signal is in,
+        # so it serves this ticket. If the send fails (the process exited since
+        # the check) nobody waits on the ticket; the CPU's next serve, or
+        # hotplug.cpu_dead, moves done_seq past it.
+        for index in indexes:
+            slots.store(arena._request_slot(cpu, index), 1)
+        ticket = slots.fetch_add(row + R_REQ_SEQ, 1) + 1
+        try:
+            signal.pidfd_send_signal(pidfd, SIGDRAIN)
+        except ProcessLookupError:
+            return 0, 0
+        return pid, ticket
+    finally:
+        os.close(pidfd)
 
 
 def _timeout(arena: Arena, cpu: int, pid: int, counters: Sequence[PageCounter],

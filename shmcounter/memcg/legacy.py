@@ -280,10 +280,11 @@ def drain_dead(arena: Arena, cpu: int) -> dict[str, int]:
 
 def drain_all(arena: Arena, tags: Collection[int]) -> bool:
     """The old drain_all_stock(root), tags = the subtree's cgroups: skip (False) if
-    another drain runs; else flag every online CPU that caches pages of the
-    subtree, drain this CPU inline, and send the others their work item without
-    waiting for it (asynchronous). A flagged CPU drains all 7 of its slots, other
-    cgroups' included. Returns True.
+    another drain runs; else flag every CPU that caches pages of the subtree,
+    drain this CPU inline, and send the others their work item (drain.post_work)
+    without waiting for it (asynchronous); a CPU that is not a live registered
+    process is unflagged (hotplug's). A flagged CPU drains all 7 of its slots,
+    other cgroups' included. Returns True.
 
     The flag (FLUSHING_CACHED_CHARGE) holds the requester's pid: a CPU flagged by
     a live requester has its work queued and is skipped; a flag left by a
@@ -297,9 +298,6 @@ def drain_all(arena: Arena, tags: Collection[int]) -> bool:
             hooks.at("drain_all:locked")
         me = this_cpu_of(arena)
         for cpu in range(arena.ncpus):
-            pid = slots.load(arena._cpu_slot(cpu))
-            if cpu != me and not arena.row_owner_alive(cpu):
-                continue                            # offline: hotplug's
             flag = arena._memcg_cpu_slot(cpu) + MC_FLUSHING
             holder = slots.load(flag)
             if holder and pid_alive(holder) or not _drain_needed(arena, cpu, tags):
@@ -310,8 +308,8 @@ def drain_all(arena: Arena, tags: Collection[int]) -> bool:
                 drain_local(arena)
                 slots.fetch_add(flag - MC_FLUSHING + MC_FLUSHES, 1)
                 slots.cas(flag, mypid, 0)
-            elif not post_work(arena, cpu, pid):
-                slots.cas(flag, mypid, 0)           # gone: hotplug's
+            elif not post_work(arena, cpu)[1]:
+                slots.cas(flag, mypid, 0)           # offline or dead: hotplug's
     return True
 
 
