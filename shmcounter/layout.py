@@ -72,7 +72,11 @@ Lifetime (Python 3.11, see docs/design.md "Segment lifetime"):
   - an attacher maps the segment without registering it with any tracker, so
     neither its exit nor its death at any instant unlinks the creator's segment;
   - Arena.create sweeps segments whose creator pid is dead and that no live
-    process maps: the backstop when the tracker died with its tree.
+    process maps: the backstop when the tracker died with its tree;
+  - anyone may create a name in /dev/shm: attach and the sweep open only a
+    regular file owned by this process's uid, without following a symlink and
+    without blocking (a FIFO named like an arena cannot stall us), and attach
+    checks and maps the file through one fd.
 """
 from __future__ import annotations
 
@@ -85,8 +89,8 @@ import warnings
 import time
 import weakref
 import mmap
-import sys
 from multiprocessing import shared_memory
+from stat import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFSOCK, S_ISREG
 from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
@@ -212,24 +216,65 @@ def my_start_time() -> int:
     return _proc_stat(os.getpid())[1]
 
 
-def _open_untracked(name: str) -> shared_memory.SharedMemory:
-    """SharedMemory(name), never registered with a resource tracker: an attacher's
-    tracker would unlink the creator's segment when the attacher exits or dies,
-    even between the stdlib's register and our unregister (python/cpython#82300).
-    3.13 has track=False; on 3.11 we do what __init__ does for an existing name on
-    POSIX, less the registration."""
-    if sys.version_info >= (3, 13):
-        return shared_memory.SharedMemory(name, track=False)
-    from _posixshmem import shm_open
-    shm = shared_memory.SharedMemory.__new__(shared_memory.SharedMemory)
-    shm._name = "/" + name
-    shm._fd = shm_open(shm._name, os.O_RDWR, mode=0o600)
+_KINDS = {S_IFLNK: "a symbolic link", S_IFDIR: "a directory", S_IFIFO: "a FIFO",
+          S_IFSOCK: "a socket", S_IFCHR: "a character device", S_IFBLK: "a block device"}
+
+
+def _check_entry(name: str, st: os.stat_result) -> None:
+    """ArenaError unless `st` is a regular file owned by this process's effective uid."""
+    if not S_ISREG(st.st_mode):
+        kind = _KINDS.get(S_IFMT(st.st_mode), "not a regular file")
+        raise ArenaError(f"{name!r} in /dev/shm is {kind}, not a shared-memory segment")
+    if st.st_uid != os.geteuid():
+        raise ArenaError(f"segment {name!r} is owned by uid {st.st_uid}, not by this "
+                         f"process's uid {os.geteuid()}: refused")
+
+
+def _open_segment(name: str, flags: int) -> tuple[int, os.stat_result]:
+    """An fd on /dev/shm/`name` (flags: O_RDONLY or O_RDWR) and its fstat, when it
+    is a regular file owned by this process's effective uid; ArenaError saying why
+    otherwise. Any user may create a name in /dev/shm, so nothing else is opened:
+    lstat first (a FIFO, socket or device is never opened), then an open that
+    follows no symlink and never blocks, since the name may have been replaced in
+    between; the fstat of that fd is what counts."""
+    path = f"/dev/shm/{name}"
     try:
-        shm._size = os.fstat(shm._fd).st_size
-        shm._mmap = mmap.mmap(shm._fd, shm._size)
+        _check_entry(name, os.lstat(path))
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ArenaError(f"no shared-memory segment named {name!r}") from None
+    except OSError as exc:
+        raise ArenaError(f"cannot open segment {name!r}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        _check_entry(name, st)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def _open_untracked(name: str) -> shared_memory.SharedMemory:
+    """A SharedMemory on the arena named `name`: opened once (_open_segment), its
+    header read (_check_header) and the segment mapped through that one fd, so
+    the file checked is the file mapped.
+
+    Never registered with a resource tracker: an attacher's tracker would unlink
+    the creator's segment when the attacher exits or dies, even between the
+    stdlib's register and our unregister (python/cpython#82300). We build what
+    SharedMemory.__init__ builds for an existing name on POSIX, less the
+    registration (3.13's track=False)."""
+    if "/" in name or "\0" in name or name in ("", ".", ".."):
+        raise ArenaError(f"{name!r} is not a shared-memory segment name")
+    fd, st = _open_segment(name, os.O_RDWR)
+    try:
+        _check_header(name, os.pread(fd, HEADER_WORDS * WORD, 0), st.st_size)
+        shm = shared_memory.SharedMemory.__new__(shared_memory.SharedMemory)
+        shm._name, shm._fd, shm._size, shm._track = "/" + name, fd, st.st_size, False
+        shm._mmap = mmap.mmap(fd, st.st_size)
         shm._buf = memoryview(shm._mmap)
     except BaseException:
-        os.close(shm._fd)
+        os.close(fd)
         raise
     return shm
 
@@ -251,45 +296,61 @@ def _mapped_shm_names() -> set[str]:
     return names
 
 
-def _creator_alive(name: str, pid: int) -> bool:
-    """Is the process that created arena `name` (pid `pid`) still running? A pid
-    reused by another process has another start time."""
+def _dead_arena(name: str, pid: int) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of /dev/shm/`name` if it is an arena left by a dead creator:
+    a regular file of this process's uid (_open_segment) whose header names a
+    creator, pid `pid` with its start time, that is no longer running (a pid
+    reused by another process has another start time). None for anything else,
+    which the sweep leaves alone: a live creator, another uid's file, a FIFO,
+    device, socket, directory or symlink, an unreadable or foreign header."""
     stat = _proc_stat(pid)
-    if stat is None or stat[0] in (b"Z", b"X"):
-        return False
-    start = stat[1]
+    start = None if stat is None or stat[0] in (b"Z", b"X") else stat[1]
     try:
-        with open(f"/dev/shm/{name}", "rb") as f:
-            header = f.read(HEADER_WORDS * WORD)
-        magic, created = struct.unpack_from("<q", header, 0)[0], \
-            struct.unpack_from("<q", header, H_CREATOR_START * WORD)[0]
-    except (OSError, struct.error):
-        return True                       # unreadable: leave it alone
-    return magic != MAGIC or created == start
+        fd, st = _open_segment(name, os.O_RDONLY)
+    except ArenaError:
+        return None
+    try:
+        header = os.pread(fd, HEADER_WORDS * WORD, 0)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(header) < HEADER_WORDS * WORD:
+        return None
+    magic = struct.unpack_from("<q", header, 0)[0]
+    created = struct.unpack_from("<q", header, H_CREATOR_START * WORD)[0]
+    if magic != MAGIC or created == start:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def sweep_dead_arenas() -> list[str]:
     """Unlink arenas whose creator is dead and that no live process maps.
 
-    Only names of our own pattern are touched; the creator is recognised by pid and
-    start time, so a reused pid does not keep a leftover alive. Returns the names
-    removed.
+    Only names of our own pattern are touched, and of those only what _dead_arena
+    recognises; the name is unlinked only if it still names the file checked.
+    (/dev/shm is sticky: another uid cannot swap our file for another in between.)
+    Returns the names removed.
     """
     try:
-        candidates = [n for n in os.listdir("/dev/shm")
-                      if (m := _NAME_RE.match(n)) and not _creator_alive(n, int(m.group(1)))]
+        names = os.listdir("/dev/shm")
     except FileNotFoundError:
         return []
+    candidates = {n: ident for n in names
+                  if (m := _NAME_RE.match(n)) and (ident := _dead_arena(n, int(m.group(1))))}
     if not candidates:
         return []
     mapped = _mapped_shm_names()
     removed = []
-    for name in candidates:
+    for name, ident in candidates.items():
         if name in mapped:
             continue
+        path = f"/dev/shm/{name}"
         try:
-            os.unlink(f"/dev/shm/{name}")
-            removed.append(name)
+            st = os.lstat(path)
+            if (st.st_dev, st.st_ino) == ident:
+                os.unlink(path)
+                removed.append(name)
         except FileNotFoundError:
             pass
     return removed
@@ -420,17 +481,16 @@ class Arena:
 
     @classmethod
     def attach(cls, name: str) -> Arena:
-        """Attach to an existing arena by name, from any process on this machine.
+        """Attach to an existing arena by name, from any process of this uid on this
+        machine.
 
-        Raises ArenaError when `name` is not a shmcounter arena of this layout version.
+        Raises ArenaError when /dev/shm/`name` is not a regular file owned by this
+        process's uid (a symlink, FIFO, directory or another user's file is never
+        opened for good), or not a shmcounter arena of this layout version.
         """
         if not isinstance(name, str):
             raise TypeError(f"arena name must be a str, got {type(name).__name__}")
-        _check_header(name)
-        try:
-            shm = _open_untracked(name)
-        except FileNotFoundError:
-            raise ArenaError(f"no shared-memory segment named {name!r}") from None
+        shm = _open_untracked(name)
         try:
             return cls(shm, creator=False)
         except BaseException:
@@ -709,21 +769,9 @@ def _unpickle_arena(name: str) -> Arena:
     return arena if arena is not None and not arena.closed else Arena.attach(name)
 
 
-def _check_header(name: str) -> None:
-    """Raise ArenaError unless /dev/shm/`name` is a whole arena of our layout version.
-    Reads the file directly, so that a foreign segment is never registered with
-    our resource tracker (which would unlink it when we exit)."""
-    if "/" in name or not name:
-        raise ArenaError(f"{name!r} is not a shared-memory segment name")
-    try:
-        fd = os.open(f"/dev/shm/{name}", os.O_RDONLY)
-    except FileNotFoundError:
-        raise ArenaError(f"no shared-memory segment named {name!r}") from None
-    try:
-        actual = os.fstat(fd).st_size
-        header = os.pread(fd, HEADER_WORDS * WORD, 0)
-    finally:
-        os.close(fd)
+def _check_header(name: str, header: bytes, actual: int) -> None:
+    """Raise ArenaError unless `header`, the first bytes of segment `name` of
+    `actual` bytes, is the header of a whole arena of our layout version."""
     if len(header) < HEADER_WORDS * WORD:
         raise ArenaError(f"segment {name!r} ({actual} bytes) is not a shmcounter arena: "
                          f"too small for the header")
