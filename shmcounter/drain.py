@@ -33,10 +33,12 @@ never returns to the interpreter) raises DrainTimeout.
 """
 from __future__ import annotations
 
+import math
 import os
 import signal
 import time
 from contextlib import contextmanager
+from numbers import Real
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
@@ -71,6 +73,20 @@ def drain_stock(arena: Arena, counters: Sequence[PageCounter],
         if got:
             _drain(arena, counters, timeout)
     return got
+
+
+def check_timeout(seconds: object, what: str) -> None:
+    """TypeError or ValueError naming `what`, unless `seconds` is a finite real
+    number > 0 (a bool is not)."""
+    if isinstance(seconds, bool) or not isinstance(seconds, Real):
+        raise TypeError(f"{what} must be a number of seconds, got {seconds!r} "
+                        f"({type(seconds).__name__})")
+    try:
+        ok = math.isfinite(seconds) and seconds > 0
+    except OverflowError:                   # an int past the range of a float
+        ok = False
+    if not ok:
+        raise ValueError(f"{what} must be a finite number of seconds > 0, got {seconds!r}")
 
 
 @contextmanager
