@@ -64,7 +64,12 @@ def drain_stock(arena: Arena, counters: Sequence[PageCounter],
 
     trylock: be the single drainer of the arena (memcg's percpu_charge_mutex):
     if another trylock drain is running, return False at once, draining nothing.
+    A bad timeout or trylock raises TypeError or ValueError before anything is asked.
     """
+    if timeout is not None:
+        check_timeout(timeout, "timeout")
+    if not isinstance(trylock, bool):
+        raise TypeError(f"trylock must be a bool, got {trylock!r}")
     arena._check_open()
     if not trylock:
         _drain(arena, counters, timeout)

@@ -1,5 +1,5 @@
 """Everyday sharp edges: a second attach in one process, an exit without close(),
-and calls on a closed arena."""
+unchecked timeouts, and calls on a closed arena."""
 from __future__ import annotations
 
 import os
@@ -10,6 +10,7 @@ from typing import Callable
 import pytest
 
 import shmcounter
+import tasks
 from shmcounter import Arena, ArenaError, PageCounter
 from shmcounter.layout import R_PID
 from shmcounter.memcg import Cgroups, MemCgroup
@@ -109,6 +110,57 @@ def test_a_cpu_process_and_its_forked_child_exit_silently_and_cleanly(arena):
     assert (arena.cpu_pid(1), leaf.stock(1), leaf.usage) == (0, 0, 2)
     assert [int(pid) for pid in arena.rows[:, R_PID] if pid] == []
     leaf.uncharge(2)
+
+
+# ---- timeouts ---------------------------------------------------------------------
+
+NOT_POSITIVE = "must be a finite number of seconds > 0, got "
+NOT_A_NUMBER = "must be a number of seconds, got "
+BAD_TIMEOUTS = [
+    (float("nan"), ValueError, NOT_POSITIVE + "nan"),
+    (float("inf"), ValueError, NOT_POSITIVE + "inf"),
+    (-1, ValueError, NOT_POSITIVE + "-1"),
+    (0, ValueError, NOT_POSITIVE + "0"),
+    (-0.0, ValueError, NOT_POSITIVE + "-0.0"),
+    (True, TypeError, NOT_A_NUMBER + "True (bool)"),
+    ("1", TypeError, NOT_A_NUMBER + "'1' (str)"),
+    (1j, TypeError, NOT_A_NUMBER + "1j (complex)"),
+    ([1], TypeError, NOT_A_NUMBER + "[1] (list)"),
+]
+TIMEOUT_IDS = [repr(bad) for bad, _, _ in BAD_TIMEOUTS]
+
+
+@pytest.mark.parametrize("bad, exc, message", BAD_TIMEOUTS, ids=TIMEOUT_IDS)
+def test_drain_stock_refuses_a_bad_timeout_and_asks_no_cpu(arena, cpus, bad, exc, message):
+    leaf = arena.new_counter("leaf")
+    leaf.enable_stock(64)
+    cpu1 = cpus(1)
+    assert cpu1.call(tasks.try_charge, arena, "leaf", 1) == (True, None)
+    before = bytes(arena._shm.buf)
+    with pytest.raises(exc) as err:
+        leaf.drain_stock(timeout=bad)
+    assert str(err.value) == "timeout " + message
+    assert bytes(arena._shm.buf) == before            # no request posted, no ticket
+    assert cpu1.call(tasks.stock, arena, "leaf") == 63
+    assert leaf.drain_stock(timeout=30) is True       # a good one drains
+    leaf.uncharge(1)
+
+
+@pytest.mark.parametrize("bad, exc, message", BAD_TIMEOUTS, ids=TIMEOUT_IDS)
+def test_drain_timeout_and_wait_flushed_refuse_the_same(arena, bad, exc, message):
+    with pytest.raises(exc) as err:
+        arena.drain_timeout = bad
+    assert (str(err.value), arena.drain_timeout) == ("drain_timeout " + message, 5.0)
+    tree = Cgroups(arena, variant="legacy")
+    with pytest.raises(exc) as err:
+        tree.wait_flushed(timeout=bad)
+    assert str(err.value) == "timeout " + message
+
+
+def test_drain_stock_refuses_a_trylock_that_is_not_a_bool(arena):
+    leaf = arena.new_counter("leaf")
+    with pytest.raises(TypeError, match=r"^trylock must be a bool, got 1$"):
+        leaf.drain_stock(trylock=1)
 
 
 # ---- a closed arena ---------------------------------------------------------------

@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import time
 from .. import hooks
-from ..drain import single_drainer
+from ..drain import check_timeout, single_drainer
 from ..errors import ArenaError
 from ..layout import (
     CG_WORDS, M_BATCH, M_EVICTION, M_FIRST_CHILD_DRAIN, M_MEMSW, M_ROOT, M_STATE,
@@ -461,6 +461,7 @@ class Cgroups:
         to it (quiescence of the asynchronous drain). Returns at once for the
         per-counter designs, whose drains are synchronous. TimeoutError if a CPU
         does not serve its work in time."""
+        check_timeout(timeout, "timeout")
         arena = self._arena
         arena._check_open()
         deadline = time.monotonic() + timeout
