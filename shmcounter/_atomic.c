@@ -215,6 +215,10 @@ typedef struct {
     Py_buffer view;     /* valid while words != NULL */
     int64_t *words;
     Py_ssize_t nwords;
+    /* Once released, every step raises released_type(released_msg) (release()'s
+       arguments: the arena's "is closed" error), or ValueError without them. */
+    PyObject *released_type;
+    PyObject *released_msg;
 } SlotsObject;
 
 static int
@@ -247,6 +251,8 @@ Slots_dealloc(SlotsObject *self)
         self->words = NULL;
         PyBuffer_Release(&self->view);
     }
+    Py_CLEAR(self->released_type);
+    Py_CLEAR(self->released_msg);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -255,7 +261,10 @@ static inline int64_t *
 word(SlotsObject *self, Py_ssize_t i, Py_ssize_t span)
 {
     if (self->words == NULL) {
-        PyErr_SetString(PyExc_ValueError, "Slots is released (the arena was closed)");
+        if (self->released_type)
+            PyErr_SetObject(self->released_type, self->released_msg);
+        else
+            PyErr_SetString(PyExc_ValueError, "Slots is released (the arena was closed)");
         return NULL;
     }
     if (i < 0 || span > self->nwords || i > self->nwords - span) {
@@ -292,8 +301,23 @@ parse_ints(const char *name, PyObject *const *args, Py_ssize_t nargs,
     if (parse_ints(name, args, nargs, want, a) < 0) return NULL
 
 static PyObject *
-Slots_release(SlotsObject *self, PyObject *unused)
+Slots_release(SlotsObject *self, PyObject *args)
 {
+    PyObject *type = NULL, *msg = NULL;
+    if (!PyArg_ParseTuple(args, "|OU:release", &type, &msg))
+        return NULL;
+    if (type && !PyExceptionClass_Check(type)) {
+        PyErr_SetString(PyExc_TypeError, "release(): error_type must be an exception class");
+        return NULL;
+    }
+    if (type && !msg) {
+        PyErr_SetString(PyExc_TypeError, "release(): error_type needs a message");
+        return NULL;
+    }
+    Py_XINCREF(type);
+    Py_XSETREF(self->released_type, type);
+    Py_XINCREF(msg);
+    Py_XSETREF(self->released_msg, msg);
     if (self->words) {
         self->words = NULL;
         PyBuffer_Release(&self->view);
@@ -937,8 +961,9 @@ Slots_repr(SlotsObject *self)
 #define FAST(name) {#name, (PyCFunction)(void (*)(void))Slots_##name, METH_FASTCALL, NULL}
 
 static PyMethodDef Slots_methods[] = {
-    {"release", (PyCFunction)Slots_release, METH_NOARGS,
-     "release(): drop the buffer; later calls raise ValueError."},
+    {"release", (PyCFunction)Slots_release, METH_VARARGS,
+     "release(error_type=None, message=None): drop the buffer; later calls raise "
+     "error_type(message), or ValueError."},
     FAST(load), FAST(store), FAST(fetch_add), FAST(exchange), FAST(cas),
     FAST(pc_try_charge_level), FAST(pc_charge_level), FAST(pc_cancel), FAST(pc_propagate),
     FAST(stock_consume), FAST(stock_deposit), FAST(stock_return), FAST(stock_take),

@@ -37,10 +37,12 @@ reused since, pid 0 (the caller's process group) or pid 1.
 """
 from __future__ import annotations
 
+import math
 import os
 import signal
 import time
 from contextlib import contextmanager
+from numbers import Real
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
@@ -66,7 +68,12 @@ def drain_stock(arena: Arena, counters: Sequence[PageCounter],
 
     trylock: be the single drainer of the arena (memcg's percpu_charge_mutex):
     if another trylock drain is running, return False at once, draining nothing.
+    A bad timeout or trylock raises TypeError or ValueError before anything is asked.
     """
+    if timeout is not None:
+        check_timeout(timeout, "timeout")
+    if not isinstance(trylock, bool):
+        raise TypeError(f"trylock must be a bool, got {trylock!r}")
     arena._check_open()
     if not trylock:
         _drain(arena, counters, timeout)
@@ -75,6 +82,20 @@ def drain_stock(arena: Arena, counters: Sequence[PageCounter],
         if got:
             _drain(arena, counters, timeout)
     return got
+
+
+def check_timeout(seconds: object, what: str) -> None:
+    """TypeError or ValueError naming `what`, unless `seconds` is a finite real
+    number > 0 (a bool is not)."""
+    if isinstance(seconds, bool) or not isinstance(seconds, Real):
+        raise TypeError(f"{what} must be a number of seconds, got {seconds!r} "
+                        f"({type(seconds).__name__})")
+    try:
+        ok = math.isfinite(seconds) and seconds > 0
+    except OverflowError:                   # an int past the range of a float
+        ok = False
+    if not ok:
+        raise ValueError(f"{what} must be a finite number of seconds > 0, got {seconds!r}")
 
 
 @contextmanager

@@ -72,10 +72,17 @@ Lifetime (Python 3.11, see docs/design.md "Segment lifetime"):
   - an attacher maps the segment without registering it with any tracker, so
     neither its exit nor its death at any instant unlinks the creator's segment;
   - Arena.create sweeps segments whose creator pid is dead and that no live
-    process maps: the backstop when the tracker died with its tree.
+    process maps: the backstop when the tracker died with its tree;
+  - anyone may create a name in /dev/shm: attach and the sweep open only a
+    regular file owned by this process's uid, without following a symlink and
+    without blocking (a FIFO named like an arena cannot stall us), and attach
+    checks and maps the file through one fd;
+  - one handle per arena and process: attach returns the open one (counting the
+    opens; the last close unmaps), and an exit closes what is still open.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import secrets
@@ -85,8 +92,8 @@ import warnings
 import time
 import weakref
 import mmap
-import sys
 from multiprocessing import shared_memory
+from stat import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFSOCK, S_ISREG
 from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
@@ -146,17 +153,24 @@ _NAME_RE = re.compile(rf"^{NAME_PREFIX}(\d+)_[0-9a-f]+$")
 # per-process state: a child is a new writer, never its parent's row or CPU.
 _open_arenas: weakref.WeakSet[Arena] = weakref.WeakSet()
 _registry_threads = threading.Lock()
-# The first open handle of each arena in this process: an Arena unpickled here
-# (a task argument sent to a CPU process) resolves to it, so that it is the handle
-# registered as this CPU and charges take this CPU's stock.
+# The open handle of each arena in this process: Arena.attach returns it, and an
+# Arena unpickled here (a task argument sent to a CPU process) resolves to it, so
+# that it is the handle registered as this CPU and charges take this CPU's stock.
 _by_name: weakref.WeakValueDictionary[str, Arena] = weakref.WeakValueDictionary()
+# Serialises attach and close's count of opens, so that two threads get one handle.
+_opens_lock = threading.Lock()
+# What close() drops: the numpy views of the segment (their buffer exports).
+_VIEWS = ("_bytes", "header", "rows", "records", "stock_owner", "stocks", "contrib",
+          "requests", "names", "memcg_header", "cgroups", "memcg_cpus")
 
 
 def _after_fork_in_child() -> None:
-    global _registry_threads
+    global _registry_threads, _opens_lock
     _registry_threads = threading.Lock()
+    _opens_lock = threading.Lock()
     for arena in list(_open_arenas):
         arena._writer.after_fork()
+        arena._opens = 1      # the child holds one open of each handle it inherits
     _by_name.clear()          # inherited handles are usable, but not this process's own
 
 
@@ -212,24 +226,65 @@ def my_start_time() -> int:
     return _proc_stat(os.getpid())[1]
 
 
-def _open_untracked(name: str) -> shared_memory.SharedMemory:
-    """SharedMemory(name), never registered with a resource tracker: an attacher's
-    tracker would unlink the creator's segment when the attacher exits or dies,
-    even between the stdlib's register and our unregister (python/cpython#82300).
-    3.13 has track=False; on 3.11 we do what __init__ does for an existing name on
-    POSIX, less the registration."""
-    if sys.version_info >= (3, 13):
-        return shared_memory.SharedMemory(name, track=False)
-    from _posixshmem import shm_open
-    shm = shared_memory.SharedMemory.__new__(shared_memory.SharedMemory)
-    shm._name = "/" + name
-    shm._fd = shm_open(shm._name, os.O_RDWR, mode=0o600)
+_KINDS = {S_IFLNK: "a symbolic link", S_IFDIR: "a directory", S_IFIFO: "a FIFO",
+          S_IFSOCK: "a socket", S_IFCHR: "a character device", S_IFBLK: "a block device"}
+
+
+def _check_entry(name: str, st: os.stat_result) -> None:
+    """ArenaError unless `st` is a regular file owned by this process's effective uid."""
+    if not S_ISREG(st.st_mode):
+        kind = _KINDS.get(S_IFMT(st.st_mode), "not a regular file")
+        raise ArenaError(f"{name!r} in /dev/shm is {kind}, not a shared-memory segment")
+    if st.st_uid != os.geteuid():
+        raise ArenaError(f"segment {name!r} is owned by uid {st.st_uid}, not by this "
+                         f"process's uid {os.geteuid()}: refused")
+
+
+def _open_segment(name: str, flags: int) -> tuple[int, os.stat_result]:
+    """An fd on /dev/shm/`name` (flags: O_RDONLY or O_RDWR) and its fstat, when it
+    is a regular file owned by this process's effective uid; ArenaError saying why
+    otherwise. Any user may create a name in /dev/shm, so nothing else is opened:
+    lstat first (a FIFO, socket or device is never opened), then an open that
+    follows no symlink and never blocks, since the name may have been replaced in
+    between; the fstat of that fd is what counts."""
+    path = f"/dev/shm/{name}"
     try:
-        shm._size = os.fstat(shm._fd).st_size
-        shm._mmap = mmap.mmap(shm._fd, shm._size)
+        _check_entry(name, os.lstat(path))
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ArenaError(f"no shared-memory segment named {name!r}") from None
+    except OSError as exc:
+        raise ArenaError(f"cannot open segment {name!r}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        _check_entry(name, st)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def _open_untracked(name: str) -> shared_memory.SharedMemory:
+    """A SharedMemory on the arena named `name`: opened once (_open_segment), its
+    header read (_check_header) and the segment mapped through that one fd, so
+    the file checked is the file mapped.
+
+    Never registered with a resource tracker: an attacher's tracker would unlink
+    the creator's segment when the attacher exits or dies, even between the
+    stdlib's register and our unregister (python/cpython#82300). We build what
+    SharedMemory.__init__ builds for an existing name on POSIX, less the
+    registration (3.13's track=False)."""
+    if "/" in name or "\0" in name or name in ("", ".", ".."):
+        raise ArenaError(f"{name!r} is not a shared-memory segment name")
+    fd, st = _open_segment(name, os.O_RDWR)
+    try:
+        _check_header(name, os.pread(fd, HEADER_WORDS * WORD, 0), st.st_size)
+        shm = shared_memory.SharedMemory.__new__(shared_memory.SharedMemory)
+        shm._name, shm._fd, shm._size, shm._track = "/" + name, fd, st.st_size, False
+        shm._mmap = mmap.mmap(fd, st.st_size)
         shm._buf = memoryview(shm._mmap)
     except BaseException:
-        os.close(shm._fd)
+        os.close(fd)
         raise
     return shm
 
@@ -251,48 +306,78 @@ def _mapped_shm_names() -> set[str]:
     return names
 
 
-def _creator_alive(name: str, pid: int) -> bool:
-    """Is the process that created arena `name` (pid `pid`) still running? A pid
-    reused by another process has another start time."""
+def _dead_arena(name: str, pid: int) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of /dev/shm/`name` if it is an arena left by a dead creator:
+    a regular file of this process's uid (_open_segment) whose header names a
+    creator, pid `pid` with its start time, that is no longer running (a pid
+    reused by another process has another start time). None for anything else,
+    which the sweep leaves alone: a live creator, another uid's file, a FIFO,
+    device, socket, directory or symlink, an unreadable or foreign header."""
     stat = _proc_stat(pid)
-    if stat is None or stat[0] in (b"Z", b"X"):
-        return False
-    start = stat[1]
+    start = None if stat is None or stat[0] in (b"Z", b"X") else stat[1]
     try:
-        with open(f"/dev/shm/{name}", "rb") as f:
-            header = f.read(HEADER_WORDS * WORD)
-        magic, created = struct.unpack_from("<q", header, 0)[0], \
-            struct.unpack_from("<q", header, H_CREATOR_START * WORD)[0]
-    except (OSError, struct.error):
-        return True                       # unreadable: leave it alone
-    return magic != MAGIC or created == start
+        fd, st = _open_segment(name, os.O_RDONLY)
+    except ArenaError:
+        return None
+    try:
+        header = os.pread(fd, HEADER_WORDS * WORD, 0)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(header) < HEADER_WORDS * WORD:
+        return None
+    magic = struct.unpack_from("<q", header, 0)[0]
+    created = struct.unpack_from("<q", header, H_CREATOR_START * WORD)[0]
+    if magic != MAGIC or created == start:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def sweep_dead_arenas() -> list[str]:
     """Unlink arenas whose creator is dead and that no live process maps.
 
-    Only names of our own pattern are touched; the creator is recognised by pid and
-    start time, so a reused pid does not keep a leftover alive. Returns the names
-    removed.
+    Only names of our own pattern are touched, and of those only what _dead_arena
+    recognises; the name is unlinked only if it still names the file checked.
+    (/dev/shm is sticky: another uid cannot swap our file for another in between.)
+    Returns the names removed.
     """
     try:
-        candidates = [n for n in os.listdir("/dev/shm")
-                      if (m := _NAME_RE.match(n)) and not _creator_alive(n, int(m.group(1)))]
+        names = os.listdir("/dev/shm")
     except FileNotFoundError:
         return []
+    candidates = {n: ident for n in names
+                  if (m := _NAME_RE.match(n)) and (ident := _dead_arena(n, int(m.group(1))))}
     if not candidates:
         return []
     mapped = _mapped_shm_names()
     removed = []
-    for name in candidates:
+    for name, ident in candidates.items():
         if name in mapped:
             continue
+        path = f"/dev/shm/{name}"
         try:
-            os.unlink(f"/dev/shm/{name}")
-            removed.append(name)
+            st = os.lstat(path)
+            if (st.st_dev, st.st_ino) == ident:
+                os.unlink(path)
+                removed.append(name)
         except FileNotFoundError:
             pass
     return removed
+
+
+class _View:
+    """The class attribute behind each numpy view of the segment. While the handle
+    is open, its own view (an instance attribute) shadows this non-data descriptor
+    at no cost to the lookup; once close() has dropped the views, this answers:
+    the arena is closed. (No __getattr__ on Arena: it would slow down every
+    attribute lookup, the stock hit's included.)"""
+
+    def __get__(self, arena: Arena | None, owner: type | None = None) -> object:
+        if arena is None:
+            return self
+        arena._check_open()
+        raise AttributeError("a view of a half-built arena")
 
 
 class Arena:
@@ -300,7 +385,11 @@ class Arena:
 
     Create it once (`Arena.create`), pass `arena.name` (or the Arena itself, which
     pickles by name) to other processes, and `Arena.attach` there. Only the creator
-    unlinks. Every handle can be closed at any point, even half-built.
+    unlinks. Every handle can be closed at any point, even half-built. A process
+    has one handle per arena (attach returns it); once closed, every method and
+    property of it and of its counters raises ArenaError("arena <name> is closed"),
+    except name, closed, close, unlink and the geometry (ncpus, max_counters,
+    max_stocked, nrows).
     """
 
     # Class defaults, so that close() and unlink() work after a failed __init__.
@@ -309,15 +398,16 @@ class Arena:
     _creator = False
     _unlinked = False
     _closed = True
+    _opens = 1                        # create or attach calls that close() has not undone
+    _bytes = header = rows = records = stock_owner = stocks = contrib = requests = \
+        names = memcg_header = cgroups = memcg_cpus = _View()
     # This process's CPU, set by register_cpu: first slot of its stock block, and
     # the lock owner token (its pid). -1 means "not a CPU of this arena".
     _stock_block = -1
     _stock_owner = 0
     _stock_row = -1                   # this CPU's row slot: the fast path's key
     _memcg_block = -1                 # this CPU's memcg block (memcg/legacy.py)
-    # Seconds a drain_stock waits for a live CPU before DrainTimeout. Too short
-    # gives false timeouts on a busy machine; too long stalls a failing charge.
-    drain_timeout = 5.0
+    _drain_timeout: float = 5.0      # see drain_timeout
 
     def __init__(self, shm: shared_memory.SharedMemory, creator: bool) -> None:
         self._shm = shm
@@ -420,22 +510,33 @@ class Arena:
 
     @classmethod
     def attach(cls, name: str) -> Arena:
-        """Attach to an existing arena by name, from any process on this machine.
+        """Attach to an existing arena by name, from any process of this uid on this
+        machine.
 
-        Raises ArenaError when `name` is not a shmcounter arena of this layout version.
+        A process has one handle per arena: if this process has arena `name` open
+        already (it created it, attached it, or runs as one of its CPUs), attach
+        returns that same handle and counts one more open. So a CPU process that
+        attaches again is still that CPU (this_cpu(), the stock fast path,
+        drain_stock_local), and owns one writer row. Each open is undone by one
+        close(); the last one unmaps.
+
+        Raises ArenaError when /dev/shm/`name` is not a regular file owned by this
+        process's uid (a symlink, FIFO, directory or another user's file is never
+        opened for good), or not a shmcounter arena of this layout version.
         """
         if not isinstance(name, str):
             raise TypeError(f"arena name must be a str, got {type(name).__name__}")
-        _check_header(name)
-        try:
+        with _opens_lock:
+            arena = _by_name.get(name)
+            if arena is not None and not arena._closed:
+                arena._opens += 1
+                return arena
             shm = _open_untracked(name)
-        except FileNotFoundError:
-            raise ArenaError(f"no shared-memory segment named {name!r}") from None
-        try:
-            return cls(shm, creator=False)
-        except BaseException:
-            shm.close()
-            raise
+            try:
+                return cls(shm, creator=False)
+            except BaseException:
+                shm.close()
+                raise
 
     def __reduce__(self):
         return (_unpickle_arena, (self.name,))
@@ -451,38 +552,55 @@ class Arena:
         return self._closed
 
     def close(self) -> None:
-        """Unmap this process's view. Safe to call twice or on a half-built handle.
-        Counters of this handle raise ValueError afterwards. If this process is a
-        CPU on this handle, it goes offline first (unregister_cpu)."""
+        """Undo one open of this handle (Arena.create, or an Arena.attach that
+        returned it); the last one closes it: a CPU on this handle goes offline
+        first (unregister_cpu), the writer row is given back, and this process's
+        view is unmapped. Every method of the handle and of its counters raises
+        ArenaError afterwards. Call it once per open: an extra call undoes another
+        user's open of the same handle. Once closed, more calls do nothing; a
+        half-built handle closes too. A process that exits closes what it left
+        open (_close_at_exit)."""
+        with _opens_lock:                   # an attach meanwhile gets a new handle
+            if self._opens > 1:
+                self._opens -= 1
+                return
+            self._close(warn=True)
+
+    def _close(self, warn: bool) -> None:
+        """Close this handle whatever its count of opens (close's last step, and
+        the exit hook); then drop its views and unmap, which may be retried."""
         from . import cpu
-        if self._closed:
-            if self._shm is not None and self._slots is None:   # half-built
-                self._shm.close()
+        if not self._closed:
+            if cpu.this_cpu_of(self) is not None:
+                # Closing the handle a CPU runs on takes that CPU offline cleanly;
+                # otherwise its registration would stand for a process that is no
+                # longer a CPU (others would wait for its drains).
+                cpu.unregister_cpu()
+            cpu._forget_arena(self)
+            self._writer.release_row()
+            _open_arenas.discard(self)
+            if _by_name.get(self._shm.name) is self:
+                del _by_name[self._shm.name]
+            self._closed = True
+        shm = self._shm
+        if shm is None:
             return
-        if cpu.this_cpu_of(self) is not None:
-            # Closing the handle a CPU runs on takes that CPU offline cleanly;
-            # otherwise its registration would stand for a process that is no
-            # longer a CPU (others would wait for its drains).
-            cpu.unregister_cpu()
-        cpu._forget_arena(self)
-        self._writer.release_row()
-        _open_arenas.discard(self)
-        if _by_name.get(self._shm.name) is self:
-            del _by_name[self._shm.name]
-        self._closed = True
-        if self._slots is not None:
-            self._slots.release()
-            self._slots = None
-        for attr in ("_bytes", "header", "rows", "records", "stock_owner", "stocks",
-                     "contrib", "requests", "names", "memcg_header", "cgroups",
-                     "memcg_cpus"):
+        if self._slots is not None:         # kept: every later step raises ArenaError
+            self._slots.release(ArenaError, f"arena {shm.name} is closed")
+        for attr in _VIEWS:
             self.__dict__.pop(attr, None)
         try:
-            self._shm.close()
+            shm.close()
         except BufferError:
-            warnings.warn(f"arena {self._shm.name!r}: numpy views of it are still "
-                          f"referenced, so it stays mapped until they are gone",
-                          RuntimeWarning, stacklevel=2)
+            # A caller keeps a view: the mapping goes when the last view does. Drop
+            # our references, so that SharedMemory.__del__ has nothing left to close.
+            if warn:
+                warnings.warn(f"arena {shm.name!r}: numpy views of it are still "
+                              f"referenced, so it stays mapped until they are gone",
+                              RuntimeWarning, stacklevel=3)
+            shm._buf = shm._mmap = None
+            os.close(shm._fd)
+            shm._fd = -1
 
     def unlink(self) -> None:
         """Remove the segment's name (creator only). Processes that have it mapped
@@ -501,8 +619,9 @@ class Arena:
         return self
 
     def __exit__(self, *exc) -> None:
+        """close(); the creator's handle also unlinks, once that close was its last."""
         self.close()
-        if self._creator:
+        if self._creator and self._closed:
             self.unlink()
 
     def _check_open(self) -> None:
@@ -613,15 +732,30 @@ class Arena:
 
     def stocked_counters(self) -> Iterator[PageCounter]:
         """Counters that currently have stock."""
-        for i in range(self._published()):
-            if self.records[i, PC_STOCK_ID] >= 0:
-                yield self._handle(i)
+        self._check_open()
+        return (self._handle(i) for i in range(self._published())
+                if self.records[i, PC_STOCK_ID] >= 0)
 
     @property
     def memcg_legacy(self) -> bool:
         """Does this arena's cgroup tree use the legacy 7-slot per-CPU stock? The
         CPU paths (drain serving, unregister, hotplug) then drain it too."""
         return int(self.memcg_header[M_VARIANT]) == M_LEGACY
+
+    @property
+    def drain_timeout(self) -> float:
+        """Seconds a drain_stock waits for a live CPU before DrainTimeout (default
+        5): a finite number > 0. Too short gives false timeouts on a busy machine;
+        too long stalls a failing charge."""
+        self._check_open()
+        return self._drain_timeout
+
+    @drain_timeout.setter
+    def drain_timeout(self, seconds: float) -> None:
+        from .drain import check_timeout
+        self._check_open()
+        check_timeout(seconds, "drain_timeout")
+        self._drain_timeout = seconds
 
     @property
     def underflows(self) -> int:
@@ -644,6 +778,7 @@ class Arena:
     def row_owner_alive(self, row: int) -> bool:
         """Is the process that owns writer row `row` (CPU k: row k) still running?
         Pid and start time: a pid reused since by another process does not count."""
+        self._check_open()
         base = self._row_slot(row)
         pid = self._slots.load(base + R_PID)
         return pid != 0 and pid_alive(pid, self._slots.load(base + R_START))
@@ -694,6 +829,7 @@ class Arena:
                              recursive: bool = False) -> None:
         """page_counter_calculate_protection; see page_counter.calculate_protection."""
         from .page_counter import calculate_protection
+        self._check_open()
         calculate_protection(root, counter, recursive=recursive)
 
     def __repr__(self) -> str:
@@ -703,27 +839,28 @@ class Arena:
                 f"counters={self._published()}/{self.max_counters}>")
 
 
+def _close_at_exit() -> None:
+    """Close every handle this process left open, before the interpreter tears its
+    objects down in no particular order (a SharedMemory collected while our views
+    of it live prints an ignored BufferError). A CPU goes offline on the way
+    (close). A process that ends in os._exit (a forked multiprocessing child) or
+    is killed skips this: its CPU is then the hotplug path's, as after a kill."""
+    for arena in list(_open_arenas):
+        arena._close(warn=False)
+
+
+atexit.register(_close_at_exit)
+
+
 def _unpickle_arena(name: str) -> Arena:
     """This process's open handle on arena `name`, attaching if it has none."""
     arena = _by_name.get(name)
     return arena if arena is not None and not arena.closed else Arena.attach(name)
 
 
-def _check_header(name: str) -> None:
-    """Raise ArenaError unless /dev/shm/`name` is a whole arena of our layout version.
-    Reads the file directly, so that a foreign segment is never registered with
-    our resource tracker (which would unlink it when we exit)."""
-    if "/" in name or not name:
-        raise ArenaError(f"{name!r} is not a shared-memory segment name")
-    try:
-        fd = os.open(f"/dev/shm/{name}", os.O_RDONLY)
-    except FileNotFoundError:
-        raise ArenaError(f"no shared-memory segment named {name!r}") from None
-    try:
-        actual = os.fstat(fd).st_size
-        header = os.pread(fd, HEADER_WORDS * WORD, 0)
-    finally:
-        os.close(fd)
+def _check_header(name: str, header: bytes, actual: int) -> None:
+    """Raise ArenaError unless `header`, the first bytes of segment `name` of
+    `actual` bytes, is the header of a whole arena of our layout version."""
     if len(header) < HEADER_WORDS * WORD:
         raise ArenaError(f"segment {name!r} ({actual} bytes) is not a shmcounter arena: "
                          f"too small for the header")

@@ -221,6 +221,7 @@ class PageCounterStock:
         """
         arena = self._arena
         if arena._stock_block < 0:
+            arena._check_open()             # closed: that is the error to report
             raise ArenaError("drain_stock_local runs in a CPU process only; this "
                              "process is not a CPU of this arena (see register_cpu)")
         slot = self._local_slot()

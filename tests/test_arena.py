@@ -57,22 +57,35 @@ def test_with_block_unlinks_for_the_creator():
     a.close()                                    # twice is fine
 
 
+UNLINK_AS_AN_ATTACHER = """
+import sys
+from shmcounter import Arena, ArenaError
+a = Arena.attach(sys.argv[1])
+a.close()
+try:
+    a.unlink()
+except ArenaError as exc:
+    print(exc)
+"""
+
+
 def test_only_the_creator_unlinks(arena):
-    other = Arena.attach(arena.name)
-    other.close()
-    with pytest.raises(ArenaError, match="only the creator process unlinks"):
-        other.unlink()
+    # Another process: in this one, attach returns the creator's own handle.
+    out = subprocess.run([sys.executable, "-c", UNLINK_AS_AN_ATTACHER, arena.name],
+                         capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout == f"only the creator process unlinks arena {arena.name!r}\n"
     assert _segment_exists(arena.name)
 
 
 def test_arena_pickles_by_name_to_the_open_handle(arena):
     arena.new_counter("x")
     assert pickle.loads(pickle.dumps(arena)) is arena      # same process: same handle
-    other = Arena.attach(arena.name)
+    other = Arena.attach(arena.name)                       # and so does attach
     try:
-        assert other is not arena and other.counter("x").name == "x"
+        assert other is arena and other.counter("x").name == "x"
     finally:
         other.close()
+    assert not arena.closed                                # one of two opens undone
 
 
 def test_attach_refuses_what_is_not_an_arena():

@@ -361,10 +361,10 @@ def test_closing_the_handle_a_cpu_runs_on_takes_it_offline(make_arena):
     leaf.enable_stock(64)
     shmcounter.register_cpu(arena, 0)
     leaf.try_charge(1)
-    other = Arena.attach(arena.name)
+    arena.close()
+    assert shmcounter.this_cpu() is None
+    other = Arena.attach(arena.name)                # a new handle: the old one is closed
     try:
-        arena.close()
-        assert shmcounter.this_cpu() is None
         assert (other.cpu_pid(0), other.counter("leaf").stock(0), other.counter("leaf").usage) \
             == (0, 0, 1)
         other.counter("leaf").uncharge(1)

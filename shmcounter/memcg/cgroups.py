@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import time
 from .. import hooks
-from ..drain import single_drainer
+from ..drain import check_timeout, single_drainer
 from ..errors import ArenaError
 from ..layout import (
     CG_WORDS, M_BATCH, M_EVICTION, M_FIRST_CHILD_DRAIN, M_MEMSW, M_ROOT, M_STATE,
@@ -140,6 +140,7 @@ class MemCgroup:
 
     @property
     def counters(self) -> list[PageCounter]:
+        self._tree._arena._check_open()
         return [self.memory] + ([self.memsw] if self.memsw is not None else [])
 
     @property
@@ -188,6 +189,8 @@ class MemCgroup:
             raise ValueError(f"cgroup {self.name!r} is freed")
 
     def __repr__(self) -> str:
+        if self._tree._arena.closed:
+            return f"<MemCgroup {self.name!r} (arena closed)>"
         return (f"<MemCgroup {self.name!r} {self.state} current={self.memory.usage} "
                 f"events.max={self.events['max']}>")
 
@@ -458,7 +461,9 @@ class Cgroups:
         to it (quiescence of the asynchronous drain). Returns at once for the
         per-counter designs, whose drains are synchronous. TimeoutError if a CPU
         does not serve its work in time."""
+        check_timeout(timeout, "timeout")
         arena = self._arena
+        arena._check_open()
         deadline = time.monotonic() + timeout
         while pending := [cpu for cpu in legacy.flushing(arena) if arena.row_owner_alive(cpu)]:
             if time.monotonic() > deadline:
@@ -480,6 +485,8 @@ class Cgroups:
                 "flushes": int(cpus[:, MC_FLUSHES].sum())}
 
     def __repr__(self) -> str:
+        if self._arena.closed:
+            return "<Cgroups (arena closed)>"
         return (f"<Cgroups {self.variant} memsw={self.memsw} "
                 f"cgroups={len(self.cgroups())} in {self._arena.name!r}>")
 
