@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from procs.peer import value_peer
+from procs.lab.peer import value_peer
 from shmcounter import PAGE_COUNTER_MAX, Arena, PageCounter, this_cpu
 from shmcounter.stock import BATCH_LIMIT
 

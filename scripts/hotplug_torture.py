@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Hotplug torture, the long version: random SIGKILLs of CPU processes charging a
-limited tree, with every invariant checked after every kill (procs/torture.py).
+limited tree, with every invariant checked after every kill (procs/lab/torture.py).
 
     python scripts/hotplug_torture.py --kills 10000
     python scripts/hotplug_torture.py --kills 3000 --design legacy
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from procs.torture import DESIGNS, torture
+from procs.lab.torture import DESIGNS, torture
 
 
 def main() -> int:

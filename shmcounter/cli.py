@@ -15,92 +15,7 @@ from typing import Callable, Sequence
 
 from .errors import ArenaError
 from .layout import Arena
-from .memcg import Cgroups
-from .page_counter import PAGE_COUNTER_MAX
-
-
-def format_stat(arena: Arena) -> str:
-    """The counters of `arena` and each CPU's stock, one line per counter."""
-    cpus = range(arena.ncpus)
-    rows = [("counter", "usage", "max", "peak", "failcnt", "batch",
-             *(f"cpu{k}" for k in cpus))]
-    for c in arena.counters():
-        depth = len(c._path) - 1
-        rows.append(("  " * depth + c.name, str(c.usage),
-                     "max" if c.max == PAGE_COUNTER_MAX else str(c.max),
-                     str(c.watermark), str(c.failcnt), str(c.batch),
-                     *(str(c.stock(k)) for k in cpus)))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [f"arena {arena.name}: {arena.ncpus} CPUs, "
-             f"online {arena.online_cpus()}, "
-             f"underflows {arena.underflows}"]
-    for r in rows:
-        lines.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w)
-                               for i, (v, w) in enumerate(zip(r, widths))))
-    return "\n".join(lines)
-
-
-def _charge_pages(arena: Arena, name: str, n: int) -> int:
-    """This runs in a CPU process: n single-page charges to cgroup `name`
-    (try_charge_memcg); returns how many succeeded."""
-    g = Cgroups(arena).cgroup(name)
-    return [g.try_charge(1) for _ in range(n)].count(True)
-
-
-def demo(_: argparse.Namespace) -> int:
-    """A short story on a cgroup: two CPUs charge it, their stocks grow, a limit
-    hit drains every CPU's stock, a CPU is killed and its stock reclaimed."""
-    from procs import Machine                 # the runtime uses the library, not back
-    from .memcg.stat import format_cgroups
-    with Arena.create(ncpus=2, max_counters=8) as arena:
-        cg = Cgroups(arena)                   # the per-counter stock design, batch 64
-        job = cg.create("job", max=200)
-        with Machine(arena) as m:
-
-            def state() -> str:
-                mem = job.memory
-                return (f"   memory.current {mem.usage} pages, stock {job.stock(0)} + "
-                        f"{job.stock(1)} (CPU 0 + CPU 1), failcnt {mem.failcnt}, "
-                        f"events.max {job.events['max']}")
-
-            def step(cpu: int, n: int, what: str) -> None:
-                ok = m.run_on(cpu, _charge_pages, arena, "job", n)
-                print(f"\n== CPU {cpu} charges {n} page{'s' if n > 1 else ''}, one at a "
-                      f"time: {ok} succeed{'s' if ok == 1 else ''}. {what}\n{state()}")
-
-            print("A cgroup 'job' with memory.max = 200 pages; per-counter stock, batch "
-                  "64; CPUs 0 and 1 are processes, one per core.")
-            step(0, 1, "The slow path charges a batch of 64 and keeps 63 in CPU 0's "
-                       "stock.")
-            step(0, 10, "All 10 come from CPU 0's stock: memory.current does not move.")
-            step(1, 100, "CPU 1 has its own stock: two batches, 28 pages left over.")
-            step(1, 60, "Its stock runs dry; batches no longer fit under memory.max "
-                        "(failcnt counts each), single pages do until 200. Then a page "
-                        "is refused: try_charge drains every CPU's stock (a work message "
-                        "to each; events.max counts the refusal) and retries: CPU 0's 53 "
-                        "pages were stranded there.")
-            step(1, 40, "They fit until 200; then the limit is real charges only: each "
-                        "refused page drains and retries in vain (two events each).")
-            job.memory.set_max(400)
-            step(1, 5, "memory.max raised to 400: a miss refills CPU 1's stock again.")
-            print(f"\n== SIGKILL CPU 1 (pid {m.pid(1)}); Machine.kill returns once the "
-                  f"hotplug-dead path has run")
-            reclaimed = m.kill(1)
-            print(f"   reclaimed {reclaimed}; online CPUs {sorted(m.online)}\n{state()}")
-            print(f"\n== shmcounter stat {arena.name}\n{format_stat(arena)}\n\n"
-                  f"{format_cgroups(cg)}")
-    return 0
-
-
-def view(arena: Arena) -> str:
-    """What stat prints: the counters, then the cgroup tree if the arena holds one."""
-    from .memcg.stat import format_cgroups
-    text = format_stat(arena)
-    try:
-        cg = Cgroups.open(arena)
-    except ArenaError:
-        return text                             # no cgroup tree
-    return text + "\n\n" + format_cgroups(cg)
+from .stat import view
 
 
 def stat(args: argparse.Namespace) -> int:
@@ -143,13 +58,21 @@ def watch(arena: Arena, interval: float, count: int | None) -> int:
         return 0
 
 
+def demo(_: argparse.Namespace) -> int:
+    """A short story on a cgroup: two CPUs charge it, their stocks grow, a limit
+    hit drains every CPU's stock, a CPU is killed and its stock reclaimed."""
+    from procs.lab.demo import demo as run_demo
+    run_demo()
+    return 0
+
+
 def bench(args: argparse.Namespace) -> int:
-    """Run the benchmark (procs/bench.py), print the report, write JSON and PNG."""
+    """Run the benchmark (procs/lab/bench.py), print the report, write JSON and PNG."""
     from dataclasses import replace
 
-    from procs import bench as harness
-    from procs.plot import plot
-    from procs.report import format_report
+    from procs.lab import bench as harness
+    from procs.lab.plot import plot
+    from procs.lab.report import format_report
     from tqdm import tqdm
 
     base = harness.QUICK if args.quick else harness.Config()
@@ -221,7 +144,7 @@ def _interval(text: str) -> float:
 
 
 def _designs(text: str) -> tuple[str, ...]:
-    from procs.bench import DESIGNS
+    from procs.lab.bench import DESIGNS
     names = tuple(text.split(","))
     unknown = [n for n in names if n not in DESIGNS]
     if unknown or len(set(names)) < len(names):

@@ -13,8 +13,8 @@ from dataclasses import asdict
 
 import pytest
 
-from procs.bench import QUICK
-from procs.report import format_report
+from procs.lab.bench import QUICK
+from procs.lab.report import format_report
 
 DESIGNS = ["legacy", "fixed", "no-stock", "mp-value"]
 

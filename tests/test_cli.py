@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from shmcounter.cli import format_stat
+from shmcounter.stat import format_stat
 from shmcounter.memcg import Cgroups
 from shmcounter.memcg.stat import format_cgroups
 

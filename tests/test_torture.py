@@ -1,12 +1,12 @@
 """Hotplug torture in the suite: random SIGKILLs of CPU processes running random
 charge, uncharge and drain loops over a limited tree with a shadow ledger; every
-invariant is checked after every kill (procs/torture.py). The long version is
+invariant is checked after every kill (procs/lab/torture.py). The long version is
 scripts/hotplug_torture.py."""
 from __future__ import annotations
 
 import pytest
 
-from procs.torture import torture
+from procs.lab.torture import torture
 
 
 @pytest.mark.parametrize("design, method, kills", [

@@ -14,7 +14,7 @@ design side by side in one run.
 Designs: "legacy" (the old 7-slot memcg_stock_pcp), "fixed" (per-counter stock,
 the series with the U0/v4 order), "no-stock" (fixed with batch 0: every charge
 walks) and "mp-value" (the peer: one multiprocessing.Value with its lock per
-cgroup, no hierarchy; procs/peer.py). Each design has its own arena and Machine
+cgroup, no hierarchy; procs/lab/peer.py). Each design has its own arena and Machine
 of max(cpus) CPU processes, all alive for the whole run; a 1-CPU cell uses CPU 0.
 
 Measured per cell and trial: wall time (first start to last end over the CPUs),
@@ -44,7 +44,7 @@ from shmcounter.invariants import check_invariants
 from shmcounter.memcg import Cgroups
 
 from . import workload
-from .machine import Machine
+from procs import Machine
 from .peer import value_peer
 
 # Cgroups options of each design; None: the mp.Value peer.

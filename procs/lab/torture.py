@@ -31,7 +31,7 @@ pauses at a safe point (legacy: and has served the drain work sent to it), and:
 Then the CPU is restarted and resumes its ledger. At the end every CPU returns its
 pages, and every usage must be exactly 0.
 
-    from procs.torture import torture
+    from procs.lab.torture import torture
     report = torture(kills=200, seed=1, design="legacy")
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ from shmcounter.layout import MC_FLUSHING, MC_LOCK, MC_SLOTS, NR_MEMCG_STOCK
 from shmcounter.memcg import Cgroups, legacy
 from shmcounter.memcg.cgroups import ROOT
 
-from .machine import Machine
+from procs import Machine
 
 BATCH = 64                      # the per-counter stock's batch; the legacy slot's max
 
