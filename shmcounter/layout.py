@@ -708,11 +708,13 @@ class Arena:
         ncounters + 1 or later (only the next record, ncounters, is ever written
         before it is published: by a creator that may have died since). Run when a
         name is not found, so that an ncounters word that went down is not taken
-        for counters that do not exist."""
+        for counters that do not exist. The names are read first: ncounters only
+        grows, so a name read before it cannot lie beyond it legitimately."""
+        named = np.flatnonzero(self.names.any(axis=1))
         n = self._published()
-        named = np.flatnonzero(self.names[n + 1:].any(axis=1))
-        if len(named):
-            raise self._corrupt("header ncounters", n, f"but record {n + 1 + int(named[0])} "
+        beyond = named[named > n]
+        if len(beyond):
+            raise self._corrupt("header ncounters", n, f"but record {int(beyond[0])} "
                                                        f"beyond it holds a name")
 
     def counters(self) -> list[PageCounter]:
