@@ -5,12 +5,12 @@ series "mm/memcontrol, page_counter: move stock from mem_cgroup to page_counter"
 See docs/design.md.
 """
 from .cpu import register_cpu, this_cpu, unregister_cpu
-from .errors import ArenaError, Busy
+from .errors import ArenaCorrupt, ArenaError, Busy, WaitTimeout
 from .layout import Arena
 from .page_counter import PAGE_COUNTER_MAX, PageCounter
 from .stock import DEFAULT_BATCH
 
 __all__ = [
-    "Arena", "ArenaError", "Busy", "DEFAULT_BATCH", "PAGE_COUNTER_MAX", "PageCounter",
-    "register_cpu", "this_cpu", "unregister_cpu",
+    "Arena", "ArenaCorrupt", "ArenaError", "Busy", "DEFAULT_BATCH", "PAGE_COUNTER_MAX",
+    "PageCounter", "WaitTimeout", "register_cpu", "this_cpu", "unregister_cpu",
 ]

@@ -24,6 +24,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
+#include <stdarg.h>
 #include <limits.h>
 #include <linux/futex.h>
 #include <stdint.h>
@@ -219,7 +220,20 @@ typedef struct {
        arguments: the arena's "is closed" error), or ValueError without them. */
     PyObject *released_type;
     PyObject *released_msg;
+    /*
+     * The arena's sections, set once by set_layout (slot indexes and counts; see
+     * layout.py): the fused steps check every index they derive from a word of
+     * the segment against the section it must lie in, and raise ArenaCorrupt
+     * naming the arena (name), the word and its value. name == NULL: a bare
+     * buffer (tests), checked against its bounds only.
+     */
+    PyObject *name;
+    int64_t rows, counters, max_counters, stocks, stock_block, ncpus, max_stocked,
+            memcg_cpus;
 } SlotsObject;
+
+/* shmcounter.errors.ArenaCorrupt, imported when the module is. */
+static PyObject *ArenaCorrupt;
 
 static int
 Slots_init(SlotsObject *self, PyObject *args, PyObject *kwds)
@@ -253,7 +267,66 @@ Slots_dealloc(SlotsObject *self)
     }
     Py_CLEAR(self->released_type);
     Py_CLEAR(self->released_msg);
+    Py_CLEAR(self->name);
     Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/*
+ * Raise ArenaCorrupt(arena name, field, value, expected): the word `field` (a
+ * printf-style format) read from the segment holds the impossible `value`.
+ * Returns NULL, for `return corrupt(...)`.
+ */
+static PyObject *
+corrupt(SlotsObject *self, long long value, const char *expected, const char *field, ...)
+{
+    va_list ap;
+    va_start(ap, field);
+    PyObject *f = PyUnicode_FromFormatV(field, ap);
+    va_end(ap);
+    if (!f)
+        return NULL;
+    PyObject *exc = PyObject_CallFunction(ArenaCorrupt, "ONLs",
+                                          self->name ? self->name : Py_None, f, value,
+                                          expected);
+    if (exc) {
+        PyErr_SetObject(ArenaCorrupt, exc);
+        Py_DECREF(exc);
+    }
+    return NULL;
+}
+
+/* Is s the first word (nr_pages) of a stock slot, [nr_pages, lock]? */
+static int
+is_stock_slot(SlotsObject *self, int64_t s)
+{
+    if (!self->name)
+        return 1;
+    if (s < self->stocks || s >= self->stocks + self->ncpus * self->stock_block)
+        return 0;
+    int64_t in = (s - self->stocks) % self->stock_block;
+    return in % STOCK_WORDS == 0 && in / STOCK_WORDS < self->max_stocked;
+}
+
+/* Is b the first word of a CPU's legacy memcg block (memcg/legacy.py)? */
+static int
+is_legacy_block(SlotsObject *self, int64_t b)
+{
+    if (!self->name)
+        return 1;
+    return b >= self->memcg_cpus && b < self->memcg_cpus + self->ncpus * MC_WORDS
+        && (b - self->memcg_cpus) % MC_WORDS == 0;
+}
+
+/* Is s one of the 7 slot words of a CPU's legacy memcg block? */
+static int
+is_legacy_slot(SlotsObject *self, int64_t s)
+{
+    if (!self->name)
+        return 1;
+    if (s < self->memcg_cpus || s >= self->memcg_cpus + self->ncpus * MC_WORDS)
+        return 0;
+    int64_t in = (s - self->memcg_cpus) % MC_WORDS;
+    return in >= MC_SLOTS && in < MC_SLOTS + NR_MEMCG_STOCK;
 }
 
 /* Bounds-checked pointer to slot i, spanning `span` words (a record or a slot). */
@@ -299,6 +372,43 @@ parse_ints(const char *name, PyObject *const *args, Py_ssize_t nargs,
 #define ARGS(name, want) \
     long long a[want]; \
     if (parse_ints(name, args, nargs, want, a) < 0) return NULL
+
+/*
+ * set_layout(name, rows, counters, max_counters, stocks, stock_block, ncpus,
+ * max_stocked, memcg_cpus): the arena's sections (slot indexes, counts), for the
+ * checks of the fused steps. Once, by Arena.__init__.
+ */
+static PyObject *
+Slots_set_layout(SlotsObject *self, PyObject *args)
+{
+    PyObject *name;
+    long long v[8];
+    if (!PyArg_ParseTuple(args, "ULLLLLLLL:set_layout", &name, &v[0], &v[1], &v[2], &v[3],
+                          &v[4], &v[5], &v[6], &v[7]))
+        return NULL;
+    for (int k = 0; k < 8; k++) {
+        if (v[k] < 0 || v[k] > self->nwords) {
+            PyErr_Format(PyExc_ValueError, "set_layout: argument %d is %lld, not in [0, %zd]",
+                         k + 2, v[k], self->nwords);
+            return NULL;
+        }
+    }
+    if (v[4] < STOCK_WORDS) {
+        PyErr_SetString(PyExc_ValueError, "set_layout: stock_block < 2 words");
+        return NULL;
+    }
+    Py_INCREF(name);
+    Py_XSETREF(self->name, name);
+    self->rows = v[0];
+    self->counters = v[1];
+    self->max_counters = v[2];
+    self->stocks = v[3];
+    self->stock_block = v[4];
+    self->ncpus = v[5];
+    self->max_stocked = v[6];
+    self->memcg_cpus = v[7];
+    Py_RETURN_NONE;
+}
 
 static PyObject *
 Slots_release(SlotsObject *self, PyObject *args)
@@ -558,6 +668,45 @@ slot_unlock(int64_t *s)
     STORE(&s[STOCK_LOCK], 0);
 }
 
+/* Pointer to stock slot s, or NULL with ArenaCorrupt if s is not one (the caller
+ * derived it from a counter's stock id, a word of the segment). */
+static int64_t *
+stock_slot(SlotsObject *self, int64_t s)
+{
+    if (!is_stock_slot(self, s))
+        return (int64_t *)corrupt(self, s, "not a slot of the stocks section (a counter's "
+                                  "stock_id is out of range)", "stock slot index");
+    return word(self, s, STOCK_WORDS);
+}
+
+/* Is i a counter index (within max_counters; without a layout, within the buffer)? */
+static int
+counter_ok(SlotsObject *self, int64_t i)
+{
+    return i >= 0 && (self->name ? i < self->max_counters : i <= self->nwords / PC_WORDS);
+}
+
+/* Pointer to the legacy block at b, or NULL with ArenaCorrupt. */
+static int64_t *
+legacy_block(SlotsObject *self, int64_t b)
+{
+    if (!is_legacy_block(self, b))
+        return (int64_t *)corrupt(self, b, "not the start of a CPU's legacy block",
+                                  "legacy block index");
+    return word(self, b, MC_WORDS);
+}
+
+/* A word pair [x, lock] whose lock the slot steps take: a stock slot, or the start
+ * of a CPU's legacy block (its lock sits where a slot's does). */
+static int64_t *
+lock_slot(SlotsObject *self, int64_t s)
+{
+    if (!is_stock_slot(self, s) && !is_legacy_block(self, s))
+        return (int64_t *)corrupt(self, s, "not a stock slot or a legacy block",
+                                  "lock slot index");
+    return word(self, s, STOCK_WORDS);
+}
+
 /*
  * stock_consume(c, row, nr) -> 1 hit, 0 miss (stock < nr), -1 busy, -2 counter c
  * has no stock. The fast path of try_charge in one call: read c's stock id, trylock
@@ -567,6 +716,9 @@ slot_unlock(int64_t *s)
  * Busy also while an op of this CPU is in progress (row's op != 0: another thread
  * of the process): that op's intent snapshot of the slot must stay the slot's only
  * change, and the caller's slow path waits for the op instead.
+ * The stock id and the block are words of the segment: ArenaCorrupt unless the id
+ * is below max_stocked and the block is this CPU's (row's), so the slot is this
+ * CPU's slot of some stock id. Two compares: free next to the call.
  */
 static PyObject *
 Slots_stock_consume(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -580,8 +732,18 @@ Slots_stock_consume(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
         return PyLong_FromLong(-1);
     int64_t owner = LOAD(&row[R_PID]), block = LOAD(&row[R_STOCK_BLOCK]);
     int64_t sid = LOAD(&cr[PC_STOCK_ID]);
-    if (sid < 0)
+    if (sid == -1)
         return PyLong_FromLong(-2);
+    if (self->name) {
+        if (sid < 0 || sid >= self->max_stocked)
+            return corrupt(self, sid, "not -1 or a stock id below max_stocked",
+                           "counter %lld's stock_id",
+                           (long long)((a[0] - self->counters) / PC_WORDS));
+        int64_t cpu = (a[1] - self->rows) / ROW_WORDS;
+        if (block != self->stocks + cpu * self->stock_block)
+            return corrupt(self, block, "not the first slot of this CPU's stock block",
+                           "CPU %lld's stock_block", (long long)cpu);
+    }
     int64_t *s = word(self, block + sid * STOCK_WORDS, STOCK_WORDS);
     if (!s)
         return NULL;
@@ -597,12 +759,35 @@ Slots_stock_consume(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromLong(hit);
 }
 
+/*
+ * local_slot(c, block) -> the slot of counter record c in the stock block starting
+ * at slot `block` (this CPU's; -1: not a CPU), or -1 (no CPU, or no stock). The
+ * counter's stock id is read once and checked: ArenaCorrupt unless -1 or below
+ * max_stocked.
+ */
+static PyObject *
+Slots_local_slot(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    ARGS("local_slot", 2);
+    int64_t *cr = word(self, a[0], PC_WORDS);
+    if (!cr)
+        return NULL;
+    int64_t sid = LOAD(&cr[PC_STOCK_ID]), block = a[1];
+    if (sid < -1 || (self->name && sid >= self->max_stocked))
+        return corrupt(self, sid, "not -1 or a stock id below max_stocked",
+                       "counter %lld's stock_id",
+                       (long long)((a[0] - self->counters) / PC_WORDS));
+    if (block < 0 || sid < 0)
+        return PyLong_FromLong(-1);
+    return PyLong_FromLongLong(block + sid * STOCK_WORDS);
+}
+
 /* stock_deposit(s, nr, owner) -> True if nr was added to slot s under its lock. */
 static PyObject *
 Slots_stock_deposit(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     ARGS("stock_deposit", 3);
-    int64_t *s = word(self, a[0], STOCK_WORDS);
+    int64_t *s = stock_slot(self, a[0]);
     if (!s)
         return NULL;
     if (!slot_trylock(s, a[2]))
@@ -622,7 +807,7 @@ static PyObject *
 Slots_stock_return(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     ARGS("stock_return", 4);
-    int64_t *s = word(self, a[0], STOCK_WORDS), *batch = word(self, a[1], 1);
+    int64_t *s = stock_slot(self, a[0]), *batch = s ? word(self, a[1], 1) : NULL;
     if (!s || !batch)
         return NULL;
     if (!slot_trylock(s, a[3]))
@@ -639,7 +824,7 @@ static PyObject *
 Slots_stock_take(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     ARGS("stock_take", 2);
-    int64_t *s = word(self, a[0], STOCK_WORDS);
+    int64_t *s = stock_slot(self, a[0]);
     if (!s)
         return NULL;
     if (!slot_trylock(s, a[1]))
@@ -661,7 +846,7 @@ Slots_legacy_consume(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     ARGS("legacy_consume", 4);
     int64_t tag = a[2], nr = a[3];
-    int64_t *row = word(self, a[0], ROW_WORDS), *b = word(self, a[1], MC_WORDS);
+    int64_t *row = word(self, a[0], ROW_WORDS), *b = legacy_block(self, a[1]);
     if (!row || !b)
         return NULL;
     if (nr > MEMCG_CHARGE_BATCH)
@@ -704,7 +889,7 @@ Slots_legacy_refill(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     ARGS("legacy_refill", 5);
     int64_t tag = a[2], nr = a[3], victim = a[4];
-    int64_t *row = word(self, a[0], ROW_WORDS), *b = word(self, a[1], MC_WORDS);
+    int64_t *row = word(self, a[0], ROW_WORDS), *b = legacy_block(self, a[1]);
     if (!row || !b)
         return NULL;
     if (victim >= NR_MEMCG_STOCK) {
@@ -740,6 +925,12 @@ Slots_legacy_refill(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
     } else {
         if (victim < 0) {
             victim = LOAD(&b[MC_DRAIN_IDX]);
+            if (victim < 0 || victim >= NR_MEMCG_STOCK) {
+                slot_unlock(b);
+                return corrupt(self, victim, "not a slot number in [0, 7)",
+                               "memcg_cpu %lld's drain_idx",
+                               (long long)((a[1] - self->memcg_cpus) / MC_WORDS));
+            }
             STORE(&b[MC_DRAIN_IDX], (victim + 1) % NR_MEMCG_STOCK);
         }
         i = (int)victim;
@@ -770,7 +961,7 @@ static PyObject *
 Slots_stock_trylock(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     ARGS("stock_trylock", 2);
-    int64_t *s = word(self, a[0], STOCK_WORDS);
+    int64_t *s = lock_slot(self, a[0]);
     if (!s)
         return NULL;
     return PyBool_FromLong(slot_trylock(s, a[1]));
@@ -780,7 +971,7 @@ static PyObject *
 Slots_stock_unlock(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     ARGS("stock_unlock", 1);
-    int64_t *s = word(self, a[0], STOCK_WORDS);
+    int64_t *s = lock_slot(self, a[0]);
     if (!s)
         return NULL;
     slot_unlock(s);
@@ -810,27 +1001,55 @@ Slots_op_begin(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
     int64_t *r = word(self, a[0], ROW_WORDS), *stop = NULL;
     int64_t counters = a[2], contrib = a[3], index = a[4], stock_slot = a[5];
     int64_t *stock = NULL;
-    if (!r || (a[1] >= 0 && !(stop = word(self, a[1], 1)))
-        || (stock_slot >= 0 && !(stock = word(self, stock_slot, STOCK_WORDS))))
+    if (!r || (a[1] >= 0 && !(stop = word(self, a[1], 1))))
         return NULL;
+    if (!counter_ok(self, index)) {
+        PyErr_Format(PyExc_ValueError, "op_begin: %lld is not a counter index",
+                     (long long)index);
+        return NULL;
+    }
+    if (stock_slot >= 0) {
+        if (!is_stock_slot(self, stock_slot) && !is_legacy_slot(self, stock_slot)) {
+            int64_t *rec = word(self, counters + index * PC_WORDS, PC_WORDS);
+            int64_t sid = rec ? LOAD(&rec[PC_STOCK_ID]) : -1;
+            if (sid >= self->max_stocked)
+                return corrupt(self, sid, "not -1 or a stock id below max_stocked",
+                               "counter %lld's stock_id", (long long)index);
+            return corrupt(self, stock_slot, "not a slot of the stocks or legacy sections",
+                           "the stock slot of an op on counter %lld", (long long)index);
+        }
+        if (!(stock = word(self, stock_slot, STOCK_WORDS)))
+            return NULL;
+    }
     STORE(&r[R_IN_OP], 1);
     if (stop && LOAD(stop) != 0) {
         STORE(&r[R_IN_OP], 0);
         Py_RETURN_FALSE;
     }
+    /* One walk: the snapshot is scratch until op = 1, so a bad parent found on the
+     * way leaves no op behind. */
     int depth = 0;
     for (int64_t i = index; i >= 0; depth++) {
-        int64_t *rec = word(self, counters + i * PC_WORDS, PC_WORDS);
-        int64_t *k = word(self, contrib + i, 1);
-        if (!rec || !k || depth == MAX_DEPTH) {
-            if (rec && k)
-                PyErr_Format(PyExc_ValueError, "counter %lld is deeper than %d levels",
-                             (long long)index, MAX_DEPTH);
+        int64_t *rec, *k, p;
+        if (depth == MAX_DEPTH) {
+            STORE(&r[R_IN_OP], 0);
+            return corrupt(self, MAX_DEPTH + 1, "not at most MAX_DEPTH = 10: a parent word "
+                           "is wrong", "the depth of counter %lld", (long long)index);
+        }
+        rec = word(self, counters + i * PC_WORDS, PC_WORDS);
+        k = rec ? word(self, contrib + i, 1) : NULL;
+        if (!k) {
             STORE(&r[R_IN_OP], 0);
             return NULL;
         }
+        p = LOAD(&rec[PC_PARENT]);
+        if (p < -1 || p >= i) {
+            STORE(&r[R_IN_OP], 0);
+            return corrupt(self, p, "not -1 or an earlier counter", "counter %lld's parent",
+                           (long long)i);
+        }
         STORE(&r[R_BASE + depth], LOAD(k));
-        i = LOAD(&rec[PC_PARENT]);
+        i = p;
     }
     STORE(&r[R_COUNTER], index);
     STORE(&r[R_DEPTH], depth);
@@ -841,11 +1060,62 @@ Slots_op_begin(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 }
 
 /*
+ * The intent record of row r (slot index row) names a possible op: its counter, a
+ * path of `depth` levels in which every parent is an earlier counter (parents are
+ * created before their children) ending at a root, and a stock slot that is -1, a
+ * stock slot or a legacy slot word. Returns 0, or -1 with ArenaCorrupt naming the
+ * first impossible word. Reads only.
+ */
+static int
+check_intent(SlotsObject *self, int64_t row, int64_t *r, int64_t counters)
+{
+    long long rowno = self->name ? (long long)((row - self->rows) / ROW_WORDS) : (long long)row;
+    int64_t index = LOAD(&r[R_COUNTER]), depth = LOAD(&r[R_DEPTH]);
+    int64_t stock_slot = LOAD(&r[R_STOCK_SLOT]);
+    if (!counter_ok(self, index)) {
+        corrupt(self, index, "not a counter index", "row %lld's op counter", rowno);
+        return -1;
+    }
+    if (depth < 1 || depth > MAX_DEPTH) {
+        corrupt(self, depth, "not a path length in [1, 10]", "row %lld's op depth", rowno);
+        return -1;
+    }
+    int64_t i = index;
+    for (int64_t level = 0; level < depth; level++) {
+        int64_t *rec = word(self, counters + i * PC_WORDS, PC_WORDS);
+        if (!rec)
+            return -1;
+        int64_t p = LOAD(&rec[PC_PARENT]);
+        if (p < -1 || p >= i) {
+            corrupt(self, p, "not -1 or an earlier counter", "counter %lld's parent",
+                    (long long)i);
+            return -1;
+        }
+        if ((p < 0) != (level == depth - 1)) {
+            corrupt(self, depth, "not the number of levels of its counter's path",
+                    "row %lld's op depth", rowno);
+            return -1;
+        }
+        i = p;
+    }
+    if (stock_slot < -1 || (stock_slot >= 0 && !is_stock_slot(self, stock_slot)
+                            && !is_legacy_slot(self, stock_slot))) {
+        corrupt(self, stock_slot, "not -1 or a slot of the stocks or legacy sections",
+                "row %lld's op stock_slot", rowno);
+        return -1;
+    }
+    return 0;
+}
+
+/*
  * op_abort(row, counters, contrib) -> None. The op of this (live) row raised: put
  * every level of its path back to the snapshot taken by op_begin, and the stock
  * slot too, then end it. Exact, because an exception comes only between two fused
  * steps, when contrib[row] agrees with what the op did to usage. (A dead row is
  * repaired under stop_machine instead, residues included: hotplug.py.)
+ * An intent record that names no possible op (check_intent) rolls nothing back: it
+ * raises ArenaCorrupt, having only left the quiesce section (in_op = 0, so that no
+ * stop_machine waits for it); op stays set, the record as found.
  */
 static PyObject *
 Slots_op_abort(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -856,6 +1126,10 @@ Slots_op_abort(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (!r)
         return NULL;
     if (LOAD(&r[R_OP])) {
+        if (check_intent(self, a[0], r, counters) < 0) {
+            STORE(&r[R_IN_OP], 0);
+            return NULL;
+        }
         int64_t i = LOAD(&r[R_COUNTER]), depth = LOAD(&r[R_DEPTH]);
         for (int64_t level = 0; level < depth && i >= 0; level++) {
             int64_t *rec = word(self, counters + i * PC_WORDS, PC_WORDS);
@@ -870,7 +1144,7 @@ Slots_op_abort(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
             i = LOAD(&rec[PC_PARENT]);
         }
         int64_t stock_slot = LOAD(&r[R_STOCK_SLOT]);
-        int64_t *stock = stock_slot >= 0 ? word(self, stock_slot, STOCK_WORDS) : NULL;
+        int64_t *stock = stock_slot >= 0 ? word(self, stock_slot, 1) : NULL;
         if (stock_slot >= 0 && !stock)
             return NULL;
         if (stock)
@@ -964,10 +1238,14 @@ static PyMethodDef Slots_methods[] = {
     {"release", (PyCFunction)Slots_release, METH_VARARGS,
      "release(error_type=None, message=None): drop the buffer; later calls raise "
      "error_type(message), or ValueError."},
+    {"set_layout", (PyCFunction)Slots_set_layout, METH_VARARGS,
+     "set_layout(name, rows, counters, max_counters, stocks, stock_block, ncpus, "
+     "max_stocked, memcg_cpus): the arena's sections, for the checks of the fused steps."},
     FAST(load), FAST(store), FAST(fetch_add), FAST(exchange), FAST(cas),
     FAST(pc_try_charge_level), FAST(pc_charge_level), FAST(pc_cancel), FAST(pc_propagate),
-    FAST(stock_consume), FAST(stock_deposit), FAST(stock_return), FAST(stock_take),
-    FAST(stock_trylock), FAST(stock_unlock), FAST(legacy_consume), FAST(legacy_refill),
+    FAST(stock_consume), FAST(local_slot), FAST(stock_deposit), FAST(stock_return),
+    FAST(stock_take), FAST(stock_trylock), FAST(stock_unlock), FAST(legacy_consume),
+    FAST(legacy_refill),
     FAST(op_begin), FAST(op_end), FAST(op_abort), FAST(futex_wait), FAST(futex_wake),
     {NULL}
 };
@@ -1009,6 +1287,15 @@ PyInit__atomic(void)
 {
     if (PyType_Ready(&SlotsType) < 0)
         return NULL;
+    if (!ArenaCorrupt) {
+        PyObject *errors = PyImport_ImportModule("shmcounter.errors");
+        if (!errors)
+            return NULL;
+        ArenaCorrupt = PyObject_GetAttrString(errors, "ArenaCorrupt");
+        Py_DECREF(errors);
+        if (!ArenaCorrupt)
+            return NULL;
+    }
     PyObject *m = PyModule_Create(&atomic_module);
     if (!m)
         return NULL;

@@ -13,7 +13,7 @@ import numpy as np
 
 from .memcg import legacy
 
-from .layout import Arena, PC_MAX, PC_PARENT, PC_STOCK_ID, PC_USAGE, STOCK_NR
+from .layout import Arena, PC_MAX, PC_USAGE, STOCK_NR
 
 
 class InvariantError(AssertionError):
@@ -40,8 +40,8 @@ def check_invariants(arena: Arena, real: Mapping[str, int] | None = None, *,
     rec = arena.records[:n]
     usage = rec[:, PC_USAGE].copy()
     limit = rec[:, PC_MAX]
-    parent = rec[:, PC_PARENT]
-    sid = rec[:, PC_STOCK_ID]
+    parent = arena._parents(n)
+    sid = arena._stock_ids(n)
     names = [c.name for c in arena.counters()]
     stocks = np.zeros((arena.ncpus, n), np.int64)
     has = sid >= 0

@@ -89,7 +89,6 @@ import secrets
 import struct
 import threading
 import warnings
-import time
 import weakref
 import mmap
 from multiprocessing import shared_memory
@@ -99,7 +98,8 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 
 from . import _atomic
-from .errors import ArenaError
+from .errors import ArenaCorrupt, ArenaError
+from .wait import bounded_wait
 
 if TYPE_CHECKING:
     from .page_counter import PageCounter
@@ -110,6 +110,7 @@ MAGIC = int.from_bytes(b"SHMCNTR\0", "little")
 LAYOUT_VERSION = 3
 NAME_PREFIX = "shmcounter_"
 NAME_BYTES = 64
+GEOMETRY_LIMIT = 1 << 20          # ncpus, max_counters, max_stocked, max_writers
 
 # header words
 H_MAGIC, H_VERSION, H_NCPUS, H_MAX_COUNTERS, H_MAX_STOCKED, H_CREATOR_PID, \
@@ -408,10 +409,14 @@ class Arena:
     _stock_row = -1                   # this CPU's row slot: the fast path's key
     _memcg_block = -1                 # this CPU's memcg block (memcg/legacy.py)
     _drain_timeout: float = 5.0      # see drain_timeout
+    _wait_timeout: float = 10.0      # see wait_timeout
 
     def __init__(self, shm: shared_memory.SharedMemory, creator: bool) -> None:
         self._shm = shm
         self._creator = creator
+        # Before any view: a geometry that does not fit raises with nothing
+        # exported, so that the caller can still unmap.
+        sec = _check_geometry(shm.name, shm.buf)
         # Every view below is derived from _bytes, which holds an export of the
         # buffer: while a caller keeps one, close() cannot unmap the segment under
         # it (BufferError, turned into a warning), instead of a later segfault.
@@ -421,8 +426,6 @@ class Arena:
         self.max_counters = int(hdr[H_MAX_COUNTERS])
         self.max_stocked = int(hdr[H_MAX_STOCKED])
         self.nrows = self.ncpus + int(hdr[H_MAX_WRITERS])
-        sec = _Sections(self.ncpus, self.max_counters, self.max_stocked,
-                        self.nrows - self.ncpus)
         buf = self._bytes
         # numpy views for reading, vectorised sums and the stat view; writes that
         # race go through self._slots (seq_cst atomics).
@@ -442,6 +445,9 @@ class Arena:
         self.cgroups = np.ndarray((self.max_counters, CG_WORDS), np.int64, buf, sec.cgroups)
         self.memcg_cpus = np.ndarray((self.ncpus, MC_WORDS), np.int64, buf, sec.memcg_cpus)
         self._slots = _atomic.Slots(shm.buf)
+        self._slots.set_layout(shm.name, sec.rows // WORD, sec.counters // WORD,
+                               self.max_counters, sec.stocks // WORD, sec.stock_block // WORD,
+                               self.ncpus, self.max_stocked, sec.memcg_cpus // WORD)
         # slot indexes (8-byte words from the segment start)
         self._rows_slot = sec.rows // WORD
         self._counters_slot = sec.counters // WORD
@@ -481,7 +487,7 @@ class Arena:
             max_stocked = max_counters
         for what, v, lo in (("ncpus", ncpus, 1), ("max_counters", max_counters, 1),
                             ("max_stocked", max_stocked, 0), ("max_writers", max_writers, 1)):
-            if type(v) is not int or not lo <= v <= 1 << 20:
+            if type(v) is not int or not lo <= v <= GEOMETRY_LIMIT:
                 raise ValueError(f"{what} must be an int in [{lo}, 2**20], got {v!r}")
         sweep_dead_arenas()
         sec = _Sections(ncpus, max_counters, max_stocked, max_writers)
@@ -631,19 +637,33 @@ class Arena:
     # ---- registry lock: serialises counter creation and stock-id allocation --
 
     def _registry_lock(self) -> None:
-        """Take the arena-wide registry lock; steal it from a dead holder. The word
-        holds a pid, so the threads of one process queue on _registry_threads first."""
+        """Take the arena-wide registry lock; steal it from a dead holder (or from
+        this process's pid: the threads of one process queue on _registry_threads
+        first, so none of them holds it). WaitTimeout after wait_timeout seconds of
+        one live holder."""
         _registry_threads.acquire()
         slot, me = H_REGISTRY_LOCK, os.getpid()
-        while True:
+        stolen = False
+
+        def take() -> int:
+            nonlocal stolen
             holder = self._slots.cas(slot, 0, me)
-            if holder == 0:
-                return
-            if not pid_alive(holder) and self._slots.cas(slot, holder, me) == holder:
+            if holder and (holder == me or not pid_alive(holder)) \
+                    and self._slots.cas(slot, holder, me) == holder:
+                stolen, holder = True, 0
+            return holder
+        try:
+            bounded_wait(self, "the registry lock", take)
+        except BaseException:
+            _registry_threads.release()
+            raise
+        if stolen:
+            try:
                 # The dead holder may have claimed a stock id without publishing it.
                 self._repair_stock_owners()
-                return
-            time.sleep(0)
+            except BaseException:
+                self._registry_unlock()
+                raise
 
     def _registry_unlock(self) -> None:
         self._slots.store(H_REGISTRY_LOCK, 0)
@@ -657,21 +677,93 @@ class Arena:
 
     # ---- counters -----------------------------------------------------------
 
+    def _corrupt(self, field: str, value: object, expected: str) -> ArenaCorrupt:
+        """The error for word `field` of this arena holding the impossible `value`."""
+        return ArenaCorrupt(self._shm.name, field, value, expected)
+
     def _published(self) -> int:
-        return self._slots.load(H_NCOUNTERS)
+        n = self._slots.load(H_NCOUNTERS)
+        if not 0 <= n <= self.max_counters:
+            raise self._corrupt("header ncounters", n,
+                                f"not a count in [0, max_counters = {self.max_counters}]")
+        return n
+
+    def _name(self, index: int) -> str:
+        """Counter `index`'s name: 1 to 63 bytes of UTF-8 without NUL, NUL padded."""
+        raw = bytes(self.names[index]).rstrip(b"\0")
+        try:
+            name = raw.decode()
+        except UnicodeDecodeError:
+            name = ""
+        if not name or b"\0" in raw or len(raw) >= NAME_BYTES:
+            raise self._corrupt(f"counter {index}'s name", raw,
+                                "not 1 to 63 bytes of UTF-8 without NUL")
+        return name
 
     def _refresh_index(self) -> None:
         n = self._published()
         for i in range(self._known, n):
-            self._index[bytes(self.names[i]).rstrip(b"\0").decode()] = i
-        self._known = n
+            name = self._name(i)
+            if self._index.get(name, i) != i:
+                raise self._corrupt(f"counter {i}'s name", name,
+                                    f"which counter {self._index[name]} has: names are unique")
+            self._index[name] = i
+            self._known = i + 1
 
-    def _handle(self, index: int) -> PageCounter:
+    def _handle(self, index: int, field: str = "a counter index") -> PageCounter:
+        """The handle of counter `index` (built once). An index read from the
+        segment is checked here: `field` names its word in the error. Building a
+        handle checks its path: each parent is an earlier counter, at most
+        MAX_DEPTH levels (handles are built root first, so never recursively)."""
+        if 0 <= index < self.max_counters and (h := self._handles[index]) is not None:
+            return h
+        n = self._published()
+        if not 0 <= index < n:
+            raise self._corrupt(field, index, f"not a counter index below ncounters = {n}")
         h = self._handles[index]
         if h is None:
             from .page_counter import PageCounter
-            h = self._handles[index] = PageCounter(self, index)
+            unbuilt = [index]                      # index, its parent, ... child first
+            while True:
+                i = unbuilt[-1]
+                parent = self._parent(i)
+                if parent < 0 or self._handles[parent] is not None:
+                    break
+                if len(unbuilt) == MAX_DEPTH:
+                    raise self._corrupt(f"the depth of counter {index}", MAX_DEPTH + 1,
+                                        f"not at most MAX_DEPTH = {MAX_DEPTH}: a parent "
+                                        f"word is wrong")
+                unbuilt.append(parent)
+            for i in reversed(unbuilt):
+                self._handles[i] = PageCounter(self, i)
+            h = self._handles[index]
         return h
+
+    def _parent(self, index: int) -> int:
+        """Counter `index`'s parent: -1 (a root) or an earlier counter, since a
+        parent is created before its children."""
+        parent = int(self.records[index, PC_PARENT])
+        if not -1 <= parent < index:
+            raise self._corrupt(f"counter {index}'s parent", parent,
+                                "not -1 or an earlier counter")
+        return parent
+
+    def _parents(self, n: int) -> np.ndarray:
+        """The parents of counters 0..n-1, each checked as by _parent."""
+        parents = self.records[:n, PC_PARENT].copy()
+        bad = np.flatnonzero((parents < -1) | (parents >= np.arange(n)))
+        if len(bad):
+            self._parent(int(bad[0]))              # raises, naming the first
+        return parents
+
+    def _stock_ids(self, n: int) -> np.ndarray:
+        """The stock ids of counters 0..n-1: each -1 or below max_stocked."""
+        sids = self.records[:n, PC_STOCK_ID].copy()
+        bad = np.flatnonzero((sids < -1) | (sids >= self.max_stocked))
+        if len(bad):
+            raise self._corrupt(f"counter {int(bad[0])}'s stock_id", int(sids[bad[0]]),
+                                f"not -1 or a stock id below max_stocked = {self.max_stocked}")
+        return sids
 
     def new_counter(self, name: str, parent: PageCounter | None = None,
                     max: int | None = None) -> PageCounter:
@@ -722,8 +814,23 @@ class Arena:
             self._refresh_index()
             index = self._index.get(name)
             if index is None:
+                self._check_unpublished()
                 raise KeyError(f"no counter named {name!r} in arena {self._shm.name!r}")
         return self._handle(index)
+
+    def _check_unpublished(self) -> None:
+        """ArenaCorrupt if a record beyond ncounters shows a counter: a name at index
+        ncounters + 1 or later (only the next record, ncounters, is ever written
+        before it is published: by a creator that may have died since). Run when a
+        name is not found, so that an ncounters word that went down is not taken
+        for counters that do not exist. The names are read first: ncounters only
+        grows, so a name read before it cannot lie beyond it legitimately."""
+        named = np.flatnonzero(self.names.any(axis=1))
+        n = self._published()
+        beyond = named[named > n]
+        if len(beyond):
+            raise self._corrupt("header ncounters", n, f"but record {int(beyond[0])} "
+                                                       f"beyond it holds a name")
 
     def counters(self) -> list[PageCounter]:
         """All counters, in creation order."""
@@ -756,6 +863,23 @@ class Arena:
         self._check_open()
         check_timeout(seconds, "drain_timeout")
         self._drain_timeout = seconds
+
+    @property
+    def wait_timeout(self) -> float:
+        """Seconds any wait on a word of the segment (the registry lock,
+        stop_machine, a row's op, a CPU's own slot lock) waits for one live holder
+        before WaitTimeout (default 10; wait.py): a finite number > 0. Holds last
+        microseconds, a stop_machine milliseconds: only a holder stopped with
+        SIGSTOP (or stuck), or a corrupted word, makes a wait run out."""
+        self._check_open()
+        return self._wait_timeout
+
+    @wait_timeout.setter
+    def wait_timeout(self, seconds: float) -> None:
+        from .drain import check_timeout
+        self._check_open()
+        check_timeout(seconds, "wait_timeout")
+        self._wait_timeout = seconds
 
     @property
     def underflows(self) -> int:
@@ -874,6 +998,25 @@ def _check_header(name: str, header: bytes, actual: int) -> None:
     size = struct.unpack_from("<q", header, H_SIZE * WORD)[0]
     if actual < size:
         raise ArenaError(f"segment {name!r} is truncated: {actual} of {size} bytes")
+
+
+def _check_geometry(name: str, buf: memoryview) -> _Sections:
+    """The sections of segment `name` (mapped as `buf`) from its header, or
+    ArenaCorrupt if the geometry is out of range or not that of a segment of the
+    header's size. Reads through struct: no buffer export outlives the call."""
+    words = struct.unpack_from(f"<{HEADER_WORDS}q", buf, 0)
+    for field, word, lo in (("ncpus", H_NCPUS, 1), ("max_counters", H_MAX_COUNTERS, 1),
+                            ("max_stocked", H_MAX_STOCKED, 0),
+                            ("max_writers", H_MAX_WRITERS, 1)):
+        if not lo <= words[word] <= GEOMETRY_LIMIT:
+            raise ArenaCorrupt(name, f"header {field}", words[word], f"not in [{lo}, 2**20]")
+    sec = _Sections(words[H_NCPUS], words[H_MAX_COUNTERS], words[H_MAX_STOCKED],
+                    words[H_MAX_WRITERS])
+    if words[H_SIZE] != sec.size or len(buf) < sec.size:
+        raise ArenaCorrupt(name, "header size", words[H_SIZE],
+                           f"not {sec.size}, the size of this geometry (the segment has "
+                           f"{len(buf)} bytes)")
+    return sec
 
 
 def _check_name(name: object) -> bytes:

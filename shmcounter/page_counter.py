@@ -23,7 +23,7 @@ from .errors import Busy
 from .layout import (
     H_UNDERFLOWS, R_WALKS, PC_BATCH, PC_CHILDREN_LOW_USAGE, PC_CHILDREN_MIN_USAGE, PC_ELOW,
     PC_EMIN, PC_FAILCNT, PC_FLAGS, PC_FLAG_UNCHARGE_TO_STOCK, PC_HIGH, PC_LOW,
-    PC_MAX, PC_MIN, PC_PARENT, PC_USAGE, PC_WATERMARK, PC_WORDS,
+    MAX_DEPTH, PC_MAX, PC_MIN, PC_USAGE, PC_WATERMARK, PC_WORDS,
 )
 from .stock import PageCounterStock
 
@@ -68,19 +68,26 @@ class PageCounter(PageCounterStock):
     """
 
     def __init__(self, arena: Arena, index: int) -> None:
+        """Build the handle of counter `index` of `arena` (Arena._handle builds its
+        parent's first). Every word it caches is checked once, here, so the hot
+        paths need no check of their own: the parent is -1 or an earlier counter,
+        the path at most MAX_DEPTH levels, the name UTF-8 (else ArenaCorrupt)."""
         self._arena = arena
         self._slots = arena._slots
         self._index = index
         self._c = arena._counters_slot + index * PC_WORDS       # record's first slot
-        parent = int(arena.records[index, PC_PARENT])
+        parent = arena._parent(index)
         self.parent: PageCounter | None = None if parent < 0 else arena._handle(parent)
+        if self.parent is not None and len(self.parent._path) >= MAX_DEPTH:
+            raise arena._corrupt(f"the depth of counter {index}", len(self.parent._path) + 1,
+                                 f"not at most MAX_DEPTH = {MAX_DEPTH}: a parent word is wrong")
         self._p = -1 if self.parent is None else self.parent._c
         # (record, parent record, counter index) for self, parent, ..., root
         self._path: tuple[tuple[int, int, int], ...] = ((self._c, self._p, index),) + (
             self.parent._path if self.parent is not None else ())
         self._levels: tuple[PageCounter, ...] = (self,) + (
             self.parent._levels if self.parent is not None else ())
-        self.name: str = bytes(arena.names[index]).rstrip(b"\0").decode()
+        self.name: str = arena._name(index)
 
     # ---- fields -------------------------------------------------------------
 

@@ -29,12 +29,14 @@ old rule (drain the slot when > batch) if a user needs the bound to be strict.
 """
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Callable
 
 from . import hooks
 from .errors import ArenaError
-from .layout import PC_BATCH, PC_FLAGS, PC_FLAG_UNCHARGE_TO_STOCK, PC_STOCK_ID, STOCK_NR, STOCK_WORDS
+from .layout import (
+    PC_BATCH, PC_FLAGS, PC_FLAG_UNCHARGE_TO_STOCK, PC_STOCK_ID, STOCK_LOCK, STOCK_NR,
+)
+from .wait import wait_own_lock
 
 if TYPE_CHECKING:
     from .layout import Arena
@@ -81,7 +83,7 @@ class PageCounterStock:
         flags = PC_FLAG_UNCHARGE_TO_STOCK if uncharge_to_stock else 0
         arena._registry_lock()
         try:
-            if slots.load(self._c + PC_STOCK_ID) < 0:
+            if self._stock_id() < 0:
                 free = (arena.stock_owner < 0).nonzero()[0]
                 if len(free) == 0:
                     return False
@@ -118,7 +120,7 @@ class PageCounterStock:
         E4): pages left in the stocks vanish from them but stay in usage."""
         arena, slots = self._arena, self._slots
         arena._check_open()
-        sid = slots.load(self._c + PC_STOCK_ID)
+        sid = self._stock_id()
         if sid < 0:
             return 0
         slots.store(self._c + PC_BATCH, 0)
@@ -155,9 +157,20 @@ class PageCounterStock:
 
     # ---- reading ------------------------------------------------------------
 
+    def _stock_id(self) -> int:
+        """This counter's stock id, or -1 without stock. The word is checked: the
+        slot index derived from it must lie in the stocks section. (The fast path
+        and the ops check it in C: _atomic.c.)"""
+        sid = self._slots.load(self._c + PC_STOCK_ID)
+        if not -1 <= sid < self._arena.max_stocked:
+            raise self._arena._corrupt(
+                f"counter {self._index}'s stock_id", sid,
+                f"not -1 or a stock id below max_stocked = {self._arena.max_stocked}")
+        return sid
+
     @property
     def has_stock(self) -> bool:
-        return self._slots.load(self._c + PC_STOCK_ID) >= 0
+        return self._stock_id() >= 0
 
     @property
     def batch(self) -> int:
@@ -168,14 +181,13 @@ class PageCounterStock:
         """Pages held in CPU `cpu`'s stock of this counter (0 without stock)."""
         arena = self._arena
         arena._cpu_slot(cpu)              # validates cpu
-        sid = self._slots.load(self._c + PC_STOCK_ID)
+        sid = self._stock_id()
         return 0 if sid < 0 else self._slots.load(arena._stock_slot(cpu, sid) + STOCK_NR)
 
     def _local_slot(self) -> int:
-        """This CPU's slot of this counter, or -1 (not a CPU, or no stock)."""
-        block = self._arena._stock_block
-        sid = self._slots.load(self._c + PC_STOCK_ID)
-        return -1 if block < 0 or sid < 0 else block + STOCK_WORDS * sid
+        """This CPU's slot of this counter, or -1 (not a CPU, or no stock); the
+        stock id is checked (local_slot, one C call)."""
+        return self._slots.local_slot(self._c, self._arena._stock_block)
 
     def _return_to_stock(self, slot: int, nr_pages: int) -> int:
         """RFC uncharge, inside the uncharge op: return nr_pages to this CPU's stock,
@@ -238,9 +250,17 @@ class PageCounterStock:
         return taken
 
     def _drain_local_in_op(self, slot: int, kbase: int) -> int:
-        owner = self._arena._stock_owner
-        while (taken := self._slots.stock_take(slot, owner)) < 0:
-            time.sleep(0)
+        arena, slots = self._arena, self._slots
+        taken = slots.stock_take(slot, arena._stock_owner)
+        if taken < 0:                    # another context of this CPU holds the lock
+            took = [0]
+
+            def take() -> bool:
+                took[0] = slots.stock_take(slot, arena._stock_owner)
+                return took[0] >= 0
+            wait_own_lock(arena, slot + STOCK_LOCK,
+                          f"this CPU's stock lock of counter {self._index}", take)
+            taken = took[0]
         if hooks.ARMED:
             hooks.at("drain:taken")
         self._cancel_path(taken, kbase)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 from .errors import ArenaError
 from .layout import H_STOP, R_PID, pid_alive
+from .wait import bounded_wait
 
 if TYPE_CHECKING:
     from .layout import Arena
@@ -105,9 +106,13 @@ class Writer:
         self._unlock_and_serve()
 
     def abort(self) -> None:
-        """End an op that raised, rolled back to its snapshot (op_abort)."""
-        self.rollback()
-        self._unlock_and_serve()
+        """End an op that raised, rolled back to its snapshot (op_abort). The op
+        lock is released even if the rollback raises (ArenaCorrupt: an impossible
+        intent record)."""
+        try:
+            self.rollback()
+        finally:
+            self._unlock_and_serve()
 
     def _unlock_and_serve(self) -> None:
         """Release the op lock, then serve a drain that arrived during the op."""
@@ -153,16 +158,16 @@ class Writer:
 
 
 def wait_for_restart(arena: Arena) -> None:
-    """Sleep while a stop_machine is in progress."""
-    while holder := arena._slots.load(H_STOP):
-        wait_for_stopper(arena, holder)
+    """Sleep while a stop_machine is in progress; WaitTimeout after
+    arena.wait_timeout seconds of one live stopper (wait.py)."""
+    bounded_wait(arena, "stop_machine", lambda: _live_stopper(arena), futex=H_STOP)
 
 
-def wait_for_stopper(arena: Arena, holder: int) -> None:
-    """Wait a while for stop_machine holder `holder`; clear its hold if it is dead
+def _live_stopper(arena: Arena) -> int:
+    """The pid holding stop_machine, or 0; a dead holder's hold is cleared first
     (whatever it left half-repaired, the next repair finishes: hotplug.py)."""
-    slots = arena._slots
-    if not pid_alive(holder):
-        slots.cas(H_STOP, holder, 0)
-    else:
-        slots.futex_wait(H_STOP, holder, 50_000)
+    holder = arena._slots.load(H_STOP)
+    if holder and not pid_alive(holder):
+        arena._slots.cas(H_STOP, holder, 0)
+        return 0
+    return holder

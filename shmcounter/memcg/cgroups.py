@@ -29,7 +29,7 @@ from ..drain import check_timeout, single_drainer
 from ..errors import ArenaError
 from ..layout import (
     CG_WORDS, M_BATCH, M_EVICTION, M_FIRST_CHILD_DRAIN, M_MEMSW, M_ROOT, M_STATE,
-    M_VARIANT, MC_EVICTIONS, MC_FLUSHES, MC_OVERFLOWS, MEMCG_VARIANTS, PC_PARENT, R_WALKS,
+    M_VARIANT, MC_EVICTIONS, MC_FLUSHES, MC_OVERFLOWS, MEMCG_VARIANTS, R_WALKS,
     Arena, _check_name, pid_alive,
 )
 from ..page_counter import NR_PAGES_LIMIT, PAGE_COUNTER_MAX, PageCounter, check_limit, check_nr
@@ -59,7 +59,8 @@ class MemCgroup:
         self._record = tree._arena._cgroups_slot + index * CG_WORDS
         self.memory: PageCounter = tree._arena._handle(index)
         memsw = int(tree._arena.cgroups[index, CG_MEMSW])
-        self.memsw: PageCounter | None = tree._arena._handle(memsw) if memsw >= 0 else None
+        self.memsw: PageCounter | None = tree._arena._handle(
+            memsw, f"cgroup {index}'s memsw counter") if memsw != -1 else None
         self.parent = parent
         self.name = self.memory.name
         self._tag = index + 1                         # its tag in legacy slots
@@ -145,7 +146,8 @@ class MemCgroup:
 
     @property
     def state(self) -> str:
-        return STATES[self._tree._arena._slots.load(self._record + CG_STATE)]
+        return _decode(self._tree._arena, f"cgroup {self._index}'s state",
+                       self._tree._arena._slots.load(self._record + CG_STATE), STATES)
 
     @property
     def events(self) -> dict[str, int]:
@@ -195,6 +197,14 @@ class MemCgroup:
                 f"events.max={self.events['max']}>")
 
 
+def _decode(arena: Arena, field: str, word: int, names: tuple[str, ...], first: int = 0) -> str:
+    """names[word - first]; ArenaCorrupt if the word `field` names none of them."""
+    if not first <= word < first + len(names):
+        raise arena._corrupt(field, word, f"not {first} + an index of {names}" if first
+                             else f"not an index of {names}")
+    return names[word - first]
+
+
 def _bytes_or_max(pages: int) -> int | str:
     return "max" if pages == PAGE_COUNTER_MAX else pages * PAGE_SIZE
 
@@ -238,7 +248,7 @@ class Cgroups:
         self.batch: int = stored["batch"]
         self._design: Design = DESIGNS[self.variant]
         self._legacy = self.variant == "legacy"
-        self.root: MemCgroup = self._cgroup_at(int(arena.memcg_header[M_ROOT]))
+        self.root: MemCgroup = self._cgroup_at(int(arena.memcg_header[M_ROOT]), "memcg root")
 
     @classmethod
     def open(cls, arena: Arena) -> Cgroups:
@@ -253,8 +263,11 @@ class Cgroups:
     @property
     def options(self) -> dict[str, object]:
         h = self._arena.memcg_header
-        return {"memsw": bool(h[M_MEMSW]), "variant": VARIANTS[int(h[M_VARIANT]) - 1],
-                "eviction": legacy.EVICTIONS[int(h[M_EVICTION])], "batch": int(h[M_BATCH]),
+        return {"memsw": bool(h[M_MEMSW]),
+                "variant": _decode(self._arena, "memcg variant", int(h[M_VARIANT]), VARIANTS, 1),
+                "eviction": _decode(self._arena, "memcg eviction", int(h[M_EVICTION]),
+                                    legacy.EVICTIONS),
+                "batch": int(h[M_BATCH]),
                 "first_child_drain": bool(h[M_FIRST_CHILD_DRAIN])}
 
     def _set_up(self, asked: dict[str, object]) -> None:
@@ -361,11 +374,12 @@ class Cgroups:
         states = self._arena.cgroups[:self._arena._published(), CG_STATE]
         return [self._cgroup_at(int(i)) for i in states.nonzero()[0]]
 
-    def _cgroup_at(self, index: int) -> MemCgroup:
+    def _cgroup_at(self, index: int, field: str = "a cgroup's counter index") -> MemCgroup:
         g = self._handles.get(index)
         if g is None:
-            parent = self._arena.records[index, PC_PARENT]
-            g = MemCgroup(self, index, None if parent < 0 else self._cgroup_at(int(parent)))
+            self._arena._handle(index, field)        # checks index (a word, for the root)
+            parent = self._arena._parent(index)
+            g = MemCgroup(self, index, None if parent < 0 else self._cgroup_at(parent))
             self._handles[index] = g
             for counter in g.counters:
                 self._owner[counter._index] = index

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import os
 import random
-import time
 from typing import TYPE_CHECKING, Callable, Collection
 
 import numpy as np
@@ -44,9 +43,10 @@ from .. import hooks
 from ..drain import post_work, single_drainer
 from .._atomic import LEGACY_BYPASS, LEGACY_EVICTED, LEGACY_OVERFLOW
 from ..layout import (
-    M_EVICTION, MC_FLUSHES, MC_FLUSHING, MC_LOCK, MC_SLOTS, MEMCG_CHARGE_BATCH,
+    M_EVICTION, MC_FLUSHES, MC_FLUSHING, MC_LOCK, MC_SLOTS, MC_WORDS, MEMCG_CHARGE_BATCH,
     NR_MEMCG_STOCK, pid_alive,
 )
+from ..wait import wait_own_lock
 
 if TYPE_CHECKING:
     from ..layout import Arena
@@ -64,6 +64,35 @@ def _half(word: int, pending: bool) -> tuple[int, int]:
     """(tag, nr_pages) of one half of a slot word."""
     half = (word >> HALF if pending else word) & CUR_MASK
     return half >> 8, half & NR_MASK
+
+
+def _slot_field(arena: Arena, slot: int, pending: bool) -> str:
+    """The name of one half of slot word `slot`, for errors."""
+    cpu, word = divmod(slot - arena._memcg_cpus_slot, MC_WORDS)
+    return f"memcg_cpu {cpu}'s slot[{word - MC_SLOTS}] {'pending' if pending else 'cached'} tag"
+
+
+def _cgroup_of(arena: Arena, tag: int, slot: int, pending: bool) -> PageCounter:
+    """The memory counter of the cgroup tagged `tag` in one half of slot word
+    `slot`: ArenaCorrupt unless the tag names a cgroup (index + 1 of a published
+    counter whose cgroup record is in use)."""
+    from .cgroups import CG_STATE
+    index = tag - 1
+    if not (0 <= index < arena._published() and arena.cgroups[index, CG_STATE]):
+        raise arena._corrupt(_slot_field(arena, slot, pending), tag,
+                             "not the tag of a cgroup (its memory counter's index + 1)")
+    return arena._handle(index)
+
+
+def check_slots(arena: Arena, cpu: int) -> None:
+    """ArenaCorrupt unless every tag in CPU `cpu`'s 7 slots, either half, names a
+    cgroup: before the hotplug path drains them, so that it refuses whole."""
+    slot = arena._memcg_cpu_slot(cpu) + MC_SLOTS
+    for i, word in enumerate(arena.memcg_cpus[cpu, MC_SLOTS:MC_SLOTS + NR_MEMCG_STOCK].tolist()):
+        for pending in (True, False):
+            tag, _ = _half(word, pending)
+            if tag:
+                _cgroup_of(arena, tag, slot + i, pending)
 
 
 # ---- charge and refill (the CPU's own steps) ---------------------------------
@@ -196,7 +225,7 @@ def _drain_half(arena: Arena, slot: int, pending: bool, run: OpRunner) -> int:
     tag, _ = _half(slots.load(slot), pending)
     if tag == 0:
         return 0
-    counter = arena._handle(tag - 1)
+    counter = _cgroup_of(arena, tag, slot, pending)
     mask = CUR_MASK if pending else ~CUR_MASK
     taken = [0]
 
@@ -218,10 +247,13 @@ def _drain_block(arena: Arena, block: int, run: OpRunner) -> int:
 
 
 def _locked(arena: Arena, block: int, fn: Callable[[], int]) -> int:
-    """Run fn under this CPU's lock: the blocking local_lock of the drain work."""
-    slots = arena._slots
-    while not slots.stock_trylock(block, arena._stock_owner):
-        time.sleep(0)
+    """Run fn under this CPU's lock: the blocking local_lock of the drain work (held
+    by another context of this CPU, waited for; by another pid: ArenaCorrupt)."""
+    slots, owner = arena._slots, arena._stock_owner
+    if not slots.stock_trylock(block, owner):
+        cpu = (block - arena._memcg_cpus_slot) // MC_WORDS
+        wait_own_lock(arena, block + MC_LOCK, f"memcg_cpu {cpu}'s lock",
+                      lambda: slots.stock_trylock(block, owner))
     try:
         return fn()
     finally:
@@ -265,6 +297,7 @@ def drain_dead(arena: Arena, cpu: int) -> dict[str, int]:
     repair: drain all 7 slots of dead CPU `cpu` without its lock, then clear the
     lock and the flushing flag. Returns the pages reclaimed by counter name."""
     slots, block = arena._slots, arena._memcg_cpu_slot(cpu)
+    check_slots(arena, cpu)
     reclaimed: dict[str, int] = {}
     for i in range(NR_MEMCG_STOCK):
         for pending in (True, False):
@@ -337,11 +370,18 @@ def flushing(arena: Arena) -> list[int]:
 # ---- reading ---------------------------------------------------------------------
 
 def stock_pages(arena: Arena, ncounters: int) -> np.ndarray:
-    """Pages held in legacy slots, both halves, as an (ncpus, ncounters) array."""
+    """Pages held in legacy slots, both halves, as an (ncpus, ncounters) array.
+    ArenaCorrupt for a tag beyond the counters."""
     out = np.zeros((arena.ncpus, ncounters), np.int64)
-    words = arena.memcg_cpus[:, MC_SLOTS:MC_SLOTS + NR_MEMCG_STOCK]
+    words = arena.memcg_cpus[:, MC_SLOTS:MC_SLOTS + NR_MEMCG_STOCK].copy()
     for shift in (0, HALF):
         half = (words >> shift) & CUR_MASK
+        bad = np.argwhere(half >> 8 > ncounters)
+        if len(bad):
+            cpu, i = bad[0].tolist()
+            slot = arena._memcg_cpu_slot(cpu) + MC_SLOTS + i
+            raise arena._corrupt(_slot_field(arena, slot, shift == HALF), int(half[cpu, i] >> 8),
+                                 f"not the tag of one of the {ncounters} counters")
         cpus, _ = np.nonzero(half >> 8)
         tag = half[half >> 8 != 0] >> 8
         np.add.at(out, (cpus, tag - 1), half[half >> 8 != 0] & NR_MASK)

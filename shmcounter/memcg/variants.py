@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from ..drain import drain_stock
 from ..errors import Busy
-from ..layout import PC_STOCK_ID, STOCK_NR
+from ..layout import STOCK_NR
 from . import legacy
 
 if TYPE_CHECKING:
@@ -110,8 +110,8 @@ def _drain_stock_nolock(counter: PageCounter) -> int:
     """v2's drain_stock_nolock: take every CPU's stock without its lock and uncharge
     it. Safe only if nobody charges the counter any more (free); v2 also calls it
     from disable, while CPUs may still be charging (E5)."""
-    arena, slots = counter._arena, counter._slots
-    sid = slots.load(counter._c + PC_STOCK_ID)
+    arena = counter._arena
+    sid = counter._stock_id()
     if sid < 0:
         return 0
     return sum(counter._drain_slot(arena._stock_slot(cpu, sid)) for cpu in range(arena.ncpus))
@@ -122,7 +122,7 @@ def _disable_rfc(counter: PageCounter) -> None:
     them, cancel the sum up the hierarchy, then batch = 0. The pages stay in the
     stocks although they are uncharged (E4)."""
     arena, slots = counter._arena, counter._slots
-    sid = slots.load(counter._c + PC_STOCK_ID)
+    sid = counter._stock_id()
     if sid < 0:
         return
     total = sum(slots.load(arena._stock_slot(cpu, sid) + STOCK_NR) for cpu in range(arena.ncpus))
