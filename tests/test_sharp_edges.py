@@ -147,10 +147,14 @@ def test_drain_stock_refuses_a_bad_timeout_and_asks_no_cpu(arena, cpus, bad, exc
 
 
 @pytest.mark.parametrize("bad, exc, message", BAD_TIMEOUTS, ids=TIMEOUT_IDS)
-def test_drain_timeout_and_wait_flushed_refuse_the_same(arena, bad, exc, message):
+def test_drain_timeout_wait_timeout_and_wait_flushed_refuse_the_same(arena, bad, exc,
+                                                                      message):
     with pytest.raises(exc) as err:
         arena.drain_timeout = bad
     assert (str(err.value), arena.drain_timeout) == ("drain_timeout " + message, 5.0)
+    with pytest.raises(exc) as err:
+        arena.wait_timeout = bad
+    assert (str(err.value), arena.wait_timeout) == ("wait_timeout " + message, 10.0)
     tree = Cgroups(arena, variant="legacy")
     with pytest.raises(exc) as err:
         tree.wait_flushed(timeout=bad)
@@ -191,6 +195,10 @@ def _set_drain_timeout(a: Arena) -> None:
     a.drain_timeout = 1
 
 
+def _set_wait_timeout(a: Arena) -> None:
+    a.wait_timeout = 1
+
+
 # Still answered on a closed handle: its identity and lifetime, and the geometry.
 ARENA_OPEN_ANYWAY = {"create", "attach", "name", "closed", "close", "unlink",
                      "ncpus", "max_counters", "max_stocked", "nrows"}
@@ -202,6 +210,8 @@ ARENA_CALLS: dict[str, Callable[[Arena, PageCounter], object]] = {
     "memcg_legacy": lambda a, c: a.memcg_legacy,
     "drain_timeout": lambda a, c: a.drain_timeout,
     "drain_timeout (set)": lambda a, c: _set_drain_timeout(a),
+    "wait_timeout": lambda a, c: a.wait_timeout,
+    "wait_timeout (set)": lambda a, c: _set_wait_timeout(a),
     "underflows": lambda a, c: a.underflows,
     "cpu_pid": lambda a, c: a.cpu_pid(0),
     "online_cpus": lambda a, c: a.online_cpus(),
@@ -267,7 +277,8 @@ def test_every_call_on_a_closed_arena_says_it_is_closed(arena, as_cpu):
     if as_cpu:
         shmcounter.register_cpu(arena, 0)
         leaf.try_charge(1)                            # 63 pages in CPU 0's stock
-    assert _public(arena) - ARENA_OPEN_ANYWAY == set(ARENA_CALLS) - {"drain_timeout (set)"}
+    assert _public(arena) - ARENA_OPEN_ANYWAY == set(ARENA_CALLS) - {"drain_timeout (set)",
+                                                                  "wait_timeout (set)"}
     assert _public(leaf) - COUNTER_OPEN_ANYWAY == set(COUNTER_CALLS)
     arena.close()
     assert _not_closed_error(arena.name, {
