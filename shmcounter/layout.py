@@ -102,6 +102,7 @@ from . import _atomic
 from .errors import ArenaError
 
 if TYPE_CHECKING:
+    from .hotplug import Repair
     from .page_counter import PageCounter
 
 LINE = 64
@@ -408,6 +409,7 @@ class Arena:
     _stock_row = -1                   # this CPU's row slot: the fast path's key
     _memcg_block = -1                 # this CPU's memcg block (memcg/legacy.py)
     _drain_timeout: float = 5.0      # see drain_timeout
+    _stop_timeout: float = 30.0      # see stop_timeout
 
     def __init__(self, shm: shared_memory.SharedMemory, creator: bool) -> None:
         self._shm = shm
@@ -758,6 +760,22 @@ class Arena:
         self._drain_timeout = seconds
 
     @property
+    def stop_timeout(self) -> float:
+        """Seconds a stop_machine (repair, hotplug) waits for live writers to leave
+        their ops before TimeoutError (default 30): a finite number > 0. Only a
+        writer stopped inside an op (SIGSTOP) takes that long; too short would fail
+        a hotplug on a merely busy machine."""
+        self._check_open()
+        return self._stop_timeout
+
+    @stop_timeout.setter
+    def stop_timeout(self, seconds: float) -> None:
+        from .drain import check_timeout
+        self._check_open()
+        check_timeout(seconds, "stop_timeout")
+        self._stop_timeout = seconds
+
+    @property
     def underflows(self) -> int:
         """Uncharges that would have taken a usage below 0 (clamped, and warned)."""
         self._check_open()
@@ -822,6 +840,21 @@ class Arena:
         from .hotplug import cpu_dead
         self._check_open()
         return cpu_dead(self, cpu)
+
+    def repair(self) -> Repair:
+        """Repair every dead writer, CPU or not: under stop_machine, roll back the
+        op each one left in progress (it counts not at all, at every level) and
+        free the rows of dead non-CPU writers (a dead CPU's stock and row are left
+        to hotplug_cpu_dead). Returns what it did (hotplug.Repair).
+
+        Also done, without anyone asking, by a charge about to be refused (then
+        retried), by procs.Machine when a writer dies, and by the hotplug path.
+        Raises TimeoutError, having changed nothing, when a live writer stays inside
+        an op for stop_timeout seconds (stopped with SIGSTOP): it names the writer.
+        """
+        from .hotplug import repair_dead_rows
+        self._check_open()
+        return repair_dead_rows(self)
 
     # ---- protection ---------------------------------------------------------
 
