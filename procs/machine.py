@@ -64,8 +64,8 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from shmcounter import Arena
-from shmcounter import Repair
+from shmcounter import Arena, Repair
+from shmcounter.drain import check_timeout
 from shmcounter.layout import R_PID, R_START, pid_alive
 
 from .errors import BrokenMachine, CpuDead
@@ -247,7 +247,7 @@ class Machine:
         if it failed, and BrokenMachine if the monitor failed (close() then
         reclaims the CPU)."""
         c = self._cpu(cpu)
-        timeout = _check_timeout(timeout)
+        check_timeout(timeout, "timeout")
         with self._lock:
             self._check_broken()
             if c.state != "online":
@@ -271,7 +271,8 @@ class Machine:
         CPU killed from outside, e.g. kill -9 from a shell). TimeoutError if not
         within `timeout` seconds; BrokenMachine if the monitor failed first."""
         c = self._cpu(cpu)
-        timeout = None if timeout is None else _check_timeout(timeout)
+        if timeout is not None:
+            check_timeout(timeout, "timeout")
         if not c.offline.wait(timeout):
             raise TimeoutError(f"CPU {cpu} (pid {c.pid}) is still online "
                                f"after {timeout} s")
@@ -291,7 +292,8 @@ class Machine:
         BrokenMachine if the monitor failed first."""
         if type(pid) is not int or pid <= 0:
             raise ValueError(f"pid must be a positive int, got {pid!r}")
-        timeout = None if timeout is None else _check_timeout(timeout)
+        if timeout is not None:
+            check_timeout(timeout, "timeout")
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._changed:
             while pid not in self._repairs:
@@ -312,7 +314,7 @@ class Machine:
         Raises TimeoutError naming each CPU (and pid) that has not gone offline
         within `timeout` seconds (its hotplug-dead path goes on in the monitor);
         every CPU process is killed and joined all the same."""
-        timeout = _check_timeout(timeout)
+        check_timeout(timeout, "timeout")
         deadline = time.monotonic() + timeout
         with self._lock:
             if self._closing:
@@ -669,12 +671,6 @@ def _set_exception(future: Future, exc: BaseException) -> None:
         future.set_exception(exc)
     except InvalidStateError:
         pass
-
-
-def _check_timeout(timeout: object) -> float:
-    if type(timeout) not in (int, float) or not timeout >= 0:
-        raise ValueError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
-    return float(timeout)
 
 
 def _left(deadline: float, cap: float | None = None) -> float:

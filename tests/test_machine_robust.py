@@ -136,6 +136,10 @@ def test_stop_machine_gives_up_naming_the_writer_that_keeps_it_from_quiescing(
     with pytest.raises(TimeoutError, match=rf"^stop_machine of arena '{arena.name}': writer row "
                                            rf"2 \(pid {w.pid}\) is still inside an op after 0.3 s"):
         arena.repair()
+    with pytest.raises(ValueError, match=r"^stop_timeout must be a finite number of seconds "
+                                         r"> 0, got 0$"):
+        arena.stop_timeout = 0
+    assert arena.stop_timeout == 0.3
     # nothing changed: CPU 1's stock, its registration, the writer's half charge
     assert (x.usage, x.stock(1), arena.cpu_pid(1)) == (65, 63, pid)
     os.kill(w.pid, signal.SIGCONT)                        # its charge completes
@@ -151,6 +155,11 @@ def test_kill_and_close_give_up_at_their_deadline_naming_the_cpu(machine, cpus, 
     m.run_on(1, tasks.try_charge, arena, "x", 1)
     w = park_writer_in_op(cpus, arena)                   # the hotplug-dead path waits for it
     pid = m.pid(1)
+    for bad in (-1, float("inf")):
+        with pytest.raises(ValueError, match=r"^timeout must be a finite number of seconds "
+                                             rf"> 0, got {bad}$"):
+            m.kill(1, timeout=bad)
+    assert m.online == {0, 1}                            # nothing was killed
     with pytest.raises(TimeoutError, match=rf"^CPU 1 \(pid {pid}\) was killed, but its "
                                            r"hotplug-dead path has not finished within 0.5 s; "
                                            r"m.wait_offline\(1\) waits for it$"):
@@ -158,7 +167,7 @@ def test_kill_and_close_give_up_at_their_deadline_naming_the_cpu(machine, cpus, 
     # CPU 0 cannot stop cleanly either: its unregister drains in an op, which
     # waits for the same stop_machine; killed at the deadline, it waits as well
     with pytest.raises(TimeoutError, match=rf"^CPU 0 \(pid {m.pid(0)}\) and CPU 1 \(pid {pid}\) "
-                                           r"did not go offline within 1.0 s: the hotplug-dead "
+                                           r"did not go offline within 1 s: the hotplug-dead "
                                            r"path has not finished; every CPU process is killed$"):
         bounded(m.close, timeout=1)
     assert not any(c.process.is_alive() for c in m._cpus.values())
