@@ -191,6 +191,10 @@ def _set_drain_timeout(a: Arena) -> None:
     a.drain_timeout = 1
 
 
+def _set_stop_timeout(a: Arena) -> None:
+    a.stop_timeout = 1
+
+
 # Still answered on a closed handle: its identity and lifetime, and the geometry.
 ARENA_OPEN_ANYWAY = {"create", "attach", "name", "closed", "close", "unlink",
                      "ncpus", "max_counters", "max_stocked", "nrows"}
@@ -207,6 +211,9 @@ ARENA_CALLS: dict[str, Callable[[Arena, PageCounter], object]] = {
     "online_cpus": lambda a, c: a.online_cpus(),
     "row_owner_alive": lambda a, c: a.row_owner_alive(0),
     "hotplug_cpu_dead": lambda a, c: a.hotplug_cpu_dead(1),
+    "repair": lambda a, c: a.repair(),
+    "stop_timeout": lambda a, c: a.stop_timeout,
+    "stop_timeout (set)": lambda a, c: _set_stop_timeout(a),
     "calculate_protection": lambda a, c: a.calculate_protection(c.parent, c),
     **{view: (lambda v: lambda a, c: getattr(a, v))(view) for view in (
         "header", "rows", "records", "stock_owner", "stocks", "contrib", "requests",
@@ -267,7 +274,8 @@ def test_every_call_on_a_closed_arena_says_it_is_closed(arena, as_cpu):
     if as_cpu:
         shmcounter.register_cpu(arena, 0)
         leaf.try_charge(1)                            # 63 pages in CPU 0's stock
-    assert _public(arena) - ARENA_OPEN_ANYWAY == set(ARENA_CALLS) - {"drain_timeout (set)"}
+    assert _public(arena) - ARENA_OPEN_ANYWAY == set(ARENA_CALLS) - {"drain_timeout (set)",
+                                                                     "stop_timeout (set)"}
     assert _public(leaf) - COUNTER_OPEN_ANYWAY == set(COUNTER_CALLS)
     arena.close()
     assert _not_closed_error(arena.name, {
