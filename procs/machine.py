@@ -4,7 +4,8 @@
     --------------              ----------------------            -------------
     submit(k, fn) -> Future --------------------------------->   cpu_main: fn(*args)
                                  wait([replies, sentinels,  <---  (task_id, result)
-                                       wakeup pipe])
+                                       writers' pidfds,
+                                       wakeup pipe], 0.15 s)
     Future.set_result <--------  reply
                                  sentinel of k fires (any death: kill, kill -9
                                  from a shell, a crash):
@@ -13,11 +14,39 @@
                                    2. k leaves online
                                    3. k's pending futures fail with CpuDead
     kill(k) waits for step 3 <-  offline event of k
+                                 pidfd of another writer fires (a process that
+                                 is not one of our CPUs and claimed a writer row):
+                                   arena.repair(), if its row still names it
+    wait_repaired(pid) <-------  the Repair, by pid
 
 Death is detected from process sentinels in one wait(), not by polling. A CPU
 that stops on purpose (close) first sends "bye", so a clean stop is never taken
 for a death. Unlike a broken ProcessPoolExecutor, a Machine stays usable when a
 CPU dies: only that CPU goes offline, and start_cpu brings it back.
+
+Other writers. Any process that attaches to the arena and charges claims a
+writer row (shmcounter/writer.py); killed inside a charge, it leaves its op half
+applied until someone repairs it. The monitor watches them too: every
+WRITER_SCAN_INTERVAL (its wait's timeout) it rescans the row table, since rows
+are claimed at any time, and opens a pidfd (os.pidfd_open, which works on any
+process, not only children) on the owner of each row that is not one of this
+Machine's CPUs; a pidfd becomes readable when its process exits, in the same
+wait() as the sentinels. When one fires and the row still names that process,
+the monitor runs arena.repair(): the dead op is rolled back and the row freed.
+An owner found dead by the rescan itself (it died between two scans) is
+repaired at once. A CPU row of a process this Machine did not start gets its op
+rolled back the same way; its stock and registration are left to its own
+owner's hotplug_cpu_dead.
+
+Failures. The monitor keeps the guards of CPython's process pool: a future is
+set running (set_running_or_notify_cancel) when its task goes into the pipe, so
+it cannot be cancelled under the monitor's feet, and setting a result tolerates
+InvalidStateError. A monitor that fails anyway (an error nobody expected) marks
+the Machine broken, fails every pending future with BrokenMachine and wakes every
+waiter (kill, wait_offline, wait_repaired, close); close then kills every CPU
+and runs the hotplug-dead path itself. kill and close take a deadline, and the
+stop_machine they depend on has one too (arena.wait_timeout): nothing waits
+forever on a stopped or lost process.
 """
 from __future__ import annotations
 
@@ -29,13 +58,17 @@ import multiprocessing.connection
 import os
 import signal
 import threading
-from concurrent.futures import Future
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from shmcounter import Arena
+from shmcounter import Arena, Repair
+from shmcounter.drain import check_timeout
+from shmcounter.layout import R_PID, R_START, pid_alive
 
-from .errors import CpuDead
+from .errors import BrokenMachine, CpuDead
 from .worker import _describe, cpu_main
 
 log = logging.getLogger("procs")
@@ -44,6 +77,19 @@ log = logging.getLogger("procs")
 # before it is killed. Generous: forkserver start-up on a loaded 2-core machine.
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
+# Seconds kill() waits for the hotplug-dead path: more than arena.wait_timeout
+# (10 s by default), so that a stop_machine that cannot quiesce is reported as
+# such (the hotplug error) rather than as a kill that timed out.
+KILL_TIMEOUT = 60.0
+# Seconds close() may take in all: STOP_TIMEOUT for the CPUs to stop cleanly,
+# then KILL_TIMEOUT for the hotplug-dead path of those that had to be killed.
+CLOSE_TIMEOUT = STOP_TIMEOUT + KILL_TIMEOUT
+# Seconds between two rescans of the writer rows for new writers to watch: a
+# writer that dies sooner after claiming its row is repaired at the next rescan.
+# Shorter costs the monitor more wakeups (each reads the row table).
+WRITER_SCAN_INTERVAL = 0.15
+# Deaths of writers whose Repair wait_repaired() can still return: the latest ones.
+REPAIRS_KEPT = 1024
 
 
 @dataclass
@@ -69,7 +115,8 @@ class Machine:
 
     Use it as a context manager: leaving the block stops every CPU (each drains its
     stocks and unregisters) and joins it. If the owner dies, its CPUs kill
-    themselves.
+    themselves. While it runs, it also repairs every other writer of the arena
+    that dies (see the module docstring).
     """
 
     def __init__(self, arena: Arena, ncpus: int | None = None, *,
@@ -85,6 +132,17 @@ class Machine:
         self._lock = threading.Lock()
         self._task_ids = itertools.count(1)
         self._closing = False
+        # Set once, by a monitor that failed (_break); guarded by _lock.
+        self._broken: BrokenMachine | None = None
+        # Notified when a writer's death is handled, or the Machine breaks.
+        self._changed = threading.Condition(self._lock)
+        # {pid: Repair} of the latest dead writers the monitor handled, e.g.
+        # {4711: Repair(rows=(3,), pids=(4711,), ops=(3,), pages={'leaf': 10})}.
+        # Guarded by _lock.
+        self._repairs: OrderedDict[int, Repair] = OrderedDict()
+        # {pidfd: (row, pid, start)} of the other writers watched, e.g.
+        # {17: (3, 4711, 889912)}. The monitor thread's alone.
+        self._writers: dict[int, tuple[int, int, int]] = {}
         self._wakeup_r, self._wakeup_w = self._ctx.Pipe(duplex=False)
         self._monitor = threading.Thread(target=self._monitor_loop, name="machine-monitor",
                                          daemon=True)
@@ -120,7 +178,13 @@ class Machine:
         with self._lock:
             online = sorted(c.cpu for c in self._cpus.values() if c.state == "online")
             dead = sorted(c.cpu for c in self._cpus.values() if c.state != "online")
-        return f"<Machine online={set(online) or '{}'} dead={set(dead) or '{}'}>"
+            broken = " broken" if self._broken is not None else ""
+        return f"<Machine{broken} online={set(online) or '{}'} dead={set(dead) or '{}'}>"
+
+    def _check_broken(self) -> None:
+        """Raise BrokenMachine if the monitor failed. Under _lock."""
+        if self._broken is not None:
+            raise BrokenMachine(str(self._broken)) from self._broken.__cause__
 
     # ---- starting and stopping CPUs -----------------------------------------
 
@@ -155,6 +219,7 @@ class Machine:
         """Bring dead CPU `cpu` back online with a new process and a clean stock."""
         c = self._cpu(cpu)
         with self._lock:
+            self._check_broken()
             if self._closing:
                 raise RuntimeError("the Machine is closed")
             if c.state != "offline":
@@ -172,17 +237,30 @@ class Machine:
             raise
         self._wakeup_w.send(b"")
 
-    def kill(self, cpu: int) -> dict[str, int]:
+    def kill(self, cpu: int, timeout: float = KILL_TIMEOUT) -> dict[str, int]:
         """SIGKILL CPU `cpu`'s process; return once the hotplug-dead path has run
         (its stocks reclaimed, it has left `online`). Returns the pages reclaimed
-        by counter name."""
+        by counter name.
+
+        Raises TimeoutError naming the CPU and pid if the hotplug-dead path has not
+        finished within `timeout` seconds (it goes on: wait_offline), RuntimeError
+        if it failed, and BrokenMachine if the monitor failed (close() then
+        reclaims the CPU)."""
         c = self._cpu(cpu)
+        check_timeout(timeout, "timeout")
         with self._lock:
+            self._check_broken()
             if c.state != "online":
                 raise ValueError(f"CPU {cpu} is not online ({c.state})")
             pid = c.pid
         os.kill(pid, signal.SIGKILL)
-        c.offline.wait()
+        if not c.offline.wait(timeout):
+            raise TimeoutError(f"CPU {cpu} (pid {pid}) was killed, but its hotplug-dead path "
+                               f"has not finished within {timeout} s; m.wait_offline({cpu}) "
+                               f"waits for it")
+        with self._lock:
+            if c.state != "offline":             # woken by _break, not by its death
+                self._check_broken()
         if c.hotplug_error is not None:
             raise RuntimeError(f"CPU {cpu} (pid {pid}) is dead but its hotplug-dead path "
                                f"failed; its stocks are not reclaimed") from c.hotplug_error
@@ -191,15 +269,53 @@ class Machine:
     def wait_offline(self, cpu: int, timeout: float | None = None) -> None:
         """Wait until CPU `cpu` is offline and its hotplug-dead path has run (for a
         CPU killed from outside, e.g. kill -9 from a shell). TimeoutError if not
-        within `timeout` seconds."""
-        if not self._cpu(cpu).offline.wait(timeout):
-            raise TimeoutError(f"CPU {cpu} (pid {self._cpus[cpu].pid}) is still online "
+        within `timeout` seconds; BrokenMachine if the monitor failed first."""
+        c = self._cpu(cpu)
+        if timeout is not None:
+            check_timeout(timeout, "timeout")
+        if not c.offline.wait(timeout):
+            raise TimeoutError(f"CPU {cpu} (pid {c.pid}) is still online "
                                f"after {timeout} s")
+        with self._lock:
+            if c.state != "offline":
+                self._check_broken()
 
-    def close(self) -> None:
+    def wait_repaired(self, pid: int, timeout: float | None = None) -> Repair:
+        """Wait until the monitor has handled the death of writer `pid`, a process
+        that is not one of this Machine's CPUs and claimed a writer row of the
+        arena (it charged or uncharged): its op in progress, if any, is rolled back
+        and its row is free. Returns the Repair the monitor ran (an empty one if
+        another process, a refused charge say, had repaired it first).
+
+        A writer that released its row before it died (Arena.close) is seen only
+        if a rescan found it first. TimeoutError if not within `timeout` seconds;
+        BrokenMachine if the monitor failed first."""
+        if type(pid) is not int or pid <= 0:
+            raise ValueError(f"pid must be a positive int, got {pid!r}")
+        if timeout is not None:
+            check_timeout(timeout, "timeout")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._changed:
+            while pid not in self._repairs:
+                self._check_broken()
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"no death of writer pid {pid} was handled within "
+                                       f"{timeout} s (alive, or it never claimed a row)")
+                self._changed.wait(left)
+            return self._repairs[pid]
+
+    def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
         """Stop every CPU cleanly (it drains its stocks and unregisters), join it,
         and stop the monitor. A CPU that does not stop in STOP_TIMEOUT is killed
-        and goes through the hotplug path. Safe to call twice."""
+        and goes through the hotplug path. On a broken Machine every CPU is killed
+        and its hotplug-dead path runs here. Safe to call twice.
+
+        Raises TimeoutError naming each CPU (and pid) that has not gone offline
+        within `timeout` seconds (its hotplug-dead path goes on in the monitor);
+        every CPU process is killed and joined all the same."""
+        check_timeout(timeout, "timeout")
+        deadline = time.monotonic() + timeout
         with self._lock:
             if self._closing:
                 return
@@ -207,29 +323,62 @@ class Machine:
             stopping = [c for c in self._cpus.values() if c.state == "online"]
             for c in stopping:
                 c.state = "stopping"
+            broken = self._broken is not None
         atexit.unregister(self.close)
-        for c in stopping:
-            try:
-                with c.send_lock:
-                    c.conn.send(None)
-            except OSError:
-                pass                                  # it is dying: the monitor handles it
-        for c in stopping:
-            if not c.offline.wait(STOP_TIMEOUT):
-                _kill(c, reason=f"did not stop within {STOP_TIMEOUT} s")
-                c.offline.wait()
-        self._wakeup_w.send(b"")
-        self._monitor.join()
-        self._kill_all(reason="machine closed")
-        self._wakeup_r.close()
-        self._wakeup_w.close()
+        late: list[_Cpu] = []
+        if not broken:
+            for c in stopping:
+                try:
+                    with c.send_lock:
+                        c.conn.send(None)
+                except OSError:
+                    pass                              # it is dying: the monitor handles it
+            for c in stopping:
+                if not c.offline.wait(_left(deadline, STOP_TIMEOUT)):
+                    _kill(c, reason=f"did not stop within {STOP_TIMEOUT} s")
+            late = [c for c in stopping if not c.offline.wait(_left(deadline))]
+            self._wakeup_w.send(b"")
+            self._monitor.join(_left(deadline))
+        if self._broken is not None:
+            self._reclaim_broken()
+            self._monitor.join(_left(deadline))       # it is on its way out
+            late = []
+        # A monitor still running (late) uses the pipes until it is done: they
+        # are closed with their objects then.
+        done = not self._monitor.is_alive()
+        self._kill_all(reason="machine closed", close_pipes=done)
+        if done:
+            self._wakeup_r.close()
+            self._wakeup_w.close()
+        if late:
+            cpus = " and ".join(f"CPU {c.cpu} (pid {c.pid})" for c in late)
+            raise TimeoutError(f"{cpus} did not go offline within {timeout} s: the "
+                               f"hotplug-dead path has not finished; every CPU process "
+                               f"is killed")
 
-    def _kill_all(self, reason: str) -> None:
+    def _reclaim_broken(self) -> None:
+        """Close of a broken Machine: nobody runs the hotplug-dead path when a CPU
+        dies, so kill every CPU process and run it here for each CPU whose
+        registration still stands (it did not unregister before it died)."""
+        for c in self._cpus.values():
+            if c.process is None:
+                continue
+            _kill(c, reason="broken machine")
+            c.process.join()
+            try:
+                if not self.arena.closed and self.arena.cpu_pid(c.cpu) == c.pid:
+                    c.reclaimed = self.arena.hotplug_cpu_dead(c.cpu)
+            except Exception:
+                log.exception("CPU %d (pid %d): the hotplug-dead path failed", c.cpu, c.pid)
+            with self._lock:
+                c.state = "offline"
+
+    def _kill_all(self, reason: str, close_pipes: bool = True) -> None:
         for c in self._cpus.values():
             if c.process is not None:
                 _kill(c, reason)
                 c.process.join()
-            if c.conn is not None:
+            if close_pipes and c.conn is not None:
                 c.conn.close()
                 c.conn = None
 
@@ -244,12 +393,14 @@ class Machine:
     def submit(self, cpu: int, fn: Callable[..., Any], *args: Any) -> Future:
         """Run fn(*args) on CPU `cpu` (in its process, where this_cpu() == cpu).
         The Future fails with CpuDead if the CPU dies first, and with the task's
-        own exception (remote traceback as __cause__) if it raises. fn and args
-        must be picklable: a module-level function."""
+        own exception (remote traceback as __cause__) if it raises. It is running
+        from the start: cancel() returns False. fn and args must be picklable: a
+        module-level function. BrokenMachine if the monitor failed."""
         c = self._cpu(cpu)
         future: Future = Future()
         desc = _describe(fn, args)
         with self._lock:
+            self._check_broken()
             if c.state != "online":
                 future.set_exception(CpuDead(
                     f"CPU {cpu} is {c.state}; call m.start_cpu({cpu}) first", cpu, c.pid))
@@ -257,6 +408,10 @@ class Machine:
             task_id = next(self._task_ids)
             c.pending[task_id] = (future, desc)
             conn = c.conn
+            # The task goes into the CPU's pipe now and cannot be taken back: the
+            # future runs from here on, so cancel() returns False (a process pool's
+            # work item in its call queue). Nobody else holds it yet: never False.
+            future.set_running_or_notify_cancel()
         try:
             with c.send_lock:
                 conn.send((task_id, fn, args))
@@ -276,22 +431,48 @@ class Machine:
     # ---- the monitor thread -------------------------------------------------
 
     def _monitor_loop(self) -> None:
-        """Route replies to futures; run the hotplug-dead path when a CPU dies."""
+        """The monitor thread. It catches everything: a monitor that fails marks the
+        Machine broken and wakes everyone (_break), instead of dying silently and
+        leaving kill and close to wait forever."""
+        try:
+            self._monitor_body()
+        except BaseException as exc:
+            log.exception("the monitor of the Machine on arena %r failed", self.arena.name)
+            self._break(exc)
+        finally:
+            for fd in self._writers:
+                os.close(fd)
+            self._writers.clear()
+
+    def _monitor_body(self) -> None:
+        """Route replies to futures; run the hotplug-dead path when a CPU dies, and
+        repair when another writer dies."""
+        next_scan = 0.0
         while True:
+            if time.monotonic() >= next_scan:
+                self._scan_writers()
+                next_scan = time.monotonic() + WRITER_SCAN_INTERVAL
             with self._lock:
                 if self._closing and all(c.state not in ("online", "stopping")
                                          for c in self._cpus.values()):
                     return
-                # {waitable: (cpu, its process)}: a reply pipe or a process sentinel
-                watched: dict[Any, tuple[_Cpu, Any] | None] = {self._wakeup_r: None}
+                # {waitable: what fired}: the wakeup pipe (None), a reply pipe or a
+                # process sentinel ((cpu, its process)), a writer's pidfd (its fd)
+                watched: dict[Any, tuple[_Cpu, Any] | int | None] = {self._wakeup_r: None}
                 for c in self._cpus.values():
                     if c.state in ("online", "stopping"):
                         watched[c.process.sentinel] = (c, c.process)
                         watched[c.conn] = (c, c.process)
-            for ready in mp.connection.wait(list(watched)):
+            for fd in self._writers:
+                watched[fd] = fd
+            for ready in mp.connection.wait(list(watched),
+                                            max(0.0, next_scan - time.monotonic())):
                 entry = watched[ready]
                 if entry is None:
                     self._wakeup_r.recv()
+                    continue
+                if isinstance(entry, int):
+                    self._writer_exited(entry)
                     continue
                 c, process = entry
                 if c.process is not process or c.state not in ("online", "stopping"):
@@ -300,6 +481,97 @@ class Machine:
                     self._read_replies(c)
                 else:
                     self._cpu_exited(c)
+
+    def _break(self, cause: BaseException) -> None:
+        """The monitor failed. As a broken process pool, in this order:
+          1. mark the Machine broken, so that submit, kill, start_cpu and the
+             waits fail at once;
+          2. fail every pending future with BrokenMachine, `cause` as __cause__;
+          3. wake every waiter: kill, wait_offline, close (offline events) and
+             wait_repaired (the condition).
+        The CPU processes are left running (nobody would reclaim one that dies):
+        close() kills them and runs their hotplug-dead path."""
+        message = (f"the monitor of this Machine failed ({type(cause).__name__}: {cause}): "
+                   f"deaths are no longer handled; close() it, which kills and reclaims "
+                   f"every CPU")
+        with self._changed:
+            self._broken = BrokenMachine(message)
+            self._broken.__cause__ = cause
+            pending = [(c, p) for c in self._cpus.values() for p in c.pending.values()]
+            for c in self._cpus.values():
+                c.pending = {}
+            self._changed.notify_all()
+        for c, (future, desc) in pending:
+            exc = BrokenMachine(f"{desc} on CPU {c.cpu} (pid {c.pid}) will get no reply: "
+                                f"{message}")
+            exc.__cause__ = cause
+            _set_exception(future, exc)
+        for c in self._cpus.values():
+            c.offline.set()
+
+    # ---- other writers ------------------------------------------------------
+
+    def _scan_writers(self) -> None:
+        """Watch the owner of every writer row that is not one of our CPUs: a
+        pidfd on each live one; an owner found dead is repaired at once. A row whose
+        owner changed since (released, claimed again) is watched anew."""
+        arena = self.arena
+        if arena.closed:
+            return
+        owners = arena.rows[:, [R_PID, R_START]].tolist()    # rows change while we look
+        for fd, (row, pid, start) in list(self._writers.items()):
+            if owners[row] != [pid, start]:
+                del self._writers[fd]
+                os.close(fd)
+        watched = set(self._writers.values())
+        me = os.getpid()
+        for row, (pid, start) in enumerate(owners):
+            if pid in (0, me) or row in self._cpus or (row, pid, start) in watched:
+                continue
+            if start == 0:                        # being claimed: its start follows
+                if not pid_alive(pid):
+                    self._writer_dead(row, pid, start)
+                continue
+            try:
+                fd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                self._writer_dead(row, pid, start)
+                continue
+            if pid_alive(pid, start):             # the fd is that very process
+                self._writers[fd] = (row, pid, start)
+            else:
+                os.close(fd)
+                self._writer_dead(row, pid, start)
+
+    def _writer_exited(self, fd: int) -> None:
+        """The pidfd of a watched writer is readable: its process exited."""
+        row, pid, start = self._writers.pop(fd)
+        os.close(fd)
+        self._writer_dead(row, pid, start)
+
+    def _writer_dead(self, row: int, pid: int, start: int) -> None:
+        """Writer `pid` of row `row` is dead: repair, if its row still names it
+        (a process that released its row, or one repaired already, needs none).
+        A repair that fails (a live writer stopped inside an op: TimeoutError) is
+        logged; the next rescan finds the row and tries again."""
+        arena = self.arena
+        repair = Repair()
+        if not arena.closed and arena.rows[row, [R_PID, R_START]].tolist() == [pid, start]:
+            try:
+                repair = arena.repair()
+            except Exception:
+                log.exception("writer row %d (pid %d) is dead, and its repair failed; "
+                              "retried at the next rescan", row, pid)
+                return
+        with self._changed:
+            for dead in {pid, *repair.pids}:
+                self._repairs[dead] = repair
+                self._repairs.move_to_end(dead)
+            while len(self._repairs) > REPAIRS_KEPT:
+                self._repairs.popitem(last=False)
+            self._changed.notify_all()
+
+    # ---- replies and deaths of CPUs -------------------------------------------
 
     def _read_replies(self, c: _Cpu) -> None:
         try:
@@ -320,11 +592,11 @@ class Machine:
         if future is None:
             return
         if ok:
-            future.set_result(payload)
+            _set_result(future, payload)
         else:
             exc, tb = payload
             exc.__cause__ = _RemoteTraceback(tb)
-            future.set_exception(exc)
+            _set_exception(future, exc)
 
     def _cpu_exited(self, c: _Cpu) -> None:
         """The process of CPU c exited. Replies it sent first are delivered first."""
@@ -347,7 +619,7 @@ class Machine:
         code = _exit_code(c.process.exitcode)
         pages = sum(reclaimed.values())
         for future, desc in pending.values():
-            future.set_exception(CpuDead(
+            _set_exception(future, CpuDead(
                 f"CPU {c.cpu} (pid {c.pid}) died while running {desc}: exit code {code}.\n"
                 f"Its stocks were reclaimed ({pages} pages from {len(reclaimed)} "
                 f"counters); CPUs {others} are unaffected.\n"
@@ -381,3 +653,27 @@ def _kill(c: _Cpu, reason: str) -> None:
     if c.process is not None and c.process.is_alive():
         log.warning("killing CPU %d (pid %d): %s", c.cpu, c.process.pid, reason)
         os.kill(c.process.pid, signal.SIGKILL)
+
+
+def _set_result(future: Future, result: Any) -> None:
+    """Set a future's result, unless it is done already (cancelled by a caller, or
+    failed by _break): set it and catch InvalidStateError, rather than test first
+    and race with whoever changes it in between."""
+    try:
+        future.set_result(result)
+    except InvalidStateError:
+        pass
+
+
+def _set_exception(future: Future, exc: BaseException) -> None:
+    """Set a future's exception, unless it is done already (see _set_result)."""
+    try:
+        future.set_exception(exc)
+    except InvalidStateError:
+        pass
+
+
+def _left(deadline: float, cap: float | None = None) -> float:
+    """Seconds left until `deadline` (never negative), at most `cap`."""
+    left = max(0.0, deadline - time.monotonic())
+    return left if cap is None else min(left, cap)

@@ -6,11 +6,12 @@ See docs/design.md.
 """
 from .cpu import register_cpu, this_cpu, unregister_cpu
 from .errors import ArenaCorrupt, ArenaError, Busy, WaitTimeout
+from .hotplug import Repair
 from .layout import Arena
 from .page_counter import PAGE_COUNTER_MAX, PageCounter
 from .stock import DEFAULT_BATCH
 
 __all__ = [
     "Arena", "ArenaCorrupt", "ArenaError", "Busy", "DEFAULT_BATCH", "PAGE_COUNTER_MAX",
-    "PageCounter", "WaitTimeout", "register_cpu", "this_cpu", "unregister_cpu",
+    "PageCounter", "Repair", "WaitTimeout", "register_cpu", "this_cpu", "unregister_cpu",
 ]

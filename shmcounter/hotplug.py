@@ -38,6 +38,14 @@ naming the word, and nothing changed, for a rollback computed from wrong words
 would write wrong words (once, over the header). The dead CPU stays registered
 until someone puts the segment right.
 
+Who repairs, and when (any process may; stop_machine serialises them):
+  - Arena.repair(): every dead writer, on demand; returns a Repair;
+  - a charge about to be refused (page_counter.py) repairs first when some dead
+    writer's op is in progress, then retries once (repair_before_refusal);
+  - a process that finds no free writer row (writer.py);
+  - the hotplug-dead path of a CPU (cpu_dead), and procs.Machine, whose monitor
+    runs Arena.repair() when any writer of the arena dies.
+
 Not covered: watermark and failcnt may keep the effect of a rolled-back op (they
 are statistics). A live writer stopped (SIGSTOP) inside an op stalls stop_machine
 for arena.wait_timeout seconds, then WaitTimeout names its pid (wait.py).
@@ -48,6 +56,7 @@ import os
 import threading
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
@@ -58,6 +67,7 @@ from .layout import (
     R_BASE, R_COUNTER, R_DEPTH, R_DONE_SEQ, R_IN_OP, R_OP, R_PID, R_REQ_SEQ,
     R_STOCK_BEFORE, R_STOCK_SLOT, STOCK_LOCK, STOCK_NR, STOCK_WORDS, pid_alive,
 )
+from .errors import WaitTimeout
 from .wait import bounded_wait
 
 if TYPE_CHECKING:
@@ -68,18 +78,32 @@ if TYPE_CHECKING:
 # One stopper per process at a time: stop is held by a pid, so two threads of one
 # process must not both think they hold it.
 _stopper = threading.Lock()
+# The thread of this process inside a stop_machine (its ident), or 0. Written by
+# that thread only; an op that cannot start reads it (stopper_is_this_thread).
+_stopper_thread = 0
 
 
 def _after_fork_in_child() -> None:
-    global _stopper
+    global _stopper, _stopper_thread
     _stopper = threading.Lock()
+    _stopper_thread = 0
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def stopper_is_this_thread() -> bool:
+    """Does the calling thread hold a stop_machine? Its ops could never start.
+    Another thread of the same process (stop holds only the pid) waits instead."""
+    return _stopper_thread == threading.get_ident()
+
+# A refused charge waits at most this long (seconds) to repair a dead writer: only
+# a live writer stopped inside an op (SIGSTOP) or a stuck stopper makes it wait.
+REFUSAL_REPAIR_TIMEOUT = 1.0
+
+
 @contextmanager
-def stop_machine(arena: Arena) -> Iterator[None]:
+def stop_machine(arena: Arena, timeout: float | None = None) -> Iterator[None]:
     """Quiesce every live writer of `arena`: inside the block no op is in progress
     in any live process and none starts (fast-path stock hits go on: they change no
     usage). One stopper at a time; a dead stopper's hold is taken over. Drain
@@ -87,7 +111,12 @@ def stop_machine(arena: Arena) -> Iterator[None]:
 
     Handshake (Dekker, seq_cst): we store stop, then read each row's in_op; a
     writer stores in_op, then reads stop (op_begin in _atomic.c).
+
+    Raises WaitTimeout (a TimeoutError), having changed nothing, if another
+    stopper keeps stop, or a live writer stays inside an op (stopped with SIGSTOP,
+    say), for `timeout` seconds (default arena.wait_timeout): it names the pid.
     """
+    global _stopper_thread
     slots, me = arena._slots, os.getpid()
 
     def take() -> int:
@@ -97,27 +126,35 @@ def stop_machine(arena: Arena) -> Iterator[None]:
                 and slots.cas(H_STOP, holder, me) == holder:
             return 0
         return holder
-    with _stopper:
-        bounded_wait(arena, "stop_machine", take, futex=H_STOP)
+    timeout = arena.wait_timeout if timeout is None else timeout
+    if not _stopper.acquire(timeout=timeout):
+        raise WaitTimeout(arena.name, "stop_machine, held by another thread of this "
+                          "process", me, timeout)
+    try:
+        bounded_wait(arena, "stop_machine", take, futex=H_STOP, timeout=timeout)
+        _stopper_thread = threading.get_ident()
         try:
-            _wait_quiescent(arena)
+            _wait_quiescent(arena, timeout)
             yield
         finally:
+            _stopper_thread = 0
             slots.store(H_STOP, 0)
             slots.futex_wake(H_STOP)
+    finally:
+        _stopper.release()
     writer = arena._writer
     if writer.drain_pending and writer.serve_drains is not None:
         writer.serve_drains()
 
 
-def _wait_quiescent(arena: Arena) -> None:
+def _wait_quiescent(arena: Arena, timeout: float) -> None:
     """Wait until no live row is inside an op. An op lasts microseconds; a row whose
     live owner stays inside one (stopped, or its in_op word corrupt) gets
-    WaitTimeout after arena.wait_timeout seconds, naming the row and its pid."""
+    WaitTimeout after `timeout` seconds, naming the row and its pid."""
     for row in range(arena.nrows):
         if arena._slots.load(arena._row_slot(row) + R_IN_OP):
             what = f"{'CPU' if row < arena.ncpus else 'writer row'} {row} to end its op"
-            bounded_wait(arena, what, lambda: _live_in_op(arena, row))
+            bounded_wait(arena, what, lambda: _live_in_op(arena, row), timeout=timeout)
 
 
 def _live_in_op(arena: Arena, row: int) -> int:
@@ -127,22 +164,84 @@ def _live_in_op(arena: Arena, row: int) -> int:
     return pid if arena._slots.load(base + R_IN_OP) and arena.row_owner_alive(row) else 0
 
 
-def repair_dead_rows(arena: Arena) -> list[int]:
-    """stop_machine, then repair every row whose owner died. Returns those rows."""
-    with stop_machine(arena):
+@dataclass(frozen=True)
+class Repair:
+    """What one repair of dead writers did (Arena.repair, repair_dead_rows).
+
+    rows   every writer row whose owner was found dead, ascending. Non-CPU rows
+           are free again afterwards; a dead CPU's row stays its own until the
+           hotplug-dead path (Arena.hotplug_cpu_dead) drains its stock and frees it.
+    pids   the owner of each of those rows, in the same order.
+    ops    the rows among them whose op was in progress: it was rolled back, so it
+           counts not at all, at every level (and its stock slot, a CPU's, holds
+           what it held when the op began).
+    pages  by counter name, the pages the rollback took out of usage: positive
+           where a charge was undone, negative where an uncharge was; counters
+           left unchanged are left out.
+
+    A Repair is true when it found a dead writer. Example:
+        Repair(rows=(3,), pids=(4711,), ops=(3,), pages={'leaf': 10})
+    """
+    rows: tuple[int, ...] = ()
+    pids: tuple[int, ...] = ()
+    ops: tuple[int, ...] = ()
+    pages: dict[str, int] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.rows)
+
+
+_NOTHING = Repair()
+
+
+def repair_dead_rows(arena: Arena, timeout: float | None = None) -> Repair:
+    """stop_machine, then repair every row whose owner died (see Repair). Raises
+    WaitTimeout when stop_machine cannot quiesce within `timeout` (stop_machine)."""
+    with stop_machine(arena, timeout):
         return _repair(arena)
 
 
-def _dead_rows(arena: Arena) -> list[int]:
+def repair_before_refusal(arena: Arena) -> Repair:
+    """For a charge about to be refused, after its op has ended: if the op of some
+    dead writer is in progress, repair every dead writer. Returns the Repair (empty
+    if there was nothing to do, or if stop_machine could not quiesce within
+    REFUSAL_REPAIR_TIMEOUT: the refusal then stands, and the next one tries again).
+
+    Cheap when there is nothing to repair, as refusals can be frequent: only rows
+    other than this process's own whose in_op word is set are candidates,
+    and only their owners' liveness is read (/proc/<pid>/stat, with the row's start
+    time). A dead writer outside any op left no usage change: it is not a reason."""
+    # op is set only while in_op is (op_begin sets in_op first; op_end, op_abort
+    # and the repair clear op first), so in_op alone says who is inside an op.
+    in_op = arena.rows[:, R_IN_OP]
+    if not np.count_nonzero(in_op):                       # the usual case: 0.4 us
+        return _NOTHING
+    own = arena._writer.row
+    for row in np.flatnonzero(in_op).tolist():
+        if row != own and not arena.row_owner_alive(row):
+            break
+    else:
+        return _NOTHING
+    try:
+        return repair_dead_rows(arena, min(arena.wait_timeout, REFUSAL_REPAIR_TIMEOUT))
+    except TimeoutError:
+        return _NOTHING
+
+
+
+def _dead_rows(arena: Arena) -> list[tuple[int, int]]:
+    """(row, pid) of every claimed row whose owner is dead."""
     pids = arena.rows[:, R_PID].copy()            # rows change while we look
-    return [row for row in np.flatnonzero(pids).tolist() if not arena.row_owner_alive(row)]
+    return [(row, int(pids[row])) for row in np.flatnonzero(pids).tolist()
+            if not arena.row_owner_alive(row)]
 
 
-def _repair(arena: Arena) -> list[int]:
+def _repair(arena: Arena) -> Repair:
     """Roll back the ops of dead writers (see the module docstring). Under stop_machine.
     Raises ArenaCorrupt, changing nothing, if a dead row's intent record is impossible."""
     slots, rows = arena._slots, arena.rows
-    dead = _dead_rows(arena)
+    found = _dead_rows(arena)
+    dead = [row for row, _ in found]
     n = arena._published()
     parents = arena._parents(n)
     ops = {row: _intent(arena, row, parents) for row in dead if rows[row, R_OP]}
@@ -161,10 +260,12 @@ def _repair(arena: Arena) -> list[int]:
     if len(stray):
         warnings.warn(f"repair: usage differs from the writers' contributions at counters "
                       f"{stray.tolist()} outside any dead op; left as is", RuntimeWarning)
+    pages: dict[str, int] = {}
     for index in np.flatnonzero(covered).tolist():
         if rollback[index]:
             slots.fetch_add(arena._counters_slot + index * PC_WORDS + PC_USAGE,
                             _int64(-rollback[index]))
+            pages[arena._handle(index).name] = rollback[index]
     for row, index, base in resets:
         slots.store(arena._contrib_slot(row, index), base)
     for row in dead:
@@ -180,7 +281,7 @@ def _repair(arena: Arena) -> list[int]:
             slots.store(base_slot + R_PID, 0)
     if resets:
         _propagate_all(arena, parents)
-    return dead
+    return Repair(tuple(dead), tuple(pid for _, pid in found), tuple(ops), pages)
 
 
 def _int64(x: int) -> int:

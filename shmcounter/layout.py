@@ -102,6 +102,7 @@ from .errors import ArenaCorrupt, ArenaError
 from .wait import bounded_wait
 
 if TYPE_CHECKING:
+    from .hotplug import Repair
     from .page_counter import PageCounter
 
 LINE = 64
@@ -946,6 +947,21 @@ class Arena:
         from .hotplug import cpu_dead
         self._check_open()
         return cpu_dead(self, cpu)
+
+    def repair(self) -> Repair:
+        """Repair every dead writer, CPU or not: under stop_machine, roll back the
+        op each one left in progress (it counts not at all, at every level) and
+        free the rows of dead non-CPU writers (a dead CPU's stock and row are left
+        to hotplug_cpu_dead). Returns what it did (hotplug.Repair).
+
+        Also done, without anyone asking, by a charge about to be refused (then
+        retried), by procs.Machine when a writer dies, and by the hotplug path.
+        Raises WaitTimeout, having changed nothing, when a live writer stays inside
+        an op for wait_timeout seconds (stopped with SIGSTOP): it names its pid.
+        """
+        from .hotplug import repair_dead_rows
+        self._check_open()
+        return repair_dead_rows(self)
 
     # ---- protection ---------------------------------------------------------
 

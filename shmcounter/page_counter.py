@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from . import hooks
 from .errors import Busy
+from .hotplug import repair_before_refusal
 from .layout import (
     H_UNDERFLOWS, R_WALKS, PC_BATCH, PC_CHILDREN_LOW_USAGE, PC_CHILDREN_MIN_USAGE, PC_ELOW,
     PC_EMIN, PC_FAILCNT, PC_FLAGS, PC_FLAG_UNCHARGE_TO_STOCK, PC_HIGH, PC_LOW,
@@ -126,6 +127,17 @@ class PageCounter(PageCounterStock):
         A greedy failure still counts in failcnt, so one successful request can
         bump failcnt (as the memcg code always has). Steps 2-4 are one op: a kill
         anywhere in them rolls all of them back (writer.py).
+
+        Repair on refusal: a writer killed inside an op leaves its part of the op
+        applied until someone repairs it, so a charge under the limit could be
+        refused because of pages nobody holds. Before refusing, once this op has
+        ended, try_charge repairs every dead writer if the op of one is in progress
+        (Arena.repair; a cheap check when none is), and if that took pages off
+        this counter's path, runs steps 2-4 once more (memcg drains its stock
+        before failing a charge in the same way). The first attempt's refusal
+        still counts in failcnt: the counter did refuse, as the kernel counts a
+        page_counter_try_charge failure that memcg's drain-and-retry overcomes.
+        If the retry is refused too, that counts as well, and C is its refuser.
         """
         if type(n) is not int or not 0 <= n < NR_PAGES_LIMIT:
             raise bad_nr(n)
@@ -135,32 +147,43 @@ class PageCounter(PageCounterStock):
         return self._try_charge_slow(n)
 
     def _try_charge_slow(self, nr_pages: int) -> tuple[bool, PageCounter | None]:
+        """Steps 2-4 of try_charge as one op, and its repair on refusal: at most
+        one more op, after a repair that took pages off this counter's path."""
         slots, writer = self._slots, self._arena._writer
         if hooks.ARMED:
             hooks.at("charge:slow")
-        # READ_ONCE(batch): one snapshot; a concurrent disable_stock (batch = 0)
-        # is seen by the next charge. Not a CPU process: exact charges only.
-        slot = self._local_slot()
-        batch = slots.load(self._c + PC_BATCH) if slot >= 0 else 0
-        charge = batch if batch > nr_pages else nr_pages
-        writer.begin(self._index, slot)
-        try:
-            kbase = writer.contrib_slot
-            fail = self._try_charge_path(charge, kbase)
-            if fail is not None and charge > nr_pages:
-                charge = nr_pages
+        repaired = None
+        while True:
+            # READ_ONCE(batch): one snapshot; a concurrent disable_stock (batch = 0)
+            # is seen by the next charge. Not a CPU process: exact charges only.
+            slot = self._local_slot()
+            batch = slots.load(self._c + PC_BATCH) if slot >= 0 else 0
+            charge = batch if batch > nr_pages else nr_pages
+            writer.begin(self._index, slot)
+            try:
+                kbase = writer.contrib_slot
                 fail = self._try_charge_path(charge, kbase)
-            if fail is None and charge > nr_pages:
-                if hooks.ARMED:
-                    hooks.at("charge:deposit")
-                if not slots.stock_deposit(slot, charge - nr_pages,
-                                           self._arena._stock_owner):
-                    self._cancel_path(charge - nr_pages, kbase)
-        except BaseException:
-            self._abort_op(writer)
-            raise
-        writer.end()
-        return _SUCCESS if fail is None else (False, fail)
+                if fail is not None and charge > nr_pages:
+                    charge = nr_pages
+                    fail = self._try_charge_path(charge, kbase)
+                if fail is None and charge > nr_pages:
+                    if hooks.ARMED:
+                        hooks.at("charge:deposit")
+                    if not slots.stock_deposit(slot, charge - nr_pages,
+                                               self._arena._stock_owner):
+                        self._cancel_path(charge - nr_pages, kbase)
+            except BaseException:
+                self._abort_op(writer)
+                raise
+            writer.end()
+            if fail is None:
+                return _SUCCESS
+            if repaired is not None:
+                return False, fail
+            repaired = repair_before_refusal(self._arena)      # the op has ended
+            if not (repaired and any(repaired.pages.get(level.name, 0) > 0
+                                     for level in self._levels)):
+                return False, fail
 
     def _try_charge_path(self, nr_pages: int, kbase: int) -> PageCounter | None:
         """page_counter_try_charge without stock, inside an op: None, or the counter

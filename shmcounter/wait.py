@@ -24,15 +24,17 @@ _FUTEX_SLICE_US = 50_000
 
 
 def bounded_wait(arena: Arena, what: str, attempt: Callable[[], int],
-                 futex: int = -1) -> None:
+                 futex: int = -1, timeout: float | None = None) -> None:
     """Call attempt() until it returns 0: done (it took the word, or found it free).
     Otherwise it returns the pid holding `what`; in between, sleep (10 us, doubling
     up to 1 ms), or with `futex` (a slot index), wait on that word while it holds
-    the pid. Raises WaitTimeout once one holder has held it for arena.wait_timeout
-    seconds. The first attempt costs one call: no clock is read unless we wait."""
+    the pid. Raises WaitTimeout once one holder has held it for `timeout` seconds
+    (default arena.wait_timeout). The first attempt costs one call: no clock is
+    read unless we wait."""
     holder = attempt()
     if holder == 0:
         return
+    limit = arena.wait_timeout if timeout is None else timeout
     since, held_by, pause = time.monotonic(), holder, 0.0
     while True:
         if futex >= 0:
@@ -46,8 +48,8 @@ def bounded_wait(arena: Arena, what: str, attempt: Callable[[], int],
         now = time.monotonic()
         if holder != held_by:
             since, held_by = now, holder
-        elif now - since >= arena.wait_timeout:
-            raise WaitTimeout(arena.name, what, holder, arena.wait_timeout)
+        elif now - since >= limit:
+            raise WaitTimeout(arena.name, what, holder, limit)
 
 
 def wait_own_lock(arena: Arena, lock: int, what: str, attempt: Callable[[], bool]) -> None:

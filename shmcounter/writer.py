@@ -130,9 +130,13 @@ class Writer:
         arena = self._arena
         while not arena._slots.op_begin(self.row_slot, H_STOP, arena._counters_slot,
                                         self.contrib_slot, index, stock_slot):
+            # stop names our pid: this very thread would wait for itself (another
+            # thread of ours, e.g. procs.Machine's monitor, ends it: wait).
             if arena._slots.load(H_STOP) == os.getpid():
-                raise RuntimeError("an op cannot start in the process that holds "
-                                   "stop_machine")
+                from .hotplug import stopper_is_this_thread
+                if stopper_is_this_thread():
+                    raise RuntimeError("an op cannot start in the thread that holds "
+                                       "stop_machine")
             wait_for_restart(arena)
 
     @contextmanager

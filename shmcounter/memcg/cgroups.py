@@ -11,7 +11,8 @@ try_charge is try_charge_memcg without reclaim:
 
     charge memsw, then memory; memory refuses -> uncharge memsw again
     refused by counter C -> memory.events max += 1 on C's cgroup
-                          -> first time: drain_all_stock(C's cgroup), retry
+                          -> first time: repair dead writers' ops (if any),
+                             drain_all_stock(C's cgroup), retry
                           -> second time: fail
 
 Lifecycle per design (variants.py): create = css_online; offline = css_offline;
@@ -27,6 +28,7 @@ import time
 from .. import hooks
 from ..drain import check_timeout, single_drainer
 from ..errors import ArenaError
+from ..hotplug import repair_before_refusal
 from ..layout import (
     CG_WORDS, M_BATCH, M_EVICTION, M_FIRST_CHILD_DRAIN, M_MEMSW, M_ROOT, M_STATE,
     M_VARIANT, MC_EVICTIONS, MC_FLUSHES, MC_OVERFLOWS, MEMCG_VARIANTS, R_WALKS,
@@ -412,6 +414,9 @@ class Cgroups:
             self._memory_event_max(over)
             if drained:
                 return False
+            # The page counters' own charges repair dead writers before they
+            # refuse (PageCounter.try_charge); the legacy charge runs its own op.
+            repair_before_refusal(self._arena)
             self.drain_all_stock(over)
             drained, greedy = True, False
 
