@@ -66,7 +66,8 @@ from typing import Any, Callable
 
 from shmcounter import Arena, Repair
 from shmcounter.drain import check_timeout
-from shmcounter.layout import R_PID, R_START, pid_alive
+from shmcounter.proc import pid_alive
+from shmcounter.segment import R_PID, R_START
 
 from .errors import BrokenMachine, CpuDead
 from .worker import _describe, cpu_main

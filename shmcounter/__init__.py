@@ -3,15 +3,23 @@
 A model of Linux mm/page_counter.c with the per-page_counter stock of the 2026
 series "mm/memcontrol, page_counter: move stock from mem_cgroup to page_counter".
 See docs/design.md.
+
+Importing the package boots the library: the core, then the built-in
+subsystems, which register with the core (as the kernel's initcalls do): the
+per-counter stock (stock.py) and memcg (memcg/: its section of the segment, and
+its legacy per-CPU stock on the CPU paths). Every process that imports any part
+of shmcounter has them all registered, whatever arena it attaches.
 """
+from .arena import Arena
 from .cpu import register_cpu, this_cpu, unregister_cpu
 from .errors import ArenaCorrupt, ArenaError, Busy, WaitTimeout
-from .hotplug import Repair
-from .layout import Arena
 from .page_counter import PAGE_COUNTER_MAX, PageCounter
 from .stock import DEFAULT_BATCH
+from .stop_machine import Repair
+
+from . import memcg  # noqa: E402, F401  (registers memcg's section and CPU paths)
 
 __all__ = [
-    "Arena", "ArenaCorrupt", "ArenaError", "Busy", "DEFAULT_BATCH", "PAGE_COUNTER_MAX",
+    "PAGE_COUNTER_MAX", "Arena", "ArenaCorrupt", "ArenaError", "Busy", "DEFAULT_BATCH",
     "PageCounter", "Repair", "WaitTimeout", "register_cpu", "this_cpu", "unregister_cpu",
 ]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .errors import ArenaError
-from .layout import Arena
+from .arena import Arena
 from .stat import view
 
 

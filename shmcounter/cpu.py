@@ -19,25 +19,15 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from . import drain
+from . import cpuhp, drain, segment, writer  # noqa: F401  (writer: each handle's row)
+from .cpuhp import this_cpu, this_cpu_of
 from .errors import ArenaError
-from .layout import MC_FLUSHING, R_DONE_SEQ, R_STOCK_BLOCK
+from .segment import R_DONE_SEQ, R_STOCK_BLOCK
 
 if TYPE_CHECKING:
-    from .layout import Arena
+    from .segment import Segment as Arena
 
-# (arena handle, cpu) of this process, or None. Per process, cleared in fork children.
-_registered: tuple[Arena, int] | None = None
-
-
-def this_cpu() -> int | None:
-    """The calling process's CPU id, or None if it is not a CPU process."""
-    return None if _registered is None else _registered[1]
-
-
-def this_cpu_of(arena: Arena) -> int | None:
-    """The calling process's CPU id in `arena`, or None."""
-    return None if _registered is None or _registered[0] is not arena else _registered[1]
+__all__ = ["register_cpu", "this_cpu", "this_cpu_of", "unregister_cpu"]
 
 
 def register_cpu(arena: Arena, cpu: int) -> None:
@@ -46,12 +36,11 @@ def register_cpu(arena: Arena, cpu: int) -> None:
     Raises ArenaError if this process is already a CPU, if a live process is CPU
     `cpu`, or if a dead one still is (run arena.hotplug_cpu_dead(cpu) first).
     """
-    global _registered
     arena._check_open()
     slot = arena._cpu_slot(cpu)
-    if _registered is not None:
+    if cpuhp.registered is not None:
         raise ArenaError(f"this process (pid {os.getpid()}) is already CPU "
-                         f"{_registered[1]}; call unregister_cpu() first")
+                         f"{cpuhp.registered[1]}; call unregister_cpu() first")
     me = os.getpid()
     drain.install_handler()             # before anyone can see us as a CPU
     holder = arena._slots.cas(slot, 0, me)
@@ -72,22 +61,21 @@ def register_cpu(arena: Arena, cpu: int) -> None:
     arena._stock_owner = me
     arena._slots.store(arena._row_slot(cpu) + R_STOCK_BLOCK, arena._stock_block)
     arena._stock_row = arena._row_slot(cpu)
-    arena._memcg_block = arena._memcg_cpu_slot(cpu)
-    arena._slots.store(arena._memcg_block + MC_FLUSHING, 0)   # a request to the dead one
-    _registered = (arena, cpu)
+    for s in cpuhp.subsystems:
+        if s.online is not None:
+            s.online(arena, cpu)
+    cpuhp.registered = (arena, cpu)
 
 
 def unregister_cpu() -> None:
     """Take the calling CPU offline cleanly: drain its own stocks, then free the slot.
     A no-op in a process that is not a CPU."""
-    if _registered is None:
+    if cpuhp.registered is None:
         return
-    arena, cpu = _registered
-    for counter in arena.stocked_counters():
-        counter.drain_stock_local()
-    if arena.memcg_legacy:
-        from .memcg import legacy
-        legacy.cpu_offline(arena, cpu)
+    arena, cpu = cpuhp.registered
+    for s in reversed(cpuhp.subsystems):
+        if s.offline is not None:
+            s.offline(arena, cpu)
     arena._set_row_owner(cpu, 0)                         # start word first: see register_cpu
     arena._slots.cas(arena._cpu_slot(cpu), os.getpid(), 0)
     done = arena._row_slot(cpu) + R_DONE_SEQ
@@ -97,20 +85,28 @@ def unregister_cpu() -> None:
 
 def _forget_arena(arena: Arena) -> None:
     """Drop this process's registration on `arena`, locally (close, fork)."""
-    global _registered
     arena._stock_block = -1
     arena._stock_owner = 0
     arena._stock_row = -1
-    arena._memcg_block = -1
-    if _registered is not None and _registered[0] is arena:
-        _registered = None
+    if cpuhp.registered is not None and cpuhp.registered[0] is arena:
+        cpuhp.registered = None
         arena._writer.release_row()
         arena._writer.serve_drains = None
 
 
+def _close(arena: Arena) -> None:
+    """A handle closes: the CPU that runs on it goes offline cleanly first, or its
+    registration would stand for a process that is no longer a CPU (others would
+    wait for its drains)."""
+    if this_cpu_of(arena) is not None:
+        unregister_cpu()
+    _forget_arena(arena)
+
+
 def _after_fork_in_child() -> None:
-    if _registered is not None:
-        _forget_arena(_registered[0])
+    if cpuhp.registered is not None:
+        _forget_arena(cpuhp.registered[0])
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+segment.register_at_fork(_after_fork_in_child)
+segment.register_handle_hook("close", _close)

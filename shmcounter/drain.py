@@ -37,22 +37,22 @@ reused since, pid 0 (the caller's process group) or pid 1.
 """
 from __future__ import annotations
 
-import math
 import os
 import signal
 import time
 from contextlib import contextmanager
-from numbers import Real
 from typing import TYPE_CHECKING, Iterator, Sequence
 
-import numpy as np
-
+from . import cpuhp, pidlock
+from .cpuhp import this_cpu_of
 from .errors import DrainTimeout
-from .layout import H_DRAIN_LOCK, H_STOP, R_DONE_SEQ, R_PID, R_REQ_SEQ, R_START, pid_alive
+from .proc import pid_alive
+from .segment import H_DRAIN_LOCK, H_STOP, R_DONE_SEQ, R_PID, R_REQ_SEQ, R_START
+from .wait import check_timeout
 
 if TYPE_CHECKING:
-    from .layout import Arena
     from .page_counter import PageCounter
+    from .segment import Segment as Arena
 
 # A real-time signal: queued, and with no other user in this library.
 SIGDRAIN = signal.SIGRTMIN + 3
@@ -84,39 +84,22 @@ def drain_stock(arena: Arena, counters: Sequence[PageCounter],
     return got
 
 
-def check_timeout(seconds: object, what: str) -> None:
-    """TypeError or ValueError naming `what`, unless `seconds` is a finite real
-    number > 0 (a bool is not)."""
-    if isinstance(seconds, bool) or not isinstance(seconds, Real):
-        raise TypeError(f"{what} must be a number of seconds, got {seconds!r} "
-                        f"({type(seconds).__name__})")
-    try:
-        ok = math.isfinite(seconds) and seconds > 0
-    except OverflowError:                   # an int past the range of a float
-        ok = False
-    if not ok:
-        raise ValueError(f"{what} must be a finite number of seconds > 0, got {seconds!r}")
-
-
 @contextmanager
 def single_drainer(arena: Arena) -> Iterator[bool]:
     """mutex_trylock(percpu_charge_mutex): yield True holding the arena's drain
     lock, or False at once if another process (or thread of this one) holds it.
     The lock word holds the holder's pid; a dead holder's lock is taken over."""
     slots, me = arena._slots, os.getpid()
-    while (holder := slots.cas(H_DRAIN_LOCK, 0, me)) != 0:
-        if holder == me or pid_alive(holder):
-            yield False
-            return
-        slots.cas(H_DRAIN_LOCK, holder, 0)              # a dead drainer's: take it
+    if not pidlock.trylock(slots, H_DRAIN_LOCK, me)[0]:
+        yield False
+        return
     try:
         yield True
     finally:
-        slots.store(H_DRAIN_LOCK, 0)
+        pidlock.unlock(slots, H_DRAIN_LOCK, me)
 
 
 def _drain(arena: Arena, counters: Sequence[PageCounter], timeout: float | None) -> None:
-    from .cpu import this_cpu_of
     timeout = arena.drain_timeout if timeout is None else timeout
     slots = arena._slots
     me = this_cpu_of(arena)
@@ -208,8 +191,7 @@ def install_handler() -> None:
 
 
 def _on_drain_signal(signum: int, frame: object) -> None:
-    from . import cpu
-    registered = cpu._registered
+    registered = cpuhp.registered
     if registered is None:
         return                  # a late request to a CPU that went offline
     arena = registered[0]
@@ -221,7 +203,6 @@ def serve(arena: Arena) -> None:
     """Serve this CPU's pending drain requests, unless an op of this process holds
     the op lock: then that op serves them when it ends. Never waits for the op lock;
     it may wait for a stop_machine to end, or for the slot lock of its own CPU."""
-    from .cpu import this_cpu_of
     writer, slots = arena._writer, arena._slots
     cpu = this_cpu_of(arena)
     while writer.drain_pending and cpu is not None:
@@ -233,23 +214,9 @@ def serve(arena: Arena) -> None:
             writer.drain_pending = False
             row = arena._row_slot(cpu)
             seq = slots.load(row + R_REQ_SEQ)
-            asked = arena.requests[cpu, :arena._published()].copy()   # others write it
-            for index in np.flatnonzero(asked).tolist():
-                if slots.exchange(arena._request_slot(cpu, index), 0):
-                    counter = arena._handle(index)
-                    slot = counter._local_slot()
-                    if slot >= 0:
-                        writer.enter(index, slot)
-                        try:
-                            counter._drain_local_in_op(slot, writer.contrib_slot)
-                        except BaseException:
-                            writer.rollback()
-                            counter._propagate_path()
-                            raise
-                        writer.leave()
-            if arena.memcg_legacy:
-                from .memcg import legacy
-                legacy.serve_flush(arena, cpu)
+            for s in cpuhp.subsystems:                  # the work items (INIT_WORK)
+                if s.work is not None:
+                    s.work(arena, cpu)
             while (done := slots.load(row + R_DONE_SEQ)) < seq:
                 if slots.cas(row + R_DONE_SEQ, done, seq) == done:
                     break

@@ -11,9 +11,9 @@ from typing import Mapping
 
 import numpy as np
 
-from .memcg import legacy
-
-from .layout import Arena, PC_MAX, PC_USAGE, STOCK_NR
+from . import cpuhp
+from .arena import Arena
+from .segment import PC_MAX, PC_USAGE
 
 
 class InvariantError(AssertionError):
@@ -26,7 +26,8 @@ def check_invariants(arena: Arena, real: Mapping[str, int] | None = None, *,
     """Raise InvariantError unless these hold for every counter C:
 
     I1  usage(C) == sum(real[D]) + sum(stock[cpu][D]) over D in subtree(C)
-        (stock: the per-counter stock, and the legacy memcg slots), when
+        (stock: every per-CPU stock a subsystem holds: the per-counter stock,
+        and memcg's legacy slots), when
         `real` (pages really charged to each counter by name, not counting
         stock) is given; without it, the part of I1 that needs no ledger:
         usage(C) >= sum(usage(children)) + sum(stock[cpu][C]).
@@ -41,12 +42,11 @@ def check_invariants(arena: Arena, real: Mapping[str, int] | None = None, *,
     usage = rec[:, PC_USAGE].copy()
     limit = rec[:, PC_MAX]
     parent = arena._parents(n)
-    sid = arena._stock_ids(n)
     names = [c.name for c in arena.counters()]
     stocks = np.zeros((arena.ncpus, n), np.int64)
-    has = sid >= 0
-    stocks[:, has] = arena.stocks[:, sid[has], STOCK_NR]
-    stocks += legacy.stock_pages(arena, n)
+    for subsystem in cpuhp.subsystems:               # every per-CPU stock there is
+        if subsystem.stock_pages is not None:
+            stocks += subsystem.stock_pages(arena, n)
     stock = stocks.sum(axis=0)
     contrib = arena.contrib[:, :n].sum(axis=0)
     errors: list[str] = []

@@ -3,7 +3,7 @@
 A Python model of Linux mm/page_counter.c plus the per-page_counter stock of the
 2026 series "mm/memcontrol, page_counter: move stock from mem_cgroup to
 page_counter" (v2 semantics unless noted). Every number lives in the arena
-(layout.py); a PageCounter is only a handle, and any number of processes may hold
+(segment.py); a PageCounter is only a handle, and any number of processes may hold
 handles on one counter.
 
 Verbs, as in the kernel: `cancel` changes one level, `uncharge` walks to the root;
@@ -20,16 +20,17 @@ from typing import TYPE_CHECKING
 
 from . import hooks
 from .errors import Busy
-from .hotplug import repair_before_refusal
-from .layout import (
+from . import segment
+from .segment import (
     H_UNDERFLOWS, R_WALKS, PC_BATCH, PC_CHILDREN_LOW_USAGE, PC_CHILDREN_MIN_USAGE, PC_ELOW,
     PC_EMIN, PC_FAILCNT, PC_FLAGS, PC_FLAG_UNCHARGE_TO_STOCK, PC_HIGH, PC_LOW,
     MAX_DEPTH, PC_MAX, PC_MIN, PC_USAGE, PC_WATERMARK, PC_WORDS,
 )
 from .stock import PageCounterStock
+from .stop_machine import repair_before_refusal
 
 if TYPE_CHECKING:
-    from .layout import Arena
+    from .segment import Segment as Arena
     from .writer import Writer
 
 # LONG_MAX / PAGE_SIZE, so that a limit in bytes never overflows (kernel, 64-bit).
@@ -418,3 +419,6 @@ def _effective_protection(usage: int, parent_usage: int, setting: int,
         ep += ((parent_effective - siblings_protected) * (usage - protected)
                // (parent_usage - siblings_protected))
     return ep
+
+
+segment.register_counter_type(PageCounter)

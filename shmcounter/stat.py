@@ -3,7 +3,7 @@ cgroup tree if it holds one (what `shmcounter stat` prints)."""
 from __future__ import annotations
 
 from .errors import ArenaError
-from .layout import Arena
+from .arena import Arena
 from .memcg import Cgroups
 from .memcg.stat import format_cgroups
 from .page_counter import PAGE_COUNTER_MAX

@@ -29,19 +29,24 @@ old rule (drain the slot when > batch) if a user needs the bound to be strict.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from . import hooks
+import numpy as np
+
+from . import cpuhp, hooks
+from .drain import drain_stock
 from .errors import ArenaError
-from .layout import (
-    PC_BATCH, PC_FLAGS, PC_FLAG_UNCHARGE_TO_STOCK, PC_STOCK_ID, STOCK_LOCK, STOCK_NR,
+from .hotplug import check_dead
+from .segment import (
+    PC_BATCH, PC_FLAG_UNCHARGE_TO_STOCK, PC_FLAGS, PC_STOCK_ID, STOCK_LOCK, STOCK_NR,
 )
+from .stop_machine import _repair, stop_machine
 from .wait import wait_own_lock
 
 if TYPE_CHECKING:
-    from .layout import Arena
-    from .writer import Writer
     from ._atomic import Slots
+    from .segment import Segment as Arena
+    from .writer import Writer
 
 # MEMCG_CHARGE_BATCH. Larger means fewer walks up the hierarchy but more pages
 # stranded in stocks (< batch per CPU per counter).
@@ -272,11 +277,15 @@ class PageCounterStock:
         path, page_counter_drain_stock_cpu). Returns the pages drained.
 
         Runs under stop_machine, after the dead CPU's unfinished op (if any) is
-        rolled back (hotplug.py). Raises ValueError if a live process is
+        rolled back (stop_machine.py). Raises ValueError if a live process is
         registered as `cpu`: its stock is drained with drain_stock, through that CPU.
         """
-        from .hotplug import drain_dead_cpu
-        return drain_dead_cpu(self._arena, cpu, [self]).get(self.name, 0)
+        arena = self._arena
+        arena._cpu_slot(cpu)                              # validates cpu
+        with stop_machine(arena):
+            check_dead(arena, cpu)
+            _repair(arena)
+            return _drain_stopped(self, cpu)
 
     def drain_stock(self, timeout: float | None = None, *, trylock: bool = False) -> bool:
         """Every online CPU drains its own stock of this counter: a work message to
@@ -288,5 +297,81 @@ class PageCounterStock:
         trylock=True: skip (return False) if another trylock drain of this arena
         is running, like memcg's percpu_charge_mutex. Otherwise returns True.
         """
-        from .drain import drain_stock
         return drain_stock(self._arena, [self], timeout, trylock)
+
+
+# ---- the per-counter stock on the CPU paths (cpuhp.py) ------------------------------
+
+def _drain_stopped(counter: Any, cpu: int) -> int:
+    """page_counter_drain_stock_cpu under stop_machine: take dead CPU `cpu`'s slot of
+    `counter` without its lock, clear the lock word, uncharge the pages, as an op
+    in the dead CPU's row (a repairer killed inside it is repaired the same way)."""
+    arena, slots = counter._arena, counter._slots
+    sid = counter._stock_id()
+    if sid < 0:
+        return 0
+    slot = arena._stock_slot(cpu, sid)
+    slots.store(slot + STOCK_LOCK, 0)
+    if slots.load(slot + STOCK_NR) == 0:
+        return 0
+    row_slot, kbase = arena._row_slot(cpu), arena._contrib_slot(cpu, 0)
+    slots.op_begin(row_slot, -1, arena._counters_slot, kbase, counter._index, slot)
+    taken = slots.exchange(slot + STOCK_NR, 0)
+    counter._cancel_path(taken, kbase)
+    slots.op_end(row_slot)
+    return int(taken)
+
+
+def _stocked(arena: Arena) -> list[Any]:
+    """The handles of the counters that have stock now."""
+    n = arena._published()
+    return [arena._handle(i) for i in np.flatnonzero(arena._stock_ids(n) >= 0).tolist()]
+
+
+def _offline(arena: Arena, cpu: int) -> None:
+    """unregister_cpu: this CPU returns every stock it holds."""
+    for counter in _stocked(arena):
+        counter.drain_stock_local()
+
+
+def _check_dead(arena: Arena, cpu: int) -> None:
+    arena._stock_ids(arena._published())                 # ArenaCorrupt, or all good
+
+
+def _dead(arena: Arena, cpu: int) -> dict[str, int]:
+    """The hotplug-dead path: drain_cpu on every counter with stock."""
+    return {c.name: _drain_stopped(c, cpu) for c in _stocked(arena)}
+
+
+def _serve(arena: Arena, cpu: int) -> None:
+    """The drain work item on this CPU (drain.serve, op lock held): drain the
+    stock of each counter whose request flag is set, in an op of its own."""
+    writer, slots = arena._writer, arena._slots
+    asked = arena.requests[cpu, :arena._published()].copy()   # others write it
+    for index in np.flatnonzero(asked).tolist():
+        if slots.exchange(arena._request_slot(cpu, index), 0):
+            counter = arena._handle(index)
+            slot = counter._local_slot()
+            if slot >= 0:
+                writer.enter(index, slot)
+                try:
+                    counter._drain_local_in_op(slot, writer.contrib_slot)
+                except BaseException:
+                    writer.rollback()
+                    counter._propagate_path()
+                    raise
+                writer.leave()
+
+
+def _stock_pages(arena: Arena, n: int) -> np.ndarray:
+    """Pages in every CPU's per-counter stock, as an (ncpus, n) array."""
+    sid = arena._stock_ids(n)
+    pages = np.zeros((arena.ncpus, n), np.int64)
+    has = sid >= 0
+    pages[:, has] = arena.stocks[:, sid[has], STOCK_NR]
+    return pages
+
+
+cpuhp.setup_state(cpuhp.CpuSubsystem(
+    "page_counter stock", offline=_offline, check_dead=_check_dead, dead=_dead,
+    work=_serve, stock_pages=_stock_pages))

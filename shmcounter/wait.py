@@ -10,13 +10,15 @@ clock: a queue of short holds is progress, not a stuck holder.
 """
 from __future__ import annotations
 
+import math
 import time
+from numbers import Real
 from typing import TYPE_CHECKING, Callable
 
 from .errors import WaitTimeout
 
 if TYPE_CHECKING:
-    from .layout import Arena
+    from .segment import Segment as Arena
 
 # Longest single futex sleep (us): the stop word is woken on release, but a dead
 # stopper never wakes anyone, and a holder that changes must restart the clock.
@@ -70,3 +72,17 @@ def wait_own_lock(arena: Arena, lock: int, what: str, attempt: Callable[[], bool
                                                f"only process that takes it")
         return owner
     bounded_wait(arena, what, take)
+
+
+def check_timeout(seconds: object, what: str) -> None:
+    """TypeError or ValueError naming `what`, unless `seconds` is a finite real
+    number > 0 (a bool is not)."""
+    if isinstance(seconds, bool) or not isinstance(seconds, Real):
+        raise TypeError(f"{what} must be a number of seconds, got {seconds!r} "
+                        f"({type(seconds).__name__})")
+    try:
+        ok = math.isfinite(seconds) and seconds > 0
+    except OverflowError:                   # an int past the range of a float
+        ok = False
+    if not ok:
+        raise ValueError(f"{what} must be a finite number of seconds > 0, got {seconds!r}")

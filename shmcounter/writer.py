@@ -10,7 +10,7 @@ write. An op is
     ... fused level steps, each updating usage and contrib[row] ...
     end()                      op = 0, in_op = 0
 
-so that when the owner is killed at any instant, hotplug.repair_dead_rows() can
+so that when the owner is killed at any instant, stop_machine.repair_dead_rows() can
 roll its op back to the snapshot: the op counts not at all, at every level. The
 fast path of try_charge (one C call on this CPU's own stock slot) needs no op:
 it changes no usage, and a kill leaves it either done or not done.
@@ -29,11 +29,14 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from .errors import ArenaError
-from .layout import H_STOP, R_PID, pid_alive
+from . import segment
+from .proc import pid_alive
+from .segment import H_STOP, R_PID
+from .stop_machine import repair_dead_rows, stopper_is_this_thread
 from .wait import bounded_wait
 
 if TYPE_CHECKING:
-    from .layout import Arena
+    from .segment import Segment as Arena
 
 
 class Writer:
@@ -60,7 +63,6 @@ class Writer:
     def claim_row(self) -> None:
         """Claim a free non-CPU row for this process; repair and reuse the rows of
         dead processes when none is free."""
-        from .hotplug import repair_dead_rows
         arena, me = self._arena, os.getpid()
         for attempt in range(2):
             for row in range(arena.ncpus, arena.nrows):
@@ -133,7 +135,6 @@ class Writer:
             # stop names our pid: this very thread would wait for itself (another
             # thread of ours, e.g. procs.Machine's monitor, ends it: wait).
             if arena._slots.load(H_STOP) == os.getpid():
-                from .hotplug import stopper_is_this_thread
                 if stopper_is_this_thread():
                     raise RuntimeError("an op cannot start in the thread that holds "
                                        "stop_machine")
@@ -169,9 +170,26 @@ def wait_for_restart(arena: Arena) -> None:
 
 def _live_stopper(arena: Arena) -> int:
     """The pid holding stop_machine, or 0; a dead holder's hold is cleared first
-    (whatever it left half-repaired, the next repair finishes: hotplug.py)."""
+    (whatever it left half-repaired, the next repair finishes: stop_machine.py)."""
     holder = arena._slots.load(H_STOP)
     if holder and not pid_alive(holder):
         arena._slots.cas(H_STOP, holder, 0)
         return 0
     return holder
+
+
+def _init(arena: Arena) -> None:
+    arena._writer = Writer(arena)
+
+
+def _fork(arena: Arena) -> None:
+    arena._writer.after_fork()
+
+
+def _close(arena: Arena) -> None:
+    arena._writer.release_row()
+
+
+segment.register_handle_hook("init", _init)
+segment.register_handle_hook("fork", _fork)
+segment.register_handle_hook("close", _close)

@@ -13,7 +13,7 @@ from multiprocessing import shared_memory
 import pytest
 
 from shmcounter import Arena, ArenaError
-from shmcounter.layout import (
+from shmcounter.segment import (
     LAYOUT_VERSION, LINE, MAGIC, PC_USAGE, PC_WORDS, STOCK_WORDS, WORD, _Sections,
 )
 
@@ -117,7 +117,7 @@ def test_layout_usage_alone_on_its_line_and_cpu_stocks_together():
     # line A of each record holds usage and nothing else
     assert PC_USAGE == 0 and PC_WORDS * WORD == 3 * LINE
     with Arena.create(ncpus=3, max_counters=5) as a:
-        from shmcounter.layout import PC_WATERMARK
+        from shmcounter.segment import PC_WATERMARK
         assert PC_WATERMARK * WORD == LINE
         # CPU k's slots are one contiguous block, starting on its own line
         blocks = [a._stock_slot(cpu, 0) * WORD for cpu in range(3)]

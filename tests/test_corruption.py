@@ -21,10 +21,11 @@ import pytest
 import shmcounter
 from shmcounter import Arena, hooks
 from shmcounter.invariants import check_invariants
-from shmcounter.layout import (
-    H_MAX_WRITERS, H_NCOUNTERS, H_REGISTRY_LOCK, H_STOP, M_VARIANT, MC_DRAIN_IDX,
-    MC_LOCK, MC_SLOTS, PC_PARENT, PC_STOCK_ID, PC_WORDS, R_DEPTH, R_IN_OP, R_STOCK_BLOCK,
-    R_STOCK_SLOT, STOCK_LOCK,
+from shmcounter._atomic import MC_DRAIN_IDX, MC_LOCK, MC_SLOTS
+from shmcounter.memcg.section import M_VARIANT
+from shmcounter.segment import (
+    H_MAX_WRITERS, H_NCOUNTERS, H_REGISTRY_LOCK, H_STOP, PC_PARENT, PC_STOCK_ID, PC_WORDS,
+    R_DEPTH, R_IN_OP, R_STOCK_BLOCK, R_STOCK_SLOT, STOCK_LOCK,
 )
 from shmcounter.memcg import Cgroups
 
@@ -238,7 +239,7 @@ def _legacy_drain_with_lock(name: str) -> tuple[int, str]:
     arena = attach(name)
     shmcounter.register_cpu(arena, 0)
     Cgroups(arena).cgroup("g").try_charge(1)
-    lock = arena._memcg_block + MC_LOCK
+    lock = arena._memcg.block + MC_LOCK
     arena._slots.store(lock, NOT_A_PID)
     try:
         shmcounter.unregister_cpu()
@@ -362,7 +363,7 @@ def _fill_7_then(corrupt: Callable[[Arena], None], act: Callable[[Arena], Any]
 
 
 def _mc(word: int) -> Callable[[Arena], int]:
-    return lambda arena: arena._memcg_cpu_slot(0) + word
+    return lambda arena: arena._memcg.cpu_slot(0) + word
 
 
 @pytest.mark.parametrize("cpu, act, expected", [
@@ -374,7 +375,7 @@ def _mc(word: int) -> Callable[[Arena], int]:
                         lambda arena: shmcounter.unregister_cpu()),
      "memcg_cpu 0's slot[0] cached tag is 10, not the tag of a cgroup (its memory "
      "counter's index + 1)"),
-    (False, lambda arena: (_store((lambda a: a._memcg_slot + M_VARIANT, 99))(arena),
+    (False, lambda arena: (_store((lambda a: a._memcg.slot + M_VARIANT, 99))(arena),
                            Cgroups.open(arena)),
      "memcg variant is 99, not 1 + an index of ('fixed', 'v2', 'rfc', 'legacy')"),
 ], ids=["drain-idx", "slot-tag-beyond", "slot-tag-not-a-cgroup", "variant"])
@@ -410,7 +411,7 @@ def _attach_and_count_mappings(name: str) -> tuple[str, int]:
 ])
 def test_a_geometry_that_does_not_fit_is_corrupt_and_left_unmapped(arena, word, value,
                                                                     expected):
-    from shmcounter.layout import _Sections
+    from shmcounter.segment import _Sections
     size = arena._shm.size
     bigger = _Sections(arena.ncpus, arena.max_counters, arena.max_stocked,
                        arena.nrows - arena.ncpus + 1).size

@@ -21,7 +21,8 @@ import shmcounter
 from shmcounter import Arena
 from shmcounter.drain import SIGDRAIN
 from shmcounter.invariants import check_invariants
-from shmcounter.layout import R_REQ_SEQ, R_START, _proc_stat, my_start_time
+from shmcounter.proc import my_start_time, proc_stat
+from shmcounter.segment import R_REQ_SEQ, R_START
 from shmcounter.memcg import Cgroups
 
 import tasks
@@ -191,7 +192,7 @@ def test_pid_1_is_never_signalled(arena, monkeypatch):
     monkeypatch.setattr(signal, "pidfd_send_signal", lambda *a: sent.append(("pidfd", *a)))
     c = arena.new_counter("c")
     c.enable_stock(64)
-    arena._slots.store(arena._row_slot(1) + R_START, _proc_stat(1)[1])
+    arena._slots.store(arena._row_slot(1) + R_START, proc_stat(1)[1])
     arena._slots.store(arena._cpu_slot(1), 1)
     try:
         assert c.drain_stock(timeout=1)

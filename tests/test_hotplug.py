@@ -278,7 +278,7 @@ def test_a_pid_reused_by_another_process_does_not_keep_a_dead_row_alive(arena, t
     """A dead CPU's row names pid P; P now belongs to an unrelated live process
     (here: a sleeping child) that started later. The row is dead all the same:
     stop_machine does not wait for its in_op, and hotplug reclaims it."""
-    from shmcounter.layout import R_IN_OP, R_PID, R_START
+    from shmcounter.segment import R_IN_OP, R_PID, R_START
     import subprocess, sys
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     try:

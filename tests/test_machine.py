@@ -180,5 +180,5 @@ def test_leaving_the_with_block_stops_every_cpu(arena, leaf):
 
 
 def _alive(pid: int) -> bool:
-    from shmcounter.layout import pid_alive
+    from shmcounter.proc import pid_alive
     return pid_alive(pid)

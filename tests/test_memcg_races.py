@@ -21,7 +21,7 @@ import pytest
 
 from shmcounter.drain import drain_stock
 from shmcounter.invariants import InvariantError, check_invariants
-from shmcounter.layout import MC_FLUSHING
+from shmcounter._atomic import MC_FLUSHING
 from shmcounter.memcg import Cgroups
 
 import memcg_tasks as t
@@ -193,7 +193,7 @@ def test_a_flag_left_by_a_requester_that_died_before_sending_is_taken_over(arena
     dead.start()
     dead.join()
     # a drain_all_stock that flagged CPU 1 and was killed before its signal
-    arena._slots.store(arena._memcg_cpu_slot(1) + MC_FLUSHING, dead.pid)
+    arena._slots.store(arena._memcg.cpu_slot(1) + MC_FLUSHING, dead.pid)
     assert cg.drain_all_stock(a)
     cg.wait_flushed()
     assert (a.memory.usage, a.stock(1)) == (1, 0)

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import pytest
 
 from shmcounter import Arena
-from shmcounter.layout import H_CREATOR_START, WORD
+from shmcounter.segment import H_CREATOR_START, WORD
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: a private /dev/shm "
                                 "(mount namespace) and a file owned by another uid")

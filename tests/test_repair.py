@@ -14,7 +14,7 @@ import pytest
 
 from shmcounter import Repair
 from shmcounter.invariants import InvariantError, check_invariants
-from shmcounter.layout import R_IN_OP, R_PID
+from shmcounter.segment import R_IN_OP, R_PID
 from shmcounter.memcg import Cgroups
 
 import memcg_tasks

@@ -12,7 +12,7 @@ import pytest
 import shmcounter
 import tasks
 from shmcounter import Arena, ArenaError, PageCounter
-from shmcounter.layout import R_PID
+from shmcounter.segment import R_PID
 from shmcounter.memcg import Cgroups, MemCgroup
 
 
@@ -207,7 +207,9 @@ ARENA_CALLS: dict[str, Callable[[Arena, PageCounter], object]] = {
     "counter": lambda a, c: a.counter("leaf"),
     "counters": lambda a, c: a.counters(),
     "stocked_counters": lambda a, c: a.stocked_counters(),
-    "memcg_legacy": lambda a, c: a.memcg_legacy,
+    "section": lambda a, c: a.section("memcg"),
+    "section_slot": lambda a, c: a.section_slot("memcg"),
+    "set_cpu_blocks": lambda a, c: a.set_cpu_blocks(0),
     "drain_timeout": lambda a, c: a.drain_timeout,
     "drain_timeout (set)": lambda a, c: _set_drain_timeout(a),
     "wait_timeout": lambda a, c: a.wait_timeout,
@@ -221,7 +223,7 @@ ARENA_CALLS: dict[str, Callable[[Arena, PageCounter], object]] = {
     "calculate_protection": lambda a, c: a.calculate_protection(c.parent, c),
     **{view: (lambda v: lambda a, c: getattr(a, v))(view) for view in (
         "header", "rows", "records", "stock_owner", "stocks", "contrib", "requests",
-        "names", "memcg_header", "cgroups", "memcg_cpus")},
+        "names")},
 }
 COUNTER_OPEN_ANYWAY = {"name", "parent"}
 COUNTER_CALLS: dict[str, Callable[[PageCounter], object]] = {

@@ -56,16 +56,21 @@ from typing import Any, Callable
 import numpy as np
 
 import shmcounter
-from shmcounter import Arena, errors, hooks, layout
+from shmcounter import Arena, errors, hooks, segment
 from shmcounter.drain import SIGDRAIN
 from shmcounter.invariants import InvariantError, check_invariants
-from shmcounter.layout import (
-    CG_WORDS, H_DRAIN_LOCK, H_NCOUNTERS, H_REGISTRY_LOCK, H_STOP, H_UNDERFLOWS,
-    M_BATCH, M_EVICTION, M_FIRST_CHILD_DRAIN, M_MEMSW, M_ROOT, M_STATE, M_VARIANT,
-    MAX_DEPTH, MC_DRAIN_IDX, MC_EVICTIONS, MC_FLUSHES, MC_FLUSHING, MC_LOCK,
-    MC_OVERFLOWS, MC_SLOTS, NAME_BYTES, NR_MEMCG_STOCK, PC_WORDS, R_BASE, R_COUNTER,
-    R_DEPTH, R_DONE_SEQ, R_IN_OP, R_OP, R_PID, R_REQ_SEQ, R_START, R_STOCK_BEFORE,
-    R_STOCK_BLOCK, R_STOCK_SLOT, R_WALKS, STOCK_LOCK, STOCK_NR,
+from shmcounter._atomic import (
+    MC_DRAIN_IDX, MC_EVICTIONS, MC_FLUSHES, MC_FLUSHING, MC_LOCK, MC_OVERFLOWS, MC_SLOTS,
+    NR_MEMCG_STOCK,
+)
+from shmcounter.memcg.section import (
+    CG_WORDS, M_BATCH, M_EVICTION, M_FIRST_CHILD_DRAIN, M_MEMSW, M_ROOT, M_STATE, M_VARIANT,
+)
+from shmcounter.segment import (
+    H_DRAIN_LOCK, H_NCOUNTERS, H_REGISTRY_LOCK, H_STOP, H_UNDERFLOWS, MAX_DEPTH,
+    NAME_BYTES, PC_WORDS, R_BASE, R_COUNTER, R_DEPTH, R_DONE_SEQ, R_IN_OP, R_OP, R_PID,
+    R_REQ_SEQ, R_START, R_STOCK_BEFORE, R_STOCK_BLOCK, R_STOCK_SLOT, R_WALKS, STOCK_LOCK,
+    STOCK_NR,
 )
 from shmcounter.memcg import Cgroups
 from shmcounter.memcg.cgroups import CG_EVENTS_MAX, CG_EVENTS_MAX_LOCAL, CG_MEMSW, CG_STATE
@@ -89,7 +94,7 @@ BATCH = 16
 CGROUPS = ("g1", "g2", "g3")
 INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
 
-_COUNTER_FIELDS = {getattr(layout, n): n[3:].lower() for n in dir(layout)
+_COUNTER_FIELDS = {getattr(segment, n): n[3:].lower() for n in dir(segment)
                    if n.startswith("PC_") and n not in ("PC_WORDS", "PC_FLAG_UNCHARGE_TO_STOCK")}
 _ROW_FIELDS = {R_PID: "pid", R_DONE_SEQ: "done_seq", R_STOCK_BLOCK: "stock_block",
                R_START: "start", R_WALKS: "walks", R_REQ_SEQ: "req_seq", R_IN_OP: "in_op",
@@ -173,7 +178,7 @@ def targets(arena: Arena, pids: dict[str, int]) -> list[Target]:
     owners = (arena.stock_owner.ctypes.data - arena._bytes.ctypes.data) // 8
     for sid in range(arena.max_stocked):
         add(f"stock_owner[{sid}]", owners + sid, sid)
-    sids = sorted(int(s) for s in arena.records[:n, layout.PC_STOCK_ID] if s >= 0)
+    sids = sorted(int(s) for s in arena.records[:n, segment.PC_STOCK_ID] if s >= 0)
     for cpu in range(arena.ncpus):
         for sid in sids:
             slot = arena._stock_slot(cpu, sid)
@@ -200,15 +205,15 @@ def targets(arena: Arena, pids: dict[str, int]) -> list[Target]:
                           names_offset + index * NAME_BYTES,
                           (other + bytes(NAME_BYTES - len(other)),)))
     for word, name in _MEMCG_FIELDS.items():
-        add(f"memcg.{name}", arena._memcg_slot + word, 0)
+        add(f"memcg.{name}", arena._memcg.slot + word, 0)
     for index in range(n):
-        if arena.cgroups[index, CG_STATE]:
+        if arena._memcg.cgroups[index, CG_STATE]:
             for word, name in _CGROUP_FIELDS.items():
                 add(f"cgroup {index} ({names[index]}).{name}",
-                    arena._cgroups_slot + index * CG_WORDS + word, index)
+                    arena._memcg.cgroups_slot + index * CG_WORDS + word, index)
     for cpu in range(arena.ncpus):
         for word, name in _MC_FIELDS.items():
-            add(f"memcg_cpu {cpu}.{name}", arena._memcg_cpu_slot(cpu) + word, cpu)
+            add(f"memcg_cpu {cpu}.{name}", arena._memcg.cpu_slot(cpu) + word, cpu)
     return out
 
 

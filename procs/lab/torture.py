@@ -49,7 +49,7 @@ import numpy as np
 from shmcounter import Arena
 from shmcounter._atomic import Slots
 from shmcounter.invariants import check_invariants
-from shmcounter.layout import MC_FLUSHING, MC_LOCK, MC_SLOTS, NR_MEMCG_STOCK
+from shmcounter._atomic import MC_FLUSHING, MC_LOCK, MC_SLOTS, NR_MEMCG_STOCK
 from shmcounter.memcg import Cgroups, legacy
 from shmcounter.memcg.cgroups import ROOT
 
@@ -506,7 +506,7 @@ def _check_dead_stock(arena: Arena, cpu: int) -> None:
     slots; no page, lock or drain flag in its legacy block."""
     assert arena.stocks[cpu].tolist() == [[0, 0]] * arena.max_stocked, \
         f"CPU {cpu}'s slots after hotplug: {arena.stocks[cpu].tolist()}"
-    block = arena.memcg_cpus[cpu]
+    block = arena._memcg.cpus[cpu]
     left = {"lock": int(block[MC_LOCK]), "flushing": int(block[MC_FLUSHING]),
             "slots": block[MC_SLOTS:MC_SLOTS + NR_MEMCG_STOCK].tolist()}
     assert left == {"lock": 0, "flushing": 0, "slots": [0] * NR_MEMCG_STOCK}, \

@@ -1,7 +1,7 @@
 """Cgroups: a memcg tree on page counters, calling the stock APIs the way
 mm/memcontrol.c does (series.md §1.9; kernel.md §2.5-2.7).
 
-The tree lives in the arena (layout.py, section memcg), so any attached process
+The tree lives in the arena (memcg's section: section.py), so any attached process
 opens it with Cgroups(arena) and finds a cgroup by name. A cgroup is a memory
 page_counter (named like the cgroup) and, with memsw (cgroup v1), a memsw
 counter (named "<name>:memsw") whose parent is the parent's memsw counter. Its
@@ -26,20 +26,23 @@ from __future__ import annotations
 import os
 import time
 from .. import hooks
-from ..drain import check_timeout, single_drainer
+from .._atomic import MC_EVICTIONS, MC_FLUSHES, MC_OVERFLOWS
+from ..arena import Arena
+from ..drain import single_drainer
 from ..errors import ArenaError
-from ..hotplug import repair_before_refusal
-from ..layout import (
-    CG_WORDS, M_BATCH, M_EVICTION, M_FIRST_CHILD_DRAIN, M_MEMSW, M_ROOT, M_STATE,
-    M_VARIANT, MC_EVICTIONS, MC_FLUSHES, MC_OVERFLOWS, MEMCG_VARIANTS, R_WALKS,
-    Arena, _check_name, pid_alive,
-)
+from ..proc import pid_alive
+from ..segment import R_WALKS, check_counter_name
+from ..stop_machine import repair_before_refusal
+from ..wait import check_timeout
 from ..page_counter import NR_PAGES_LIMIT, PAGE_COUNTER_MAX, PageCounter, check_limit, check_nr
 from ..stock import BATCH_LIMIT, DEFAULT_BATCH
 from . import legacy
+from .section import (
+    CG_WORDS, M_BATCH, M_EVICTION, M_FIRST_CHILD_DRAIN, M_MEMSW, M_ROOT, M_STATE, M_VARIANT,
+    VARIANTS,
+)
 from .variants import DESIGNS, Design
 
-VARIANTS = MEMCG_VARIANTS
 ROOT = "root"
 MEMSW = ":memsw"
 PAGE_SIZE = 4096
@@ -58,9 +61,9 @@ class MemCgroup:
     def __init__(self, tree: Cgroups, index: int, parent: MemCgroup | None) -> None:
         self._tree = tree
         self._index = index
-        self._record = tree._arena._cgroups_slot + index * CG_WORDS
+        self._record = tree._arena._memcg.cgroups_slot + index * CG_WORDS
         self.memory: PageCounter = tree._arena._handle(index)
-        memsw = int(tree._arena.cgroups[index, CG_MEMSW])
+        memsw = int(tree._arena._memcg.cgroups[index, CG_MEMSW])
         self.memsw: PageCounter | None = tree._arena._handle(
             memsw, f"cgroup {index}'s memsw counter") if memsw != -1 else None
         self.parent = parent
@@ -83,7 +86,7 @@ class MemCgroup:
                 and not hooks.ARMED:
             slots = arena._slots
             if tree._legacy:
-                if slots.legacy_consume(row, arena._memcg_block, self._tag, n) == 1:
+                if slots.legacy_consume(row, arena._memcg.block, self._tag, n) == 1:
                     return True             # a freed cgroup is in no slot: never here
             elif slots.stock_consume(self.memory._c, row, n) == 1:
                 return True                 # a freed cgroup has no stock: never here
@@ -154,12 +157,12 @@ class MemCgroup:
     @property
     def events(self) -> dict[str, int]:
         """memory.events: max events of this cgroup and its descendants."""
-        return {"max": int(self._tree._arena.cgroups[self._index, CG_EVENTS_MAX])}
+        return {"max": int(self._tree._arena._memcg.cgroups[self._index, CG_EVENTS_MAX])}
 
     @property
     def events_local(self) -> dict[str, int]:
         """memory.events.local: max events of this cgroup alone."""
-        return {"max": int(self._tree._arena.cgroups[self._index, CG_EVENTS_MAX_LOCAL])}
+        return {"max": int(self._tree._arena._memcg.cgroups[self._index, CG_EVENTS_MAX_LOCAL])}
 
     def stock(self, cpu: int) -> int:
         """Pages CPU `cpu` holds in stock for this cgroup's memory counter."""
@@ -238,7 +241,7 @@ class Cgroups:
         self._arena = arena
         self._handles: dict[int, MemCgroup] = {}
         self._owner: dict[int, int] = {}           # counter index -> cgroup index
-        if int(arena.memcg_header[M_STATE]) != READY:
+        if int(arena._memcg.header[M_STATE]) != READY:
             self._set_up(asked)
         stored = self.options
         wrong = {k: (v, stored[k]) for k, v in asked.items() if v is not None and v != stored[k]}
@@ -250,13 +253,13 @@ class Cgroups:
         self.batch: int = stored["batch"]
         self._design: Design = DESIGNS[self.variant]
         self._legacy = self.variant == "legacy"
-        self.root: MemCgroup = self._cgroup_at(int(arena.memcg_header[M_ROOT]), "memcg root")
+        self.root: MemCgroup = self._cgroup_at(int(arena._memcg.header[M_ROOT]), "memcg root")
 
     @classmethod
     def open(cls, arena: Arena) -> Cgroups:
         """The tree the arena holds, read-only as to its options: ArenaError if the
         arena has none (where Cgroups(arena) would create one)."""
-        if int(arena.memcg_header[M_STATE]) != READY:
+        if int(arena._memcg.header[M_STATE]) != READY:
             raise ArenaError(f"arena {arena.name!r} holds no cgroup tree")
         return cls(arena)
 
@@ -264,7 +267,7 @@ class Cgroups:
 
     @property
     def options(self) -> dict[str, object]:
-        h = self._arena.memcg_header
+        h = self._arena._memcg.header
         return {"memsw": bool(h[M_MEMSW]),
                 "variant": _decode(self._arena, "memcg variant", int(h[M_VARIANT]), VARIANTS, 1),
                 "eviction": _decode(self._arena, "memcg eviction", int(h[M_EVICTION]),
@@ -277,7 +280,7 @@ class Cgroups:
         to claim the header does it; the others wait for it (or take over from a
         dead one: every step is redone or found done)."""
         arena, slots, me = self._arena, self._arena._slots, os.getpid()
-        state = arena._memcg_slot + M_STATE
+        state = arena._memcg.slot + M_STATE
         deadline = time.monotonic() + arena.drain_timeout
         while (holder := slots.cas(state, 0, me)) != 0:
             if holder == READY:
@@ -298,7 +301,7 @@ class Cgroups:
     def _write_tree(self, asked: dict[str, object]) -> None:
         arena = self._arena
         variant = asked["variant"] or "fixed"
-        h = arena.memcg_header
+        h = arena._memcg.header
         h[M_MEMSW] = bool(asked["memsw"])
         h[M_EVICTION] = legacy.EVICTIONS.index(asked["eviction"] or "round-robin")
         h[M_BATCH] = DEFAULT_BATCH if asked["batch"] is None else asked["batch"]
@@ -324,7 +327,7 @@ class Cgroups:
         for counter in (memory, memsw):
             if counter is not None:
                 self._design.online(counter, batch)
-        rec = arena._cgroups_slot + memory._index * CG_WORDS
+        rec = arena._memcg.cgroups_slot + memory._index * CG_WORDS
         arena._slots.store(rec + CG_MEMSW, -1 if memsw is None else memsw._index)
         arena._slots.store(rec + CG_STATE, ONLINE)
 
@@ -341,7 +344,7 @@ class Cgroups:
             raise ValueError(f"parent {parent.name!r} is {parent.state}, not online")
         limit = PAGE_COUNTER_MAX if max is None else check_limit(max, "max")
         if self.memsw:                        # both counters or neither
-            _check_name(name + MEMSW)
+            check_counter_name(name + MEMSW)
             if self._arena._published() + 2 > self._arena.max_counters:
                 raise ArenaError(f"arena {self._arena.name!r} has no room for two more counters")
             if name + MEMSW in {c.name for c in self._arena.counters()}:
@@ -351,7 +354,7 @@ class Cgroups:
         memsw = None
         if self.memsw:
             memsw = self._arena.new_counter(name + MEMSW, parent.memsw, limit)
-        first_child = (bool(self._arena.memcg_header[M_FIRST_CHILD_DRAIN])
+        first_child = (bool(self._arena._memcg.header[M_FIRST_CHILD_DRAIN])
                        and parent.parent is not None
                        and not any(g.state == "online" for g in self._children(parent)))
         self._online(memory, memsw, self.batch)
@@ -367,13 +370,13 @@ class Cgroups:
             index = self._arena.counter(name)._index
         except KeyError:
             index = -1
-        if index < 0 or self._arena.cgroups[index, CG_STATE] == 0:
+        if index < 0 or self._arena._memcg.cgroups[index, CG_STATE] == 0:
             raise KeyError(f"no cgroup named {name!r}")
         return self._cgroup_at(index)
 
     def cgroups(self) -> list[MemCgroup]:
         """Every cgroup, parents before children."""
-        states = self._arena.cgroups[:self._arena._published(), CG_STATE]
+        states = self._arena._memcg.cgroups[:self._arena._published(), CG_STATE]
         return [self._cgroup_at(int(i)) for i in states.nonzero()[0]]
 
     def _cgroup_at(self, index: int, field: str = "a cgroup's counter index") -> MemCgroup:
@@ -497,7 +500,7 @@ class Cgroups:
         hierarchy walks, and the legacy slots' evictions, overflow drains and
         served drain work items."""
         arena = self._arena
-        cpus = arena.memcg_cpus
+        cpus = arena._memcg.cpus
         return {"walks": int(arena.rows[:, R_WALKS].sum()),
                 "evictions": int(cpus[:, MC_EVICTIONS].sum()),
                 "overflows": int(cpus[:, MC_OVERFLOWS].sum()),

@@ -2,7 +2,7 @@
 (series.md §3; kernel.md §2.3-2.7): 7 slots per CPU, each caching one cgroup and
 up to 64 pages already charged to it.
 
-Each CPU's block (arena.memcg_cpus[cpu], layout.py) holds
+Each CPU's block (arena._memcg.cpus[cpu], memcg/section.py) holds
 
     flushing     FLUSHING_CACHED_CHARGE: the pid of a drain_all_stock that asked
                  this CPU to drain (set by the requester with a CAS, cleared by
@@ -39,18 +39,20 @@ from typing import TYPE_CHECKING, Callable, Collection
 
 import numpy as np
 
-from .. import hooks
-from ..drain import post_work, single_drainer
-from .._atomic import LEGACY_BYPASS, LEGACY_EVICTED, LEGACY_OVERFLOW
-from ..layout import (
-    M_EVICTION, MC_FLUSHES, MC_FLUSHING, MC_LOCK, MC_SLOTS, MC_WORDS, MEMCG_CHARGE_BATCH,
-    NR_MEMCG_STOCK, pid_alive,
+from .. import cpuhp, hooks
+from .._atomic import (
+    LEGACY_BYPASS, LEGACY_EVICTED, LEGACY_OVERFLOW, MC_FLUSHES, MC_FLUSHING, MC_LOCK,
+    MC_SLOTS, MC_WORDS, MEMCG_CHARGE_BATCH, NR_MEMCG_STOCK,
 )
+from ..cpuhp import this_cpu_of
+from ..drain import post_work, single_drainer
+from ..proc import pid_alive
 from ..wait import wait_own_lock
+from .section import M_EVICTION, M_LEGACY, M_VARIANT
 
 if TYPE_CHECKING:
-    from ..layout import Arena
     from ..page_counter import PageCounter
+    from ..segment import Segment as Arena
 
 HALF = 32                   # bits of one half of a slot word
 NR_MASK = 0xFF              # u8 nr_pages
@@ -68,7 +70,7 @@ def _half(word: int, pending: bool) -> tuple[int, int]:
 
 def _slot_field(arena: Arena, slot: int, pending: bool) -> str:
     """The name of one half of slot word `slot`, for errors."""
-    cpu, word = divmod(slot - arena._memcg_cpus_slot, MC_WORDS)
+    cpu, word = divmod(slot - arena._memcg.cpus_slot, MC_WORDS)
     return f"memcg_cpu {cpu}'s slot[{word - MC_SLOTS}] {'pending' if pending else 'cached'} tag"
 
 
@@ -78,7 +80,7 @@ def _cgroup_of(arena: Arena, tag: int, slot: int, pending: bool) -> PageCounter:
     counter whose cgroup record is in use)."""
     from .cgroups import CG_STATE
     index = tag - 1
-    if not (0 <= index < arena._published() and arena.cgroups[index, CG_STATE]):
+    if not (0 <= index < arena._published() and arena._memcg.cgroups[index, CG_STATE]):
         raise arena._corrupt(_slot_field(arena, slot, pending), tag,
                              "not the tag of a cgroup (its memory counter's index + 1)")
     return arena._handle(index)
@@ -87,8 +89,8 @@ def _cgroup_of(arena: Arena, tag: int, slot: int, pending: bool) -> PageCounter:
 def check_slots(arena: Arena, cpu: int) -> None:
     """ArenaCorrupt unless every tag in CPU `cpu`'s 7 slots, either half, names a
     cgroup: before the hotplug path drains them, so that it refuses whole."""
-    slot = arena._memcg_cpu_slot(cpu) + MC_SLOTS
-    for i, word in enumerate(arena.memcg_cpus[cpu, MC_SLOTS:MC_SLOTS + NR_MEMCG_STOCK].tolist()):
+    slot = arena._memcg.cpu_slot(cpu) + MC_SLOTS
+    for i, word in enumerate(arena._memcg.cpus[cpu, MC_SLOTS:MC_SLOTS + NR_MEMCG_STOCK].tolist()):
         for pending in (True, False):
             tag, _ = _half(word, pending)
             if tag:
@@ -109,7 +111,7 @@ def try_charge(arena: Arena, memory: PageCounter, nr_pages: int,
     is not modelled (an op is in progress; it could only see a refill by another
     context of this CPU).
     """
-    block, slots = arena._memcg_block, arena._slots
+    block, slots = arena._memcg.block, arena._slots
     tag = memory._index + 1
     if block >= 0 and slots.legacy_consume(arena._stock_row, block, tag, nr_pages) == 1:
         return None
@@ -131,7 +133,7 @@ def uncharge_to_stock(arena: Arena, memory: PageCounter, nr_pages: int) -> None:
     """refill_stock as the kmem and socket uncharges call it: the pages go back to
     this CPU's slot of the cgroup (still charged) instead of up the hierarchy.
     More than 64 pages, or not a CPU process: a plain hierarchical uncharge."""
-    if arena._memcg_block < 0 or nr_pages > MEMCG_CHARGE_BATCH:
+    if arena._memcg.block < 0 or nr_pages > MEMCG_CHARGE_BATCH:
         memory._uncharge_hierarchy(nr_pages)
         return
     _refill_op(arena, memory, lambda kbase: (None, _refill(arena, memory, nr_pages, kbase)))
@@ -150,7 +152,7 @@ def _refill_op(arena: Arena, memory: PageCounter,
         raise
     writer.end()
     if evicted >= 0:
-        _uncharge_evicted(arena, arena._memcg_block + MC_SLOTS + evicted)
+        _uncharge_evicted(arena, arena._memcg.block + MC_SLOTS + evicted)
     return refused
 
 
@@ -169,10 +171,10 @@ def _refill(arena: Arena, memory: PageCounter, nr_pages: int, kbase: int) -> int
     in an op of its own), or -1. Pages the stock does not take (an overflow past
     64 empties the slot; a busy lock bypasses it) are uncharged here."""
     victim = -1
-    if arena._slots.load(arena._memcg_slot + M_EVICTION) == EVICTIONS.index("random"):
+    if arena._slots.load(arena._memcg.slot + M_EVICTION) == EVICTIONS.index("random"):
         victim = random.randrange(NR_MEMCG_STOCK)
     action, i, pages = arena._slots.legacy_refill(
-        arena._writer.row_slot, arena._memcg_block, memory._index + 1, nr_pages, victim)
+        arena._writer.row_slot, arena._memcg.block, memory._index + 1, nr_pages, victim)
     if action == LEGACY_BYPASS:
         memory._cancel_path(nr_pages, kbase)
     elif action == LEGACY_OVERFLOW:
@@ -251,7 +253,7 @@ def _locked(arena: Arena, block: int, fn: Callable[[], int]) -> int:
     by another context of this CPU, waited for; by another pid: ArenaCorrupt)."""
     slots, owner = arena._slots, arena._stock_owner
     if not slots.stock_trylock(block, owner):
-        cpu = (block - arena._memcg_cpus_slot) // MC_WORDS
+        cpu = (block - arena._memcg.cpus_slot) // MC_WORDS
         wait_own_lock(arena, block + MC_LOCK, f"memcg_cpu {cpu}'s lock",
                       lambda: slots.stock_trylock(block, owner))
     try:
@@ -267,7 +269,7 @@ def drain_local(arena: Arena) -> int:
     Lock order, everywhere: the op lock, then the CPU's lock (the drain server and
     the refill inside a charge op take them in that order too). A drain request
     arriving meanwhile is served after, not inside (Writer.held)."""
-    block = arena._memcg_block
+    block = arena._memcg.block
     if block < 0:
         return 0
     with arena._writer.held():
@@ -278,13 +280,13 @@ def cpu_offline(arena: Arena, cpu: int) -> None:
     """This CPU goes offline cleanly (unregister_cpu): drain its 7 slots and
     forget a drain request, so that the next process of this CPU starts clean."""
     drain_local(arena)
-    arena._slots.store(arena._memcg_cpu_slot(cpu) + MC_FLUSHING, 0)
+    arena._slots.store(arena._memcg.cpu_slot(cpu) + MC_FLUSHING, 0)
 
 
 def serve_flush(arena: Arena, cpu: int) -> None:
     """The drain work item, run by drain.serve on CPU `cpu` (op lock held): if a
     drain_all_stock flagged this CPU, drain all 7 slots and clear the flag."""
-    slots, block = arena._slots, arena._memcg_cpu_slot(cpu)
+    slots, block = arena._slots, arena._memcg.cpu_slot(cpu)
     if not slots.load(block + MC_FLUSHING):
         return
     _locked(arena, block, lambda: _drain_block(arena, block, _locked_op))
@@ -296,7 +298,7 @@ def drain_dead(arena: Arena, cpu: int) -> dict[str, int]:
     """memcg_hotplug_cpu_dead for the legacy stock, under stop_machine after the
     repair: drain all 7 slots of dead CPU `cpu` without its lock, then clear the
     lock and the flushing flag. Returns the pages reclaimed by counter name."""
-    slots, block = arena._slots, arena._memcg_cpu_slot(cpu)
+    slots, block = arena._slots, arena._memcg.cpu_slot(cpu)
     check_slots(arena, cpu)
     reclaimed: dict[str, int] = {}
     for i in range(NR_MEMCG_STOCK):
@@ -322,7 +324,6 @@ def drain_all(arena: Arena, tags: Collection[int]) -> bool:
     The flag (FLUSHING_CACHED_CHARGE) holds the requester's pid: a CPU flagged by
     a live requester has its work queued and is skipped; a flag left by a
     requester that died before sending the work is taken over."""
-    from ..cpu import this_cpu_of
     slots, mypid = arena._slots, os.getpid()
     with single_drainer(arena) as got:
         if not got:
@@ -331,7 +332,7 @@ def drain_all(arena: Arena, tags: Collection[int]) -> bool:
             hooks.at("drain_all:locked")
         me = this_cpu_of(arena)
         for cpu in range(arena.ncpus):
-            flag = arena._memcg_cpu_slot(cpu) + MC_FLUSHING
+            flag = arena._memcg.cpu_slot(cpu) + MC_FLUSHING
             holder = slots.load(flag)
             if holder and pid_alive(holder) or not _drain_needed(arena, cpu, tags):
                 continue
@@ -349,21 +350,21 @@ def drain_all(arena: Arena, tags: Collection[int]) -> bool:
 def _drain_needed(arena: Arena, cpu: int, tags: Collection[int]) -> bool:
     """is_memcg_drain_needed: some slot of `cpu` holds pages of one of `tags`."""
     return any(tag in tags and nr_pages
-               for word in arena.memcg_cpus[cpu, MC_SLOTS:MC_SLOTS + NR_MEMCG_STOCK].tolist()
+               for word in arena._memcg.cpus[cpu, MC_SLOTS:MC_SLOTS + NR_MEMCG_STOCK].tolist()
                for tag, nr_pages in (_half(word, False), _half(word, True)))
 
 
 def cached_on(arena: Arena, tag: int) -> list[int]:
     """CPUs with a slot that caches cgroup `tag`, in either half (pages or not):
     each holds a reference (css_get) that keeps the cgroup from being freed."""
-    words = arena.memcg_cpus[:, MC_SLOTS:MC_SLOTS + NR_MEMCG_STOCK]
+    words = arena._memcg.cpus[:, MC_SLOTS:MC_SLOTS + NR_MEMCG_STOCK]
     held = (((words >> 8) & TAG_MASK) == tag) | (((words >> (HALF + 8)) & TAG_MASK) == tag)
     return np.flatnonzero(held.any(axis=1)).tolist()
 
 
 def flushing(arena: Arena) -> list[int]:
     """CPUs flagged by a live requester whose drain work they have not served."""
-    flags = arena.memcg_cpus[:, MC_FLUSHING].tolist()
+    flags = arena._memcg.cpus[:, MC_FLUSHING].tolist()
     return [cpu for cpu, holder in enumerate(flags) if holder and pid_alive(holder)]
 
 
@@ -373,13 +374,13 @@ def stock_pages(arena: Arena, ncounters: int) -> np.ndarray:
     """Pages held in legacy slots, both halves, as an (ncpus, ncounters) array.
     ArenaCorrupt for a tag beyond the counters."""
     out = np.zeros((arena.ncpus, ncounters), np.int64)
-    words = arena.memcg_cpus[:, MC_SLOTS:MC_SLOTS + NR_MEMCG_STOCK].copy()
+    words = arena._memcg.cpus[:, MC_SLOTS:MC_SLOTS + NR_MEMCG_STOCK].copy()
     for shift in (0, HALF):
         half = (words >> shift) & CUR_MASK
         bad = np.argwhere(half >> 8 > ncounters)
         if len(bad):
             cpu, i = bad[0].tolist()
-            slot = arena._memcg_cpu_slot(cpu) + MC_SLOTS + i
+            slot = arena._memcg.cpu_slot(cpu) + MC_SLOTS + i
             raise arena._corrupt(_slot_field(arena, slot, shift == HALF), int(half[cpu, i] >> 8),
                                  f"not the tag of one of the {ncounters} counters")
         cpus, _ = np.nonzero(half >> 8)
@@ -390,5 +391,44 @@ def stock_pages(arena: Arena, ncounters: int) -> np.ndarray:
 
 def slots_of(arena: Arena, cpu: int) -> list[tuple[int, int]]:
     """CPU `cpu`'s 7 slots as (cached memory counter's index or -1, pages)."""
-    words = arena.memcg_cpus[cpu, MC_SLOTS:MC_SLOTS + NR_MEMCG_STOCK].tolist()
+    words = arena._memcg.cpus[cpu, MC_SLOTS:MC_SLOTS + NR_MEMCG_STOCK].tolist()
     return [(tag - 1, nr_pages) for tag, nr_pages in (_half(w, False) for w in words)]
+
+
+# ---- the legacy stock on the CPU paths (cpuhp.py) ------------------------------
+
+def _is_legacy(arena: Arena) -> bool:
+    """Does this arena's cgroup tree run the legacy design (its slots are in use)?"""
+    return int(arena._memcg.header[M_VARIANT]) == M_LEGACY
+
+
+def _online(arena: Arena, cpu: int) -> None:
+    """register_cpu: this process's block is CPU `cpu`'s; a drain request flagged
+    for the CPU's dead predecessor is forgotten."""
+    arena._memcg.block = arena._memcg.cpu_slot(cpu)
+    arena._slots.store(arena._memcg.block + MC_FLUSHING, 0)
+
+
+def _offline(arena: Arena, cpu: int) -> None:
+    if _is_legacy(arena):
+        cpu_offline(arena, cpu)
+    arena._memcg.block = -1
+
+
+def _check_dead(arena: Arena, cpu: int) -> None:
+    if _is_legacy(arena):
+        check_slots(arena, cpu)
+
+
+def _dead(arena: Arena, cpu: int) -> dict[str, int]:
+    return drain_dead(arena, cpu) if _is_legacy(arena) else {}
+
+
+def _owns_slot(arena: Arena, row: int, slot: int) -> bool:
+    """An intent record of CPU row `row` may name one of its 7 slot words."""
+    return 0 <= slot - arena._memcg.cpu_slot(row) - MC_SLOTS < NR_MEMCG_STOCK
+
+
+cpuhp.setup_state(cpuhp.CpuSubsystem(
+    "memcg legacy stock", online=_online, offline=_offline, check_dead=_check_dead,
+    dead=_dead, work=serve_flush, stock_pages=stock_pages, owns_slot=_owns_slot))

@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from ..drain import drain_stock
 from ..errors import Busy
-from ..layout import STOCK_NR
+from ..segment import STOCK_NR
 from . import legacy
 
 if TYPE_CHECKING:
-    from ..layout import Arena
+    from ..arena import Arena
     from ..page_counter import PageCounter
 
 

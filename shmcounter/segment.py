@@ -53,18 +53,10 @@ Bump LAYOUT_VERSION whenever a line below changes.
                        is 1 while a drain of c on CPU k is asked for (any process
                        sets it; CPU k clears it when it drains).
   names      max_counters x 64 bytes: UTF-8 name, NUL padded.
-  memcg      the cgroup tree of shmcounter.memcg (memcg/cgroups.py), if any:
-                       line 0: state (0 none, the pid setting it up, -1 ready),
-                         variant, memsw, eviction, batch, root, first-child drain
-                       max_counters cgroup records of CG_WORDS = 8 words, indexed
-                         by the cgroup's memory counter: state, memsw counter,
-                         events.max (hierarchical), events.max local
-                       ncpus per-CPU blocks of MC_WORDS = 16 words (two lines):
-                         the legacy memcg_stock_pcp (flushing, lock, drain_idx,
-                         7 slot words; memcg/legacy.py) and this CPU's event
-                         counts (evictions, overflow drains, flushes), written by
-                         CPU k (or by hotplug once it is dead; flushing also by
-                         drain requesters)
+  sections   the sections of higher layers (register_section), each on its own
+                       lines, in registration order; opaque here. shmcounter.memcg
+                       lays its cgroup tree and the legacy per-CPU stock over one
+                       (memcg/section.py).
 
 Lifetime (Python 3.11, see docs/design.md "Segment lifetime"):
   - the creator's resource tracker keeps the segment registered, so when the
@@ -93,17 +85,18 @@ import weakref
 import mmap
 from multiprocessing import shared_memory
 from stat import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFSOCK, S_ISREG
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from . import _atomic
 from .errors import ArenaCorrupt, ArenaError
-from .wait import bounded_wait
+from . import pidlock
+from .proc import my_start_time, pid_alive, proc_stat
+from .wait import check_timeout
 
 if TYPE_CHECKING:
-    from .hotplug import Repair
-    from .page_counter import PageCounter
+    from typing import Self
 
 LINE = 64
 WORD = 8
@@ -122,14 +115,6 @@ HEADER_WORDS = 24
 # writer row word used by Python only (the others come from _atomic.c below)
 R_WALKS = 4
 
-# memcg section: header line, cgroup records, per-CPU blocks (see memcg/tree.py)
-MEMCG_HEADER_WORDS = 8
-M_STATE, M_VARIANT, M_MEMSW, M_EVICTION, M_BATCH, M_ROOT, M_FIRST_CHILD_DRAIN = range(7)
-# M_VARIANT holds 1 + the index of the tree's variant here (0: no tree yet)
-MEMCG_VARIANTS = ("fixed", "v2", "rfc", "legacy")
-M_LEGACY = 1 + MEMCG_VARIANTS.index("legacy")
-CG_WORDS = 8
-
 # page_counter record, stock slot and writer row words: defined by the C module,
 # whose fused steps need them; re-exported here, where the layout is documented.
 from ._atomic import (  # noqa: E402, F401
@@ -139,8 +124,6 @@ from ._atomic import (  # noqa: E402, F401
     STOCK_LOCK, STOCK_NR, STOCK_WORDS,
     MAX_DEPTH, R_BASE, R_COUNTER, R_DEPTH, R_DONE_SEQ, R_IN_OP, R_OP, R_PID, R_REQ_SEQ,
     R_STOCK_BEFORE, R_STOCK_BLOCK, R_STOCK_SLOT, R_START, ROW_WORDS,
-    MC_DRAIN_IDX, MC_EVICTIONS, MC_FLUSHES, MC_FLUSHING, MC_LOCK, MC_OVERFLOWS, MC_SLOTS,
-    MC_WORDS, MEMCG_CHARGE_BATCH, NR_MEMCG_STOCK,
 )
 
 # flags word of a counter
@@ -153,25 +136,60 @@ _NAME_RE = re.compile(rf"^{NAME_PREFIX}(\d+)_[0-9a-f]+$")
 
 # Every open Arena handle of this process, so that a forked child can reset its
 # per-process state: a child is a new writer, never its parent's row or CPU.
-_open_arenas: weakref.WeakSet[Arena] = weakref.WeakSet()
+_open_arenas: weakref.WeakSet[Segment] = weakref.WeakSet()
 _registry_threads = threading.Lock()
 # The open handle of each arena in this process: Arena.attach returns it, and an
 # Arena unpickled here (a task argument sent to a CPU process) resolves to it, so
 # that it is the handle registered as this CPU and charges take this CPU's stock.
-_by_name: weakref.WeakValueDictionary[str, Arena] = weakref.WeakValueDictionary()
+_by_name: weakref.WeakValueDictionary[str, Segment] = weakref.WeakValueDictionary()
 # Serialises attach and close's count of opens, so that two threads get one handle.
 _opens_lock = threading.Lock()
 # What close() drops: the numpy views of the segment (their buffer exports).
 _VIEWS = ("_bytes", "header", "rows", "records", "stock_owner", "stocks", "contrib",
-          "requests", "names", "memcg_header", "cgroups", "memcg_cpus")
+          "requests", "names")
+
+
+# What higher layers do with each handle of this process (register_handle_hook):
+#   init   when a handle is built (writer.py gives it its Writer);
+#   close  when it closes, in reverse order of registration: higher layers first
+#          (cpu.py takes a CPU offline, then writer.py gives its row back);
+#   release  then, before the unmap: drop views of the segment a layer keeps;
+#   fork   in a forked child, for each handle it inherits: a child is a new
+#          writer, never its parent's row or CPU.
+_handle_hooks: dict[str, list[Callable[[Segment], None]]] = {
+    "init": [], "close": [], "release": [], "fork": []}
+# Module state of higher layers to reset in a forked child (register_at_fork).
+_fork_resets: list[Callable[[], None]] = []
+
+
+def register_handle_hook(when: str, hook: Callable[[Segment], None]) -> None:
+    """Call hook(handle) at `when` ("init", "close", "release" or "fork") of every
+    handle."""
+    _handle_hooks[when].append(hook)
+
+
+def register_handle_attribute(name: str) -> None:
+    """A higher layer keeps per-handle state in attribute `name` (set by its init
+    hook, dropped by its release hook): reading it on a closed handle raises
+    ArenaError("arena <name> is closed"), as the segment's own views do."""
+    setattr(Segment, name, _View())
+
+
+def register_at_fork(reset: Callable[[], None]) -> None:
+    """Call reset() in every forked child, before the handles' fork hooks: the one
+    at-fork handler of the library runs them all, in registration order."""
+    _fork_resets.append(reset)
 
 
 def _after_fork_in_child() -> None:
     global _registry_threads, _opens_lock
     _registry_threads = threading.Lock()
     _opens_lock = threading.Lock()
+    for reset in _fork_resets:
+        reset()
     for arena in list(_open_arenas):
-        arena._writer.after_fork()
+        for hook in _handle_hooks["fork"]:
+            hook(arena)
         arena._opens = 1      # the child holds one open of each handle it inherits
     _by_name.clear()          # inherited handles are usable, but not this process's own
 
@@ -181,6 +199,30 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 def _round_up(n: int, to: int = LINE) -> int:
     return (n + to - 1) // to * to
+
+
+# name -> words(ncpus, max_counters): the sections higher layers lay over the
+# segment (register_section). Every process registers the same ones, in the same
+# order, when shmcounter is imported, so every process computes the same geometry.
+_extra_sections: dict[str, Callable[[int, int], int]] = {}
+
+
+# The class of counter handles (page_counter.PageCounter, which registers itself).
+_counter_type: list[Callable[[Any, int], Any]] = []
+
+
+def register_counter_type(factory: Callable[[Any, int], Any]) -> None:
+    """Build counter handles with factory(segment, index) (Segment._handle)."""
+    _counter_type[:] = [factory]
+
+
+def register_section(name: str, words: Callable[[int, int], int]) -> None:
+    """Reserve a section of words(ncpus, max_counters) 8-byte words, line-aligned,
+    in every arena created from now on, for a higher layer (memcg's cgroup tree).
+    The core never reads it: Segment.section(name) gives its owner a view."""
+    if name in _extra_sections:
+        raise ValueError(f"a section named {name!r} is registered already")
+    _extra_sections[name] = words
 
 
 class _Sections:
@@ -199,33 +241,15 @@ class _Sections:
         self.counter_block = _round_up(max_counters * WORD)
         self.requests = self.contrib + nrows * self.counter_block
         self.names = self.requests + ncpus * self.counter_block
-        self.memcg = _round_up(self.names + max_counters * NAME_BYTES)
-        self.cgroups = self.memcg + MEMCG_HEADER_WORDS * WORD
-        self.memcg_cpus = self.cgroups + max_counters * CG_WORDS * WORD
-        self.size = self.memcg_cpus + ncpus * MC_WORDS * WORD
-
-
-def _proc_stat(pid: int) -> tuple[bytes, int] | None:
-    """(state, start time in clock ticks after boot) of process `pid`, or None."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    fields = stat[stat.rindex(b")") + 2:].split()     # after the command name
-    return fields[0], int(fields[19])
-
-
-def pid_alive(pid: int, start: int = 0) -> bool:
-    """True if `pid` is a running (not zombie) process on this machine, and, when
-    `start` is given, the one that started then (not a later user of the pid)."""
-    stat = _proc_stat(pid)
-    return stat is not None and stat[0] not in (b"Z", b"X") and start in (0, stat[1])
-
-
-def my_start_time() -> int:
-    """This process's start time, in clock ticks after boot."""
-    return _proc_stat(os.getpid())[1]
+        # The sections of higher layers (register_section), in registration order,
+        # each on its own lines: opaque to this module.
+        at = _round_up(self.names + max_counters * NAME_BYTES)
+        self.extra: dict[str, tuple[int, int]] = {}
+        for name, words in _extra_sections.items():
+            nbytes = words(ncpus, max_counters) * WORD
+            self.extra[name] = (at, nbytes)
+            at = _round_up(at + nbytes)
+        self.size = at
 
 
 _KINDS = {S_IFLNK: "a symbolic link", S_IFDIR: "a directory", S_IFIFO: "a FIFO",
@@ -315,7 +339,7 @@ def _dead_arena(name: str, pid: int) -> tuple[int, int] | None:
     reused by another process has another start time). None for anything else,
     which the sweep leaves alone: a live creator, another uid's file, a FIFO,
     device, socket, directory or symlink, an unreadable or foreign header."""
-    stat = _proc_stat(pid)
+    stat = proc_stat(pid)
     start = None if stat is None or stat[0] in (b"Z", b"X") else stat[1]
     try:
         fd, st = _open_segment(name, os.O_RDONLY)
@@ -375,14 +399,14 @@ class _View:
     the arena is closed. (No __getattr__ on Arena: it would slow down every
     attribute lookup, the stock hit's included.)"""
 
-    def __get__(self, arena: Arena | None, owner: type | None = None) -> object:
+    def __get__(self, arena: Segment | None, owner: type | None = None) -> object:
         if arena is None:
             return self
         arena._check_open()
         raise AttributeError("a view of a half-built arena")
 
 
-class Arena:
+class Segment:
     """One shared-memory region: header, CPUs, counters, stocks and names.
 
     Create it once (`Arena.create`), pass `arena.name` (or the Arena itself, which
@@ -402,13 +426,12 @@ class Arena:
     _closed = True
     _opens = 1                        # create or attach calls that close() has not undone
     _bytes = header = rows = records = stock_owner = stocks = contrib = requests = \
-        names = memcg_header = cgroups = memcg_cpus = _View()
+        names = _View()
     # This process's CPU, set by register_cpu: first slot of its stock block, and
     # the lock owner token (its pid). -1 means "not a CPU of this arena".
     _stock_block = -1
     _stock_owner = 0
     _stock_row = -1                   # this CPU's row slot: the fast path's key
-    _memcg_block = -1                 # this CPU's memcg block (memcg/legacy.py)
     _drain_timeout: float = 5.0      # see drain_timeout
     _wait_timeout: float = 10.0      # see wait_timeout
 
@@ -442,13 +465,10 @@ class Arena:
         self.requests = np.ndarray((self.ncpus, self.max_counters), np.int64, buf,
                                    sec.requests, strides=(sec.counter_block, WORD))
         self.names = np.ndarray((self.max_counters, NAME_BYTES), np.uint8, buf, sec.names)
-        self.memcg_header = np.ndarray((MEMCG_HEADER_WORDS,), np.int64, buf, sec.memcg)
-        self.cgroups = np.ndarray((self.max_counters, CG_WORDS), np.int64, buf, sec.cgroups)
-        self.memcg_cpus = np.ndarray((self.ncpus, MC_WORDS), np.int64, buf, sec.memcg_cpus)
+        self._extra = sec.extra
         self._slots = _atomic.Slots(shm.buf)
-        self._slots.set_layout(shm.name, sec.rows // WORD, sec.counters // WORD,
-                               self.max_counters, sec.stocks // WORD, sec.stock_block // WORD,
-                               self.ncpus, self.max_stocked, sec.memcg_cpus // WORD)
+        self._sec = sec
+        self._set_layout(0)
         # slot indexes (8-byte words from the segment start)
         self._rows_slot = sec.rows // WORD
         self._counters_slot = sec.counters // WORD
@@ -457,15 +477,12 @@ class Arena:
         self._contrib_slot0 = sec.contrib // WORD
         self._requests_slot0 = sec.requests // WORD
         self._counter_block_words = sec.counter_block // WORD
-        self._memcg_slot = sec.memcg // WORD
-        self._cgroups_slot = sec.cgroups // WORD
-        self._memcg_cpus_slot = sec.memcg_cpus // WORD
-        self._handles: list[PageCounter | None] = [None] * self.max_counters
+        self._handles: list[Any] = [None] * self.max_counters
         self._index: dict[str, int] = {}
         self._known = 0
-        from .writer import Writer
-        self._writer = Writer(self)
         self._closed = False
+        for init in _handle_hooks["init"]:
+            init(self)
         _open_arenas.add(self)
         _by_name.setdefault(shm.name, self)
 
@@ -473,7 +490,7 @@ class Arena:
 
     @classmethod
     def create(cls, ncpus: int | None = None, max_counters: int = 1024,
-               max_stocked: int | None = None, max_writers: int = 32) -> Arena:
+               max_stocked: int | None = None, max_writers: int = 32) -> Self:
         """Create a new arena; this process becomes its creator and owns unlink.
 
         ncpus: CPU slots (default: the CPUs this process may run on). More CPUs than
@@ -516,7 +533,7 @@ class Arena:
             raise
 
     @classmethod
-    def attach(cls, name: str) -> Arena:
+    def attach(cls, name: str) -> Self:
         """Attach to an existing arena by name, from any process of this uid on this
         machine.
 
@@ -545,8 +562,16 @@ class Arena:
                 shm.close()
                 raise
 
-    def __reduce__(self):
-        return (_unpickle_arena, (self.name,))
+    def __reduce__(self) -> tuple[Callable[[str], Self], tuple[str]]:
+        return (type(self)._unpickle, (self.name,))
+
+    @classmethod
+    def _unpickle(cls, name: str) -> Self:
+        """This process's open handle on arena `name`, attaching if it has none."""
+        arena = _by_name.get(name)
+        if arena is not None and not arena.closed:
+            return arena                                  # type: ignore[return-value]
+        return cls.attach(name)
 
     # ---- lifetime -----------------------------------------------------------
 
@@ -576,15 +601,11 @@ class Arena:
     def _close(self, warn: bool) -> None:
         """Close this handle whatever its count of opens (close's last step, and
         the exit hook); then drop its views and unmap, which may be retried."""
-        from . import cpu
         if not self._closed:
-            if cpu.this_cpu_of(self) is not None:
-                # Closing the handle a CPU runs on takes that CPU offline cleanly;
-                # otherwise its registration would stand for a process that is no
-                # longer a CPU (others would wait for its drains).
-                cpu.unregister_cpu()
-            cpu._forget_arena(self)
-            self._writer.release_row()
+            for close in reversed(_handle_hooks["close"]):   # higher layers first
+                close(self)
+            for release in _handle_hooks["release"]:
+                release(self)
             _open_arenas.discard(self)
             if _by_name.get(self._shm.name) is self:
                 del _by_name[self._shm.name]
@@ -622,7 +643,7 @@ class Arena:
         except FileNotFoundError:
             pass                          # swept, or unlinked by the tracker
 
-    def __enter__(self) -> Arena:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -638,23 +659,13 @@ class Arena:
     # ---- registry lock: serialises counter creation and stock-id allocation --
 
     def _registry_lock(self) -> None:
-        """Take the arena-wide registry lock; steal it from a dead holder (or from
-        this process's pid: the threads of one process queue on _registry_threads
-        first, so none of them holds it). WaitTimeout after wait_timeout seconds of
-        one live holder."""
+        """Take the arena-wide registry lock (pidlock.py); the threads of one process
+        queue on _registry_threads first, so our own pid in the word is stale.
+        WaitTimeout after wait_timeout seconds of one live holder."""
         _registry_threads.acquire()
-        slot, me = H_REGISTRY_LOCK, os.getpid()
-        stolen = False
-
-        def take() -> int:
-            nonlocal stolen
-            holder = self._slots.cas(slot, 0, me)
-            if holder and (holder == me or not pid_alive(holder)) \
-                    and self._slots.cas(slot, holder, me) == holder:
-                stolen, holder = True, 0
-            return holder
         try:
-            bounded_wait(self, "the registry lock", take)
+            stolen = pidlock.lock(self, H_REGISTRY_LOCK, os.getpid(), "the registry lock",
+                                  stale_self=True)
         except BaseException:
             _registry_threads.release()
             raise
@@ -667,7 +678,7 @@ class Arena:
                 raise
 
     def _registry_unlock(self) -> None:
-        self._slots.store(H_REGISTRY_LOCK, 0)
+        pidlock.unlock(self._slots, H_REGISTRY_LOCK, os.getpid())
         _registry_threads.release()
 
     def _repair_stock_owners(self) -> None:
@@ -711,7 +722,7 @@ class Arena:
             self._index[name] = i
             self._known = i + 1
 
-    def _handle(self, index: int, field: str = "a counter index") -> PageCounter:
+    def _handle(self, index: int, field: str = "a counter index") -> Any:
         """The handle of counter `index` (built once). An index read from the
         segment is checked here: `field` names its word in the error. Building a
         handle checks its path: each parent is an earlier counter, at most
@@ -723,7 +734,6 @@ class Arena:
             raise self._corrupt(field, index, f"not a counter index below ncounters = {n}")
         h = self._handles[index]
         if h is None:
-            from .page_counter import PageCounter
             unbuilt = [index]                      # index, its parent, ... child first
             while True:
                 i = unbuilt[-1]
@@ -736,7 +746,7 @@ class Arena:
                                         f"word is wrong")
                 unbuilt.append(parent)
             for i in reversed(unbuilt):
-                self._handles[i] = PageCounter(self, i)
+                self._handles[i] = _counter_type[0](self, i)
             h = self._handles[index]
         return h
 
@@ -766,90 +776,6 @@ class Arena:
                                 f"not -1 or a stock id below max_stocked = {self.max_stocked}")
         return sids
 
-    def new_counter(self, name: str, parent: PageCounter | None = None,
-                    max: int | None = None) -> PageCounter:
-        """Create a counter under `parent` (None: a root) with limit `max`
-        (default PAGE_COUNTER_MAX). Names are unique per arena."""
-        from .page_counter import PAGE_COUNTER_MAX, PageCounter, check_limit
-        self._check_open()
-        encoded = _check_name(name)
-        if parent is not None:
-            if not isinstance(parent, PageCounter):
-                raise TypeError(f"parent must be a PageCounter or None, got "
-                                f"{type(parent).__name__}")
-            if parent._arena._shm.name != self._shm.name:
-                raise ValueError(f"parent {parent.name!r} belongs to arena "
-                                 f"{parent._arena._shm.name!r}, not {self._shm.name!r}")
-        limit = PAGE_COUNTER_MAX if max is None else check_limit(max, "max")
-        if parent is not None and len(parent._path) >= MAX_DEPTH:
-            raise ValueError(f"counter {name!r} would be {len(parent._path) + 1} levels "
-                             f"deep; the limit is {MAX_DEPTH}")
-        self._registry_lock()
-        try:
-            self._refresh_index()
-            if name in self._index:
-                raise ValueError(f"a counter named {name!r} already exists in this arena")
-            index = self._published()
-            if index >= self.max_counters:
-                raise ArenaError(f"arena {self._shm.name!r} is full: "
-                                 f"{self.max_counters} counters (see max_counters)")
-            rec = self.records[index]
-            rec[:] = 0
-            rec[PC_MAX] = limit
-            rec[PC_PARENT] = -1 if parent is None else parent._index
-            rec[PC_STOCK_ID] = -1
-            self.names[index] = 0
-            self.names[index, :len(encoded)] = np.frombuffer(encoded, np.uint8)
-            self._slots.store(H_NCOUNTERS, index + 1)     # publish
-        finally:
-            self._registry_unlock()
-        return self.counter(name)
-
-    def counter(self, name: str) -> PageCounter:
-        """The counter named `name`, created by any process. KeyError if none."""
-        self._check_open()
-        if not isinstance(name, str):
-            raise TypeError(f"counter name must be a str, got {type(name).__name__}")
-        index = self._index.get(name)
-        if index is None:
-            self._refresh_index()
-            index = self._index.get(name)
-            if index is None:
-                self._check_unpublished()
-                raise KeyError(f"no counter named {name!r} in arena {self._shm.name!r}")
-        return self._handle(index)
-
-    def _check_unpublished(self) -> None:
-        """ArenaCorrupt if a record beyond ncounters shows a counter: a name at index
-        ncounters + 1 or later (only the next record, ncounters, is ever written
-        before it is published: by a creator that may have died since). Run when a
-        name is not found, so that an ncounters word that went down is not taken
-        for counters that do not exist. The names are read first: ncounters only
-        grows, so a name read before it cannot lie beyond it legitimately."""
-        named = np.flatnonzero(self.names.any(axis=1))
-        n = self._published()
-        beyond = named[named > n]
-        if len(beyond):
-            raise self._corrupt("header ncounters", n, f"but record {int(beyond[0])} "
-                                                       f"beyond it holds a name")
-
-    def counters(self) -> list[PageCounter]:
-        """All counters, in creation order."""
-        self._check_open()
-        return [self._handle(i) for i in range(self._published())]
-
-    def stocked_counters(self) -> Iterator[PageCounter]:
-        """Counters that currently have stock."""
-        self._check_open()
-        return (self._handle(i) for i in range(self._published())
-                if self.records[i, PC_STOCK_ID] >= 0)
-
-    @property
-    def memcg_legacy(self) -> bool:
-        """Does this arena's cgroup tree use the legacy 7-slot per-CPU stock? The
-        CPU paths (drain serving, unregister, hotplug) then drain it too."""
-        return int(self.memcg_header[M_VARIANT]) == M_LEGACY
-
     @property
     def drain_timeout(self) -> float:
         """Seconds a drain_stock waits for a live CPU before DrainTimeout (default
@@ -860,7 +786,6 @@ class Arena:
 
     @drain_timeout.setter
     def drain_timeout(self, seconds: float) -> None:
-        from .drain import check_timeout
         self._check_open()
         check_timeout(seconds, "drain_timeout")
         self._drain_timeout = seconds
@@ -877,7 +802,6 @@ class Arena:
 
     @wait_timeout.setter
     def wait_timeout(self, seconds: float) -> None:
-        from .drain import check_timeout
         self._check_open()
         check_timeout(seconds, "wait_timeout")
         self._wait_timeout = seconds
@@ -930,47 +854,32 @@ class Arena:
     def _request_slot(self, cpu: int, index: int) -> int:
         return self._requests_slot0 + cpu * self._counter_block_words + index
 
-    def _memcg_cpu_slot(self, cpu: int) -> int:
-        return self._memcg_cpus_slot + cpu * MC_WORDS
-
     def _stock_slot(self, cpu: int, sid: int) -> int:
         return self._stocks_slot + cpu * self._stock_block_words + sid * STOCK_WORDS
 
-    def hotplug_cpu_dead(self, cpu: int) -> dict[str, int]:
-        """The CPU-hotplug "dead" callback: repair and reclaim CPU `cpu`.
-
-        Under stop_machine, rolls back the op the dead process left unfinished, runs
-        drain_cpu on every counter with stock, and frees the CPU for a new process
-        (hotplug.py). The process registered as `cpu` must be dead (or none
-        registered). Returns the pages reclaimed, by counter name.
-        """
-        from .hotplug import cpu_dead
+    def set_cpu_blocks(self, first: int) -> None:
+        """Tell the C steps where the per-CPU blocks of a higher layer's section
+        start (slot `first`; 0: none), so that they check every block index they
+        are given against it (memcg's legacy steps)."""
         self._check_open()
-        return cpu_dead(self, cpu)
+        self._set_layout(first)
 
-    def repair(self) -> Repair:
-        """Repair every dead writer, CPU or not: under stop_machine, roll back the
-        op each one left in progress (it counts not at all, at every level) and
-        free the rows of dead non-CPU writers (a dead CPU's stock and row are left
-        to hotplug_cpu_dead). Returns what it did (hotplug.Repair).
+    def _set_layout(self, first: int) -> None:
+        sec = self._sec
+        self._slots.set_layout(self._shm.name, sec.rows // WORD, sec.counters // WORD,
+                               self.max_counters, sec.stocks // WORD, sec.stock_block // WORD,
+                               self.ncpus, self.max_stocked, first)
 
-        Also done, without anyone asking, by a charge about to be refused (then
-        retried), by procs.Machine when a writer dies, and by the hotplug path.
-        Raises WaitTimeout, having changed nothing, when a live writer stays inside
-        an op for wait_timeout seconds (stopped with SIGSTOP): it names its pid.
-        """
-        from .hotplug import repair_dead_rows
+    def section(self, name: str) -> np.ndarray:
+        """The int64 words of section `name` (register_section), for its owner."""
         self._check_open()
-        return repair_dead_rows(self)
+        at, nbytes = self._extra[name]
+        return np.ndarray((nbytes // WORD,), np.int64, self._bytes, at)
 
-    # ---- protection ---------------------------------------------------------
-
-    def calculate_protection(self, root: PageCounter, counter: PageCounter, *,
-                             recursive: bool = False) -> None:
-        """page_counter_calculate_protection; see page_counter.calculate_protection."""
-        from .page_counter import calculate_protection
+    def section_slot(self, name: str) -> int:
+        """The slot index of the first word of section `name`."""
         self._check_open()
-        calculate_protection(root, counter, recursive=recursive)
+        return self._extra[name][0] // WORD
 
     def __repr__(self) -> str:
         if self._closed:
@@ -990,12 +899,6 @@ def _close_at_exit() -> None:
 
 
 atexit.register(_close_at_exit)
-
-
-def _unpickle_arena(name: str) -> Arena:
-    """This process's open handle on arena `name`, attaching if it has none."""
-    arena = _by_name.get(name)
-    return arena if arena is not None and not arena.closed else Arena.attach(name)
 
 
 def _check_header(name: str, header: bytes, actual: int) -> None:
@@ -1035,7 +938,9 @@ def _check_geometry(name: str, buf: memoryview) -> _Sections:
     return sec
 
 
-def _check_name(name: object) -> bytes:
+def check_counter_name(name: object) -> bytes:
+    """The UTF-8 bytes of counter name `name`; TypeError or ValueError if it is not
+    1 to 63 bytes of UTF-8 without NUL."""
     if not isinstance(name, str):
         raise TypeError(f"counter name must be a str, got {type(name).__name__}")
     encoded = name.encode()

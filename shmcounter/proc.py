@@ -1,0 +1,30 @@
+"""Processes on this machine, as /proc shows them: is a pid alive, and is it still
+the process that started at a given time (a pid alone can be reused)."""
+from __future__ import annotations
+
+import os
+
+
+def proc_stat(pid: int) -> tuple[bytes, int] | None:
+    """(state, start time in clock ticks after boot) of process `pid`, or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = stat[stat.rindex(b")") + 2:].split()     # after the command name
+    return fields[0], int(fields[19])
+
+
+def pid_alive(pid: int, start: int = 0) -> bool:
+    """True if `pid` is a running (not zombie) process on this machine, and, when
+    `start` is given, the one that started then (not a later user of the pid)."""
+    stat = proc_stat(pid)
+    return stat is not None and stat[0] not in (b"Z", b"X") and start in (0, stat[1])
+
+
+def my_start_time() -> int:
+    """This process's start time, in clock ticks after boot."""
+    stat = proc_stat(os.getpid())
+    assert stat is not None                           # we are running
+    return stat[1]
