@@ -89,7 +89,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from . import _atomic
+from ._atomic import Slots
 from .errors import ArenaCorrupt, ArenaError
 from . import pidlock
 from .proc import my_start_time, pid_alive, proc_stat
@@ -420,7 +420,7 @@ class Segment:
 
     # Class defaults, so that close() and unlink() work after a failed __init__.
     _shm: shared_memory.SharedMemory | None = None
-    _slots: _atomic.Slots | None = None
+    _slots: Slots | None = None
     _creator = False
     _unlinked = False
     _closed = True
@@ -466,7 +466,7 @@ class Segment:
                                    sec.requests, strides=(sec.counter_block, WORD))
         self.names = np.ndarray((self.max_counters, NAME_BYTES), np.uint8, buf, sec.names)
         self._extra = sec.extra
-        self._slots = _atomic.Slots(shm.buf)
+        self._slots = Slots(shm.buf)
         self._sec = sec
         self._set_layout(0)
         # slot indexes (8-byte words from the segment start)
