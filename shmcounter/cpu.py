@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from . import drain
 from .errors import ArenaError
-from .layout import MC_FLUSHING, R_DONE_SEQ, R_STOCK_BLOCK
+from .layout import R_DONE_SEQ, R_STOCK_BLOCK
 
 if TYPE_CHECKING:
     from .layout import Arena
@@ -73,6 +73,7 @@ def register_cpu(arena: Arena, cpu: int) -> None:
     arena._slots.store(arena._row_slot(cpu) + R_STOCK_BLOCK, arena._stock_block)
     arena._stock_row = arena._row_slot(cpu)
     arena._memcg_block = arena._memcg_cpu_slot(cpu)
+    from .memcg.legacy import MC_FLUSHING
     arena._slots.store(arena._memcg_block + MC_FLUSHING, 0)   # a request to the dead one
     _registered = (arena, cpu)
 

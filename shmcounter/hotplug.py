@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 import numpy as np
 
 from .layout import (
-    H_STOP, MAX_DEPTH, MC_SLOTS, NR_MEMCG_STOCK, PC_CHILDREN_LOW_USAGE,
+    H_STOP, MAX_DEPTH, PC_CHILDREN_LOW_USAGE,
     PC_CHILDREN_MIN_USAGE, PC_LOW, PC_LOW_USAGE, PC_MIN, PC_MIN_USAGE, PC_USAGE, PC_WORDS,
     R_BASE, R_COUNTER, R_DEPTH, R_DONE_SEQ, R_IN_OP, R_OP, R_PID, R_REQ_SEQ,
     R_STOCK_BEFORE, R_STOCK_SLOT, STOCK_LOCK, STOCK_NR, STOCK_WORDS, pid_alive,
@@ -205,6 +205,7 @@ def _intent(arena: Arena, row: int, parents: np.ndarray) -> tuple[int, int, int]
     if depth != length or depth > MAX_DEPTH:
         raise arena._corrupt(f"row {row}'s op depth", depth,
                              f"not {length}, the number of levels of counter {index}'s path")
+    from .memcg.legacy import MC_SLOTS, NR_MEMCG_STOCK
     stock = stock_slot - arena._stocks_slot
     legacy = stock_slot - arena._memcg_cpu_slot(row) - MC_SLOTS if row < arena.ncpus else -1
     if not (stock_slot == -1

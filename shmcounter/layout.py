@@ -59,7 +59,7 @@ Bump LAYOUT_VERSION whenever a line below changes.
                        max_counters cgroup records of CG_WORDS = 8 words, indexed
                          by the cgroup's memory counter: state, memsw counter,
                          events.max (hierarchical), events.max local
-                       ncpus per-CPU blocks of MC_WORDS = 16 words (two lines):
+                       ncpus per-CPU blocks of MEMCG_CPU_WORDS = 16 words (two lines):
                          the legacy memcg_stock_pcp (flushing, lock, drain_idx,
                          7 slot words; memcg/legacy.py) and this CPU's event
                          counts (evictions, overflow drains, flushes), written by
@@ -138,9 +138,9 @@ from ._atomic import (  # noqa: E402, F401
     STOCK_LOCK, STOCK_NR, STOCK_WORDS,
     MAX_DEPTH, R_BASE, R_COUNTER, R_DEPTH, R_DONE_SEQ, R_IN_OP, R_OP, R_PID, R_REQ_SEQ,
     R_STOCK_BEFORE, R_STOCK_BLOCK, R_STOCK_SLOT, R_START, ROW_WORDS,
-    MC_DRAIN_IDX, MC_EVICTIONS, MC_FLUSHES, MC_FLUSHING, MC_LOCK, MC_OVERFLOWS, MC_SLOTS,
-    MC_WORDS, MEMCG_CHARGE_BATCH, NR_MEMCG_STOCK,
 )
+# The memcg layer's per-CPU block: its words are memcg/_legacy.c's (MC_WORDS).
+MEMCG_CPU_WORDS = 16
 
 # flags word of a counter
 PC_FLAG_UNCHARGE_TO_STOCK = 1   # the RFC's stock-returning uncharge (series §1.5)
@@ -201,7 +201,7 @@ class _Sections:
         self.memcg = _round_up(self.names + max_counters * NAME_BYTES)
         self.cgroups = self.memcg + MEMCG_HEADER_WORDS * WORD
         self.memcg_cpus = self.cgroups + max_counters * CG_WORDS * WORD
-        self.size = self.memcg_cpus + ncpus * MC_WORDS * WORD
+        self.size = self.memcg_cpus + ncpus * MEMCG_CPU_WORDS * WORD
 
 
 def _proc_stat(pid: int) -> tuple[bytes, int] | None:
@@ -443,11 +443,14 @@ class Arena:
         self.names = np.ndarray((self.max_counters, NAME_BYTES), np.uint8, buf, sec.names)
         self.memcg_header = np.ndarray((MEMCG_HEADER_WORDS,), np.int64, buf, sec.memcg)
         self.cgroups = np.ndarray((self.max_counters, CG_WORDS), np.int64, buf, sec.cgroups)
-        self.memcg_cpus = np.ndarray((self.ncpus, MC_WORDS), np.int64, buf, sec.memcg_cpus)
+        self.memcg_cpus = np.ndarray((self.ncpus, MEMCG_CPU_WORDS), np.int64, buf,
+                                     sec.memcg_cpus)
         self._slots = _atomic.Slots(shm.buf)
         self._slots.set_layout(shm.name, sec.rows // WORD, sec.counters // WORD,
                                self.max_counters, sec.stocks // WORD, sec.stock_block // WORD,
-                               self.ncpus, self.max_stocked, sec.memcg_cpus // WORD)
+                               self.ncpus, self.max_stocked)
+        from .memcg import _legacy        # the memcg layer's section, for its own C steps
+        _legacy.set_section(self._slots, sec.memcg_cpus // WORD, self.ncpus)
         # slot indexes (8-byte words from the segment start)
         self._rows_slot = sec.rows // WORD
         self._counters_slot = sec.counters // WORD
@@ -930,7 +933,7 @@ class Arena:
         return self._requests_slot0 + cpu * self._counter_block_words + index
 
     def _memcg_cpu_slot(self, cpu: int) -> int:
-        return self._memcg_cpus_slot + cpu * MC_WORDS
+        return self._memcg_cpus_slot + cpu * MEMCG_CPU_WORDS
 
     def _stock_slot(self, cpu: int, sid: int) -> int:
         return self._stocks_slot + cpu * self._stock_block_words + sid * STOCK_WORDS

@@ -8,7 +8,7 @@ from multiprocessing import shared_memory
 import pytest
 
 from shmcounter import _atomic
-from shmcounter._atomic import Slots
+from shmcounter._atomic import STOCK_BUSY, Slots
 
 N = 10**6
 
@@ -60,7 +60,7 @@ def test_stock_steps_are_exclusive_under_the_slot_lock():
     assert s.stock_trylock(2, 222) is True
     assert s.load(3) == 222                                  # lock word: holder pid
     assert s.stock_deposit(2, 5, 111) is False and s.load(2) == 10
-    assert s.stock_take(2, 111) == -1
+    assert s.stock_take(2, 111) == STOCK_BUSY
     s.stock_unlock(2)
     assert s.stock_take(2, 111) == 10 and s.load(2) == 0 and s.load(3) == 0
 
@@ -68,30 +68,32 @@ def test_stock_steps_are_exclusive_under_the_slot_lock():
 def test_legacy_refill_and_consume_steps():
     """A row at word 0 (pid 7 at R_PID) and a legacy block at word 32: slot i is
     word 35 + i, tag << 8 | pages, and the op's intent names the slot it changes."""
-    from shmcounter._atomic import (LEGACY_BYPASS, LEGACY_DEPOSITED, LEGACY_EVICTED,
-                                    LEGACY_OVERFLOW, MC_EVICTIONS, MC_OVERFLOWS, R_PID,
-                                    R_STOCK_BEFORE, R_STOCK_SLOT)
+    from shmcounter._atomic import R_PID, R_STOCK_BEFORE, R_STOCK_SLOT
+    from shmcounter.memcg._legacy import (CONSUME_BUSY, CONSUME_HIT, CONSUME_MISS,
+                                          LEGACY_BYPASS, LEGACY_DEPOSITED, LEGACY_EVICTED,
+                                          LEGACY_OVERFLOW, MC_EVICTIONS, MC_OVERFLOWS,
+                                          consume, refill, trylock)
     s = Slots(bytearray(8 * 48))
     row, block, slot = 0, 32, lambda i: 35 + i
     s.store(row + R_PID, 7)
     for tag in range(1, 8):                                  # 7 cgroups fill 7 slots
-        assert s.legacy_refill(row, block, tag, 63, -1) == (LEGACY_DEPOSITED, tag - 1, 0)
+        assert refill(s, row, block, tag, 63, -1) == (LEGACY_DEPOSITED, tag - 1, 0)
     assert s.load(slot(6)) == 7 << 8 | 63
-    assert s.legacy_consume(row, block, 3, 60) == 1 and s.load(slot(2)) == 3 << 8 | 3
-    assert s.legacy_consume(row, block, 3, 4) == 0           # holds 3: a miss
-    assert s.legacy_consume(row, block, 3, 65) == 0          # > 64: never from stock
-    assert s.legacy_refill(row, block, 3, 62, -1) == (LEGACY_OVERFLOW, 2, 65)
+    assert consume(s, row, block, 3, 60) == CONSUME_HIT and s.load(slot(2)) == 3 << 8 | 3
+    assert consume(s, row, block, 3, 4) == CONSUME_MISS      # holds 3: a miss
+    assert consume(s, row, block, 3, 65) == CONSUME_MISS     # > 64: never from stock
+    assert refill(s, row, block, 3, 62, -1) == (LEGACY_OVERFLOW, 2, 65)
     assert s.load(slot(2)) == 0 and s.load(block + MC_OVERFLOWS) == 1
-    assert s.legacy_refill(row, block, 8, 63, -1) == (LEGACY_DEPOSITED, 2, 0)  # the freed slot
-    assert s.legacy_refill(row, block, 9, 63, -1) == (LEGACY_EVICTED, 0, 0)    # round-robin 0
+    assert refill(s, row, block, 8, 63, -1) == (LEGACY_DEPOSITED, 2, 0)  # the freed slot
+    assert refill(s, row, block, 9, 63, -1) == (LEGACY_EVICTED, 0, 0)    # round-robin 0
     assert s.load(slot(0)) == (1 << 8 | 63) << 32 | 9 << 8 | 63   # tag 1 pending
     assert (s.load(row + R_STOCK_SLOT), s.load(row + R_STOCK_BEFORE)) == (slot(0), 1 << 8 | 63)
-    assert s.legacy_refill(row, block, 10, 63, 0) == (LEGACY_BYPASS, -1, 0)  # still pending
-    assert s.legacy_refill(row, block, 10, 63, 1) == (LEGACY_EVICTED, 1, 0)
+    assert refill(s, row, block, 10, 63, 0) == (LEGACY_BYPASS, -1, 0)  # still pending
+    assert refill(s, row, block, 10, 63, 1) == (LEGACY_EVICTED, 1, 0)
     assert s.load(block + MC_EVICTIONS) == 2
-    assert s.stock_trylock(block, 8)                          # another context holds it
-    assert s.legacy_refill(row, block, 10, 1, -1) == (LEGACY_BYPASS, -1, 0)
-    assert s.legacy_consume(row, block, 10, 1) == -1
+    assert trylock(s, block, 8)                               # another context holds it
+    assert refill(s, row, block, 10, 1, -1) == (LEGACY_BYPASS, -1, 0)
+    assert consume(s, row, block, 10, 1) == CONSUME_BUSY
 
 
 # ---- no lost update: two processes pinned to different cores, one slot ------

@@ -22,11 +22,11 @@ import shmcounter
 from shmcounter import Arena, hooks
 from shmcounter.invariants import check_invariants
 from shmcounter.layout import (
-    H_MAX_WRITERS, H_NCOUNTERS, H_REGISTRY_LOCK, H_STOP, M_VARIANT, MC_DRAIN_IDX,
-    MC_LOCK, MC_SLOTS, PC_PARENT, PC_STOCK_ID, PC_WORDS, R_DEPTH, R_IN_OP, R_STOCK_BLOCK,
-    R_STOCK_SLOT, STOCK_LOCK,
+    H_MAX_WRITERS, H_NCOUNTERS, H_REGISTRY_LOCK, H_STOP, M_VARIANT, PC_PARENT, PC_STOCK_ID,
+    PC_WORDS, R_DEPTH, R_IN_OP, R_STOCK_BLOCK, R_STOCK_SLOT, STOCK_LOCK,
 )
 from shmcounter.memcg import Cgroups
+from shmcounter.memcg.legacy import MC_DRAIN_IDX, MC_LOCK, MC_SLOTS
 
 WAIT = 0.2                      # the children's wait_timeout, seconds
 NOT_A_PID = 2**22 + 1           # above the kernel's largest pid_max

@@ -29,12 +29,13 @@ from ..drain import check_timeout, single_drainer
 from ..errors import ArenaError
 from ..layout import (
     CG_WORDS, M_BATCH, M_EVICTION, M_FIRST_CHILD_DRAIN, M_MEMSW, M_ROOT, M_STATE,
-    M_VARIANT, MC_EVICTIONS, MC_FLUSHES, MC_OVERFLOWS, MEMCG_VARIANTS, R_WALKS,
-    Arena, _check_name, pid_alive,
+    M_VARIANT, MEMCG_VARIANTS, R_WALKS, Arena, _check_name, pid_alive,
 )
+from .._atomic import CONSUME_HIT    # = _legacy.CONSUME_HIT: both are _slots.h's
 from ..page_counter import NR_PAGES_LIMIT, PAGE_COUNTER_MAX, PageCounter, check_limit, check_nr
 from ..stock import BATCH_LIMIT, DEFAULT_BATCH
-from . import legacy
+from . import _legacy, legacy
+from .legacy import MC_EVICTIONS, MC_FLUSHES, MC_OVERFLOWS
 from .variants import DESIGNS, Design
 
 VARIANTS = MEMCG_VARIANTS
@@ -81,9 +82,9 @@ class MemCgroup:
                 and not hooks.ARMED:
             slots = arena._slots
             if tree._legacy:
-                if slots.legacy_consume(row, arena._memcg_block, self._tag, n) == 1:
+                if _legacy.consume(slots, row, arena._memcg_block, self._tag, n) == CONSUME_HIT:
                     return True             # a freed cgroup is in no slot: never here
-            elif slots.stock_consume(self.memory._c, row, n) == 1:
+            elif slots.stock_consume(self.memory._c, row, n) == CONSUME_HIT:
                 return True                 # a freed cgroup has no stock: never here
         nr_pages = check_nr(n)
         self._check_alive()
@@ -437,7 +438,7 @@ class Cgroups:
             if hooks.ARMED:
                 if counter._consume_stepwise(nr_pages):
                     return None
-            elif arena._slots.stock_consume(counter._c, row, nr_pages) == 1:
+            elif arena._slots.stock_consume(counter._c, row, nr_pages) == CONSUME_HIT:
                 return None
         return counter._try_charge_slow(nr_pages)[1]
 
