@@ -34,7 +34,8 @@ from ..layout import (
 from .._atomic import CONSUME_HIT    # = _legacy.CONSUME_HIT: both are _slots.h's
 from ..page_counter import NR_PAGES_LIMIT, PAGE_COUNTER_MAX, PageCounter, check_limit, check_nr
 from ..stock import BATCH_LIMIT, DEFAULT_BATCH
-from . import _legacy, legacy
+from . import legacy
+from ._legacy import consume as legacy_consume     # the inlined hit: a global, no attribute
 from .legacy import MC_EVICTIONS, MC_FLUSHES, MC_OVERFLOWS
 from .variants import DESIGNS, Design
 
@@ -82,7 +83,7 @@ class MemCgroup:
                 and not hooks.ARMED:
             slots = arena._slots
             if tree._legacy:
-                if _legacy.consume(slots, row, arena._memcg_block, self._tag, n) == CONSUME_HIT:
+                if legacy_consume(slots, row, arena._memcg_block, self._tag, n) == CONSUME_HIT:
                     return True             # a freed cgroup is in no slot: never here
             elif slots.stock_consume(self.memory._c, row, n) == CONSUME_HIT:
                 return True                 # a freed cgroup has no stock: never here
