@@ -1,7 +1,7 @@
 /*
  * shmcounter._atomic: atomic load, store, fetch_add, exchange and cas on aligned
- * 8-byte slots of a writable buffer, plus the fused page_counter and stock steps
- * built from them. Every operation is __ATOMIC_SEQ_CST: each one is a full
+ * 8-byte slots of a writable buffer, plus the fused page_counter, stock and op
+ * steps built from them. Every operation is __ATOMIC_SEQ_CST: each one is a full
  * barrier, which is what the ordering arguments in page_counter.py rely on
  * (kernel: atomic_long_add_return and atomic_long_xchg are fully ordered).
  *
@@ -13,21 +13,25 @@
  *     a buffer per call costs more than the atomic itself.
  *
  * Slots also carries the fused steps, each one C call so that the Python hot path
- * pays one call per step. They know the page_counter record and writer row layouts
- * below, which shmcounter/layout.py documents and imports from here.
+ * pays one call per step. They know the page_counter record layout below and the
+ * writer row and stock slot layouts of _slots.h, which shmcounter/layout.py
+ * documents and imports from here. This is the core: it knows no layer above it.
+ * A layer with C steps of its own (memcg/_legacy.c) includes _slots.h, takes a
+ * Slots object as its first argument, and tells the core only which words of its
+ * own section an op may name (the extension section of _slots.h).
  *
  * Only futex_wait blocks, so only it releases the GIL: a trylock either succeeds at
  * once or reports busy. A Python signal handler, like another thread, runs only
  * between bytecodes, so a critical section that is one C call is never seen half
  * done from inside its own process.
+ *
+ * Multi-phase init (PEP 489): Slots is a heap type of the module, and the module
+ * state holds it and shmcounter.errors.ArenaCorrupt; nothing is a static global.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "_slots.h"
 #include <errno.h>
-#include <stdarg.h>
 #include <limits.h>
 #include <linux/futex.h>
-#include <stdint.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -56,59 +60,24 @@
 #define PC_FLAGS 23
 #define PC_WORDS 24
 
-/* stock slot: 2 int64 words, [nr_pages, lock]; lock holds the holder's pid or 0. */
-#define STOCK_NR 0
-#define STOCK_LOCK 1
-#define STOCK_WORDS 2
+/* What stock_return and stock_take return when the slot lock is held. */
+#define STOCK_BUSY (-1)
 
-/*
- * writer row: 32 int64 words, four 64-byte lines (see layout.py). Every process
- * that changes a usage owns one row: CPU k owns row k.
- */
-#define R_PID 0                 /* line 0: owner pid; drains done (CPU rows)    */
-#define R_DONE_SEQ 1
-#define R_STOCK_BLOCK 2         /* CPU rows: first slot of the CPU's stock block */
-#define R_START 3               /* the owner's start time: a reused pid is not it */
-#define R_REQ_SEQ 8             /* line 1: drain tickets, taken by requesters   */
-#define R_IN_OP 16              /* lines 2-3: the owner's op and intent record  */
-#define R_OP 17
-#define R_COUNTER 18
-#define R_STOCK_SLOT 19
-#define R_STOCK_BEFORE 20
-#define R_DEPTH 21
-#define R_BASE 22               /* contrib of each level when the op began      */
-#define MAX_DEPTH 10
-#define ROW_WORDS 32
+/* The module state. */
+typedef struct {
+    PyObject *slots_type;       /* Slots, this module's heap type */
+    PyObject *arena_corrupt;    /* shmcounter.errors.ArenaCorrupt */
+} atomic_state;
 
-/*
- * legacy memcg_stock_pcp block of one CPU: 16 int64 words (see memcg/legacy.py).
- * The lock sits where a stock slot's does, so the slot lock steps apply to it.
- * Slot word: bits 0-7 nr_pages (the kernel's u8), bits 8-31 the cached cgroup's
- * tag (its memory counter + 1; 0 = empty); bits 32-63 a second such half, pages
- * taken out of the slot and not yet uncharged (legacy.py).
- */
-#define MC_FLUSHING 0
-#define MC_LOCK STOCK_LOCK
-#define MC_DRAIN_IDX 2
-#define MC_SLOTS 3
-#define NR_MEMCG_STOCK 7
-#define MC_EVICTIONS 10         /* this CPU's event counts, written by it only  */
-#define MC_OVERFLOWS 11
-#define MC_FLUSHES 12
-#define MC_WORDS 16
-#define MEMCG_CHARGE_BATCH 64
-
-#define LOAD(p) __atomic_load_n((p), __ATOMIC_SEQ_CST)
-#define STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_SEQ_CST)
-#define ADD_FETCH(p, v) __atomic_add_fetch((p), (v), __ATOMIC_SEQ_CST)
-#define XCHG(p, v) __atomic_exchange_n((p), (v), __ATOMIC_SEQ_CST)
-
-static int
-cas_strong(int64_t *p, int64_t expected, int64_t desired)
+/* The state of the module that defined self's type (Slots is not subclassable). */
+static inline atomic_state *
+state_of(SlotsObject *self)
 {
-    return __atomic_compare_exchange_n(p, &expected, desired, 0,
-                                       __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+    return (atomic_state *)PyType_GetModuleState(Py_TYPE(self));
 }
+
+/* corrupt() with this module's ArenaCorrupt: only on the error paths. */
+#define CORRUPT(self, ...) corrupt(state_of(self)->arena_corrupt, (self), __VA_ARGS__)
 
 /* ---- module functions on (buffer, byte offset): the primitives, for any buffer;
  * the library itself uses Slots, which holds its buffer once ------------------ */
@@ -209,31 +178,7 @@ mod_cas(PyObject *m, PyObject *args)
     return res;
 }
 
-/* ---- Slots: the buffer held once, 8-byte slot indexes -------------------- */
-
-typedef struct {
-    PyObject_HEAD
-    Py_buffer view;     /* valid while words != NULL */
-    int64_t *words;
-    Py_ssize_t nwords;
-    /* Once released, every step raises released_type(released_msg) (release()'s
-       arguments: the arena's "is closed" error), or ValueError without them. */
-    PyObject *released_type;
-    PyObject *released_msg;
-    /*
-     * The arena's sections, set once by set_layout (slot indexes and counts; see
-     * layout.py): the fused steps check every index they derive from a word of
-     * the segment against the section it must lie in, and raise ArenaCorrupt
-     * naming the arena (name), the word and its value. name == NULL: a bare
-     * buffer (tests), checked against its bounds only.
-     */
-    PyObject *name;
-    int64_t rows, counters, max_counters, stocks, stock_block, ncpus, max_stocked,
-            memcg_cpus;
-} SlotsObject;
-
-/* shmcounter.errors.ArenaCorrupt, imported when the module is. */
-static PyObject *ArenaCorrupt;
+/* ---- Slots: the buffer held once, 8-byte slot indexes (_slots.h) -------- */
 
 static int
 Slots_init(SlotsObject *self, PyObject *args, PyObject *kwds)
@@ -258,9 +203,13 @@ Slots_init(SlotsObject *self, PyObject *args, PyObject *kwds)
     return 0;
 }
 
+/* Not GC-tracked: a Slots refers only to a str, an exception class and its type,
+ * none of which can refer back to it. An instance of a heap type owns a reference
+ * to its type, dropped last. */
 static void
 Slots_dealloc(SlotsObject *self)
 {
+    PyTypeObject *tp = Py_TYPE(self);
     if (self->words) {
         self->words = NULL;
         PyBuffer_Release(&self->view);
@@ -268,31 +217,8 @@ Slots_dealloc(SlotsObject *self)
     Py_CLEAR(self->released_type);
     Py_CLEAR(self->released_msg);
     Py_CLEAR(self->name);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
-
-/*
- * Raise ArenaCorrupt(arena name, field, value, expected): the word `field` (a
- * printf-style format) read from the segment holds the impossible `value`.
- * Returns NULL, for `return corrupt(...)`.
- */
-static PyObject *
-corrupt(SlotsObject *self, long long value, const char *expected, const char *field, ...)
-{
-    va_list ap;
-    va_start(ap, field);
-    PyObject *f = PyUnicode_FromFormatV(field, ap);
-    va_end(ap);
-    if (!f)
-        return NULL;
-    PyObject *exc = PyObject_CallFunction(ArenaCorrupt, "ONLs",
-                                          self->name ? self->name : Py_None, f, value,
-                                          expected);
-    if (exc) {
-        PyErr_SetObject(ArenaCorrupt, exc);
-        Py_DECREF(exc);
-    }
-    return NULL;
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
 }
 
 /* Is s the first word (nr_pages) of a stock slot, [nr_pages, lock]? */
@@ -307,66 +233,18 @@ is_stock_slot(SlotsObject *self, int64_t s)
     return in % STOCK_WORDS == 0 && in / STOCK_WORDS < self->max_stocked;
 }
 
-/* Is b the first word of a CPU's legacy memcg block (memcg/legacy.py)? */
+/* Is s a word of the extension section that an op may name as its stock slot
+ * (_slots.h)? None while no layer has set the section. */
 static int
-is_legacy_block(SlotsObject *self, int64_t b)
+is_ext_slot(SlotsObject *self, int64_t s)
 {
     if (!self->name)
         return 1;
-    return b >= self->memcg_cpus && b < self->memcg_cpus + self->ncpus * MC_WORDS
-        && (b - self->memcg_cpus) % MC_WORDS == 0;
-}
-
-/* Is s one of the 7 slot words of a CPU's legacy memcg block? */
-static int
-is_legacy_slot(SlotsObject *self, int64_t s)
-{
-    if (!self->name)
-        return 1;
-    if (s < self->memcg_cpus || s >= self->memcg_cpus + self->ncpus * MC_WORDS)
+    if (self->ext_words == 0 || s < self->ext_first
+        || s >= self->ext_first + self->ext_blocks * self->ext_words)
         return 0;
-    int64_t in = (s - self->memcg_cpus) % MC_WORDS;
-    return in >= MC_SLOTS && in < MC_SLOTS + NR_MEMCG_STOCK;
-}
-
-/* Bounds-checked pointer to slot i, spanning `span` words (a record or a slot). */
-static inline int64_t *
-word(SlotsObject *self, Py_ssize_t i, Py_ssize_t span)
-{
-    if (self->words == NULL) {
-        if (self->released_type)
-            PyErr_SetObject(self->released_type, self->released_msg);
-        else
-            PyErr_SetString(PyExc_ValueError, "Slots is released (the arena was closed)");
-        return NULL;
-    }
-    if (i < 0 || span > self->nwords || i > self->nwords - span) {
-        PyErr_Format(PyExc_IndexError, "slot %zd (+%zd) outside 0..%zd",
-                     i, span, self->nwords);
-        return NULL;
-    }
-    return self->words + i;
-}
-
-/*
- * Parse `want` int arguments of a METH_FASTCALL method into out[]. Public API only
- * (PyLong_AsLongLong), so the module builds on every CPython >= 3.11.
- */
-static int
-parse_ints(const char *name, PyObject *const *args, Py_ssize_t nargs,
-           Py_ssize_t want, long long *out)
-{
-    if (nargs != want) {
-        PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments (%zd given)",
-                     name, want, nargs);
-        return -1;
-    }
-    for (Py_ssize_t k = 0; k < want; k++) {
-        out[k] = PyLong_AsLongLong(args[k]);
-        if (out[k] == -1 && PyErr_Occurred())
-            return -1;
-    }
-    return 0;
+    int64_t in = (s - self->ext_first) % self->ext_words;
+    return in >= self->ext_lo && in < self->ext_hi;
 }
 
 #define ARGS(name, want) \
@@ -375,18 +253,18 @@ parse_ints(const char *name, PyObject *const *args, Py_ssize_t nargs,
 
 /*
  * set_layout(name, rows, counters, max_counters, stocks, stock_block, ncpus,
- * max_stocked, memcg_cpus): the arena's sections (slot indexes, counts), for the
- * checks of the fused steps. Once, by Arena.__init__.
+ * max_stocked): the arena's sections (slot indexes, counts), for the checks of the
+ * fused steps. Once, by Arena.__init__.
  */
 static PyObject *
 Slots_set_layout(SlotsObject *self, PyObject *args)
 {
     PyObject *name;
-    long long v[8];
-    if (!PyArg_ParseTuple(args, "ULLLLLLLL:set_layout", &name, &v[0], &v[1], &v[2], &v[3],
-                          &v[4], &v[5], &v[6], &v[7]))
+    long long v[7];
+    if (!PyArg_ParseTuple(args, "ULLLLLLL:set_layout", &name, &v[0], &v[1], &v[2], &v[3],
+                          &v[4], &v[5], &v[6]))
         return NULL;
-    for (int k = 0; k < 8; k++) {
+    for (int k = 0; k < 7; k++) {
         if (v[k] < 0 || v[k] > self->nwords) {
             PyErr_Format(PyExc_ValueError, "set_layout: argument %d is %lld, not in [0, %zd]",
                          k + 2, v[k], self->nwords);
@@ -406,7 +284,6 @@ Slots_set_layout(SlotsObject *self, PyObject *args)
     self->stock_block = v[4];
     self->ncpus = v[5];
     self->max_stocked = v[6];
-    self->memcg_cpus = v[7];
     Py_RETURN_NONE;
 }
 
@@ -656,25 +533,13 @@ Slots_pc_propagate(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 
 /* ---- stock steps: slot s = [nr_pages, lock], owned by one CPU process ------ */
 
-static inline int
-slot_trylock(int64_t *s, int64_t owner)
-{
-    return cas_strong(&s[STOCK_LOCK], 0, owner);
-}
-
-static inline void
-slot_unlock(int64_t *s)
-{
-    STORE(&s[STOCK_LOCK], 0);
-}
-
 /* Pointer to stock slot s, or NULL with ArenaCorrupt if s is not one (the caller
  * derived it from a counter's stock id, a word of the segment). */
 static int64_t *
 stock_slot(SlotsObject *self, int64_t s)
 {
     if (!is_stock_slot(self, s))
-        return (int64_t *)corrupt(self, s, "not a slot of the stocks section (a counter's "
+        return (int64_t *)CORRUPT(self, s, "not a slot of the stocks section (a counter's "
                                   "stock_id is out of range)", "stock slot index");
     return word(self, s, STOCK_WORDS);
 }
@@ -686,33 +551,12 @@ counter_ok(SlotsObject *self, int64_t i)
     return i >= 0 && (self->name ? i < self->max_counters : i <= self->nwords / PC_WORDS);
 }
 
-/* Pointer to the legacy block at b, or NULL with ArenaCorrupt. */
-static int64_t *
-legacy_block(SlotsObject *self, int64_t b)
-{
-    if (!is_legacy_block(self, b))
-        return (int64_t *)corrupt(self, b, "not the start of a CPU's legacy block",
-                                  "legacy block index");
-    return word(self, b, MC_WORDS);
-}
-
-/* A word pair [x, lock] whose lock the slot steps take: a stock slot, or the start
- * of a CPU's legacy block (its lock sits where a slot's does). */
-static int64_t *
-lock_slot(SlotsObject *self, int64_t s)
-{
-    if (!is_stock_slot(self, s) && !is_legacy_block(self, s))
-        return (int64_t *)corrupt(self, s, "not a stock slot or a legacy block",
-                                  "lock slot index");
-    return word(self, s, STOCK_WORDS);
-}
-
 /*
- * stock_consume(c, row, nr) -> 1 hit, 0 miss (stock < nr), -1 busy, -2 counter c
- * has no stock. The fast path of try_charge in one call: read c's stock id, trylock
- * this CPU's slot (row: this CPU's writer row, which holds its pid, the lock owner
- * token, and the first slot of its stock block), take nr if the stock holds it,
- * unlock. Only the owning CPU calls it.
+ * stock_consume(c, row, nr) -> CONSUME_HIT, CONSUME_MISS (stock < nr), CONSUME_BUSY,
+ * or CONSUME_NO_STOCK (counter c has no stock). The fast path of try_charge in one
+ * call: read c's stock id, trylock this CPU's slot (row: this CPU's writer row,
+ * which holds its pid, the lock owner token, and the first slot of its stock
+ * block), take nr if the stock holds it, unlock. Only the owning CPU calls it.
  * Busy also while an op of this CPU is in progress (row's op != 0: another thread
  * of the process): that op's intent snapshot of the slot must stay the slot's only
  * change, and the caller's slow path waits for the op instead.
@@ -729,34 +573,34 @@ Slots_stock_consume(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (!cr || !row)
         return NULL;
     if (LOAD(&row[R_OP]))
-        return PyLong_FromLong(-1);
+        return PyLong_FromLong(CONSUME_BUSY);
     int64_t owner = LOAD(&row[R_PID]), block = LOAD(&row[R_STOCK_BLOCK]);
     int64_t sid = LOAD(&cr[PC_STOCK_ID]);
     if (sid == -1)
-        return PyLong_FromLong(-2);
+        return PyLong_FromLong(CONSUME_NO_STOCK);
     if (self->name) {
         if (sid < 0 || sid >= self->max_stocked)
-            return corrupt(self, sid, "not -1 or a stock id below max_stocked",
+            return CORRUPT(self, sid, "not -1 or a stock id below max_stocked",
                            "counter %lld's stock_id",
                            (long long)((a[0] - self->counters) / PC_WORDS));
         int64_t cpu = (a[1] - self->rows) / ROW_WORDS;
         if (block != self->stocks + cpu * self->stock_block)
-            return corrupt(self, block, "not the first slot of this CPU's stock block",
+            return CORRUPT(self, block, "not the first slot of this CPU's stock block",
                            "CPU %lld's stock_block", (long long)cpu);
     }
     int64_t *s = word(self, block + sid * STOCK_WORDS, STOCK_WORDS);
     if (!s)
         return NULL;
     if (!slot_trylock(s, owner))
-        return PyLong_FromLong(-1);
-    int hit = 0;
+        return PyLong_FromLong(CONSUME_BUSY);
+    int result = CONSUME_MISS;
     int64_t have = LOAD(&s[STOCK_NR]);
     if (have >= nr) {
         STORE(&s[STOCK_NR], have - nr);
-        hit = 1;
+        result = CONSUME_HIT;
     }
     slot_unlock(s);
-    return PyLong_FromLong(hit);
+    return PyLong_FromLong(result);
 }
 
 /*
@@ -774,7 +618,7 @@ Slots_local_slot(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     int64_t sid = LOAD(&cr[PC_STOCK_ID]), block = a[1];
     if (sid < -1 || (self->name && sid >= self->max_stocked))
-        return corrupt(self, sid, "not -1 or a stock id below max_stocked",
+        return CORRUPT(self, sid, "not -1 or a stock id below max_stocked",
                        "counter %lld's stock_id",
                        (long long)((a[0] - self->counters) / PC_WORDS));
     if (block < 0 || sid < 0)
@@ -798,10 +642,10 @@ Slots_stock_deposit(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 }
 
 /*
- * stock_return(s, batch, nr, owner) -> pages left for the caller to uncharge, or -1
- * if the slot is busy. The RFC's stock-returning uncharge (series §1.5) under the
- * lock: add nr to slot s and keep at most *batch there (batch: the counter's
- * batch slot), returning the excess.
+ * stock_return(s, batch, nr, owner) -> pages left for the caller to uncharge, or
+ * STOCK_BUSY if the slot is busy. The RFC's stock-returning uncharge
+ * (docs/stock-design.md §Uncharge) under the lock: add nr to slot s and keep at
+ * most *batch there (batch: the counter's batch slot), returning the excess.
  */
 static PyObject *
 Slots_stock_return(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -811,7 +655,7 @@ Slots_stock_return(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (!s || !batch)
         return NULL;
     if (!slot_trylock(s, a[3]))
-        return PyLong_FromLong(-1);
+        return PyLong_FromLong(STOCK_BUSY);
     int64_t stocked = LOAD(&s[STOCK_NR]) + a[2], keep = LOAD(batch);
     int64_t excess = stocked > keep ? stocked - keep : 0;
     STORE(&s[STOCK_NR], stocked - excess);
@@ -819,7 +663,8 @@ Slots_stock_return(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromLongLong(excess);
 }
 
-/* stock_take(s, owner) -> pages taken (slot left at 0) under the lock, or -1 busy. */
+/* stock_take(s, owner) -> pages taken (slot left at 0) under the lock, or
+ * STOCK_BUSY. */
 static PyObject *
 Slots_stock_take(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -828,140 +673,22 @@ Slots_stock_take(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (!s)
         return NULL;
     if (!slot_trylock(s, a[1]))
-        return PyLong_FromLong(-1);
+        return PyLong_FromLong(STOCK_BUSY);
     int64_t have = XCHG(&s[STOCK_NR], 0);
     slot_unlock(s);
     return PyLong_FromLongLong(have);
 }
 
 /*
- * legacy_consume(row, block, tag, nr) -> 1 hit, 0 miss, -1 busy: consume_stock of
- * the old per-CPU cache (kernel.md §2.4) in one call. Refuses nr > 64; trylock the
- * CPU's block; find the slot cached for tag; take nr if it holds that many. Only
- * the owning CPU calls it; busy while an op of this CPU is in progress, as for
- * stock_consume.
- */
-static PyObject *
-Slots_legacy_consume(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    ARGS("legacy_consume", 4);
-    int64_t tag = a[2], nr = a[3];
-    int64_t *row = word(self, a[0], ROW_WORDS), *b = legacy_block(self, a[1]);
-    if (!row || !b)
-        return NULL;
-    if (nr > MEMCG_CHARGE_BATCH)
-        return PyLong_FromLong(0);
-    if (LOAD(&row[R_OP]) || !slot_trylock(b, LOAD(&row[R_PID])))
-        return PyLong_FromLong(-1);
-    int hit = 0;
-    for (int i = 0; i < NR_MEMCG_STOCK; i++) {
-        int64_t w = LOAD(&b[MC_SLOTS + i]);
-        if (((w >> 8) & 0xffffff) == tag) {
-            if ((w & 0xff) >= nr) {
-                STORE(&b[MC_SLOTS + i], w - nr);
-                hit = 1;
-            }
-            break;
-        }
-    }
-    slot_unlock(b);
-    return PyLong_FromLong(hit);
-}
-
-/*
- * legacy_refill(row, block, tag, nr, victim) -> (action, slot index, pages):
- * refill_stock of the old per-CPU cache (kernel.md §2.4) in one call, inside an op
- * of row (the CPU's writer row) on the path of the cgroup tagged tag, whose nr
- * pages are charged. Under the CPU's trylock: the slot cached for tag gets the
- * pages, and is emptied whole if that takes it past 64 (OVERFLOW: the caller
- * uncharges `pages`); else the first slot with an empty cached half takes them;
- * else the victim slot (victim, or the round-robin index if victim < 0) is
- * evicted: its cached half moves to its pending half in the same store (EVICTED:
- * the caller uncharges it in an op of its own). BYPASS (nr > 64, lock busy, or a
- * victim whose pending half is taken): the caller uncharges the nr pages.
- * Before the slot word changes, the op's intent record names it and its value
- * (R_STOCK_BEFORE, then R_STOCK_SLOT), so a kill rolls the word back with the op.
- */
-enum { LEGACY_DEPOSITED, LEGACY_OVERFLOW, LEGACY_EVICTED, LEGACY_BYPASS };
-
-static PyObject *
-Slots_legacy_refill(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    ARGS("legacy_refill", 5);
-    int64_t tag = a[2], nr = a[3], victim = a[4];
-    int64_t *row = word(self, a[0], ROW_WORDS), *b = legacy_block(self, a[1]);
-    if (!row || !b)
-        return NULL;
-    if (victim >= NR_MEMCG_STOCK) {
-        PyErr_Format(PyExc_ValueError, "victim must be < %d, got %lld",
-                     NR_MEMCG_STOCK, (long long)victim);
-        return NULL;
-    }
-    if (nr > MEMCG_CHARGE_BATCH || !slot_trylock(b, LOAD(&row[R_PID])))
-        return Py_BuildValue("(iiL)", LEGACY_BYPASS, -1, (long long)0);
-    const int64_t cur = 0xffffffffLL;
-    int action = LEGACY_DEPOSITED, i, empty = -1;
-    int64_t pages = 0, w = 0;
-    for (i = 0; i < NR_MEMCG_STOCK; i++) {
-        w = LOAD(&b[MC_SLOTS + i]);
-        if (((w >> 8) & 0xffffff) == tag)
-            break;
-        if (empty < 0 && (w & cur) == 0)
-            empty = i;
-    }
-    int64_t next;
-    if (i < NR_MEMCG_STOCK) {
-        pages = (w & 0xff) + nr;
-        if (pages > MEMCG_CHARGE_BATCH) {
-            action = LEGACY_OVERFLOW;
-            next = w & ~cur;
-        } else {
-            next = w + nr;
-        }
-    } else if (empty >= 0) {
-        i = empty;
-        w = LOAD(&b[MC_SLOTS + i]);
-        next = (w & ~cur) | tag << 8 | nr;
-    } else {
-        if (victim < 0) {
-            victim = LOAD(&b[MC_DRAIN_IDX]);
-            if (victim < 0 || victim >= NR_MEMCG_STOCK) {
-                slot_unlock(b);
-                return corrupt(self, victim, "not a slot number in [0, 7)",
-                               "memcg_cpu %lld's drain_idx",
-                               (long long)((a[1] - self->memcg_cpus) / MC_WORDS));
-            }
-            STORE(&b[MC_DRAIN_IDX], (victim + 1) % NR_MEMCG_STOCK);
-        }
-        i = (int)victim;
-        w = LOAD(&b[MC_SLOTS + i]);
-        if (w & ~cur) {
-            slot_unlock(b);
-            return Py_BuildValue("(iiL)", LEGACY_BYPASS, -1, (long long)0);
-        }
-        action = LEGACY_EVICTED;
-        next = w << 32 | tag << 8 | nr;
-    }
-    STORE(&row[R_STOCK_BEFORE], w);
-    STORE(&row[R_STOCK_SLOT], a[1] + MC_SLOTS + i);
-    STORE(&b[MC_SLOTS + i], next);
-    if (action == LEGACY_OVERFLOW)
-        ADD_FETCH(&b[MC_OVERFLOWS], 1);
-    else if (action == LEGACY_EVICTED)
-        ADD_FETCH(&b[MC_EVICTIONS], 1);
-    slot_unlock(b);
-    return Py_BuildValue("(iiL)", action, i, (long long)pages);
-}
-
-/*
- * stock_trylock(s, owner) -> bool; stock_unlock(s). The lock word alone, for tests
- * that play a nested context holding the slot. Library paths use the fused steps.
+ * stock_trylock(s, owner) -> bool; stock_unlock(s). The lock word of stock slot s
+ * alone, for the stepwise consume and for tests that play a nested context holding
+ * the slot. The other library paths use the fused steps.
  */
 static PyObject *
 Slots_stock_trylock(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     ARGS("stock_trylock", 2);
-    int64_t *s = lock_slot(self, a[0]);
+    int64_t *s = stock_slot(self, a[0]);
     if (!s)
         return NULL;
     return PyBool_FromLong(slot_trylock(s, a[1]));
@@ -971,7 +698,7 @@ static PyObject *
 Slots_stock_unlock(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     ARGS("stock_unlock", 1);
-    int64_t *s = lock_slot(self, a[0]);
+    int64_t *s = stock_slot(self, a[0]);
     if (!s)
         return NULL;
     slot_unlock(s);
@@ -1009,13 +736,13 @@ Slots_op_begin(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     if (stock_slot >= 0) {
-        if (!is_stock_slot(self, stock_slot) && !is_legacy_slot(self, stock_slot)) {
+        if (!is_stock_slot(self, stock_slot) && !is_ext_slot(self, stock_slot)) {
             int64_t *rec = word(self, counters + index * PC_WORDS, PC_WORDS);
             int64_t sid = rec ? LOAD(&rec[PC_STOCK_ID]) : -1;
             if (sid >= self->max_stocked)
-                return corrupt(self, sid, "not -1 or a stock id below max_stocked",
+                return CORRUPT(self, sid, "not -1 or a stock id below max_stocked",
                                "counter %lld's stock_id", (long long)index);
-            return corrupt(self, stock_slot, "not a slot of the stocks or legacy sections",
+            return CORRUPT(self, stock_slot, "not a slot of the stocks or extension sections",
                            "the stock slot of an op on counter %lld", (long long)index);
         }
         if (!(stock = word(self, stock_slot, STOCK_WORDS)))
@@ -1033,7 +760,7 @@ Slots_op_begin(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
         int64_t *rec, *k, p;
         if (depth == MAX_DEPTH) {
             STORE(&r[R_IN_OP], 0);
-            return corrupt(self, MAX_DEPTH + 1, "not at most MAX_DEPTH = 10: a parent word "
+            return CORRUPT(self, MAX_DEPTH + 1, "not at most MAX_DEPTH = 10: a parent word "
                            "is wrong", "the depth of counter %lld", (long long)index);
         }
         rec = word(self, counters + i * PC_WORDS, PC_WORDS);
@@ -1045,7 +772,7 @@ Slots_op_begin(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
         p = LOAD(&rec[PC_PARENT]);
         if (p < -1 || p >= i) {
             STORE(&r[R_IN_OP], 0);
-            return corrupt(self, p, "not -1 or an earlier counter", "counter %lld's parent",
+            return CORRUPT(self, p, "not -1 or an earlier counter", "counter %lld's parent",
                            (long long)i);
         }
         STORE(&r[R_BASE + depth], LOAD(k));
@@ -1063,8 +790,8 @@ Slots_op_begin(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
  * The intent record of row r (slot index row) names a possible op: its counter, a
  * path of `depth` levels in which every parent is an earlier counter (parents are
  * created before their children) ending at a root, and a stock slot that is -1, a
- * stock slot or a legacy slot word. Returns 0, or -1 with ArenaCorrupt naming the
- * first impossible word. Reads only.
+ * stock slot or an op word of the extension section. Returns 0, or -1 with
+ * ArenaCorrupt naming the first impossible word. Reads only.
  */
 static int
 check_intent(SlotsObject *self, int64_t row, int64_t *r, int64_t counters)
@@ -1073,11 +800,11 @@ check_intent(SlotsObject *self, int64_t row, int64_t *r, int64_t counters)
     int64_t index = LOAD(&r[R_COUNTER]), depth = LOAD(&r[R_DEPTH]);
     int64_t stock_slot = LOAD(&r[R_STOCK_SLOT]);
     if (!counter_ok(self, index)) {
-        corrupt(self, index, "not a counter index", "row %lld's op counter", rowno);
+        CORRUPT(self, index, "not a counter index", "row %lld's op counter", rowno);
         return -1;
     }
     if (depth < 1 || depth > MAX_DEPTH) {
-        corrupt(self, depth, "not a path length in [1, 10]", "row %lld's op depth", rowno);
+        CORRUPT(self, depth, "not a path length in [1, 10]", "row %lld's op depth", rowno);
         return -1;
     }
     int64_t i = index;
@@ -1087,20 +814,20 @@ check_intent(SlotsObject *self, int64_t row, int64_t *r, int64_t counters)
             return -1;
         int64_t p = LOAD(&rec[PC_PARENT]);
         if (p < -1 || p >= i) {
-            corrupt(self, p, "not -1 or an earlier counter", "counter %lld's parent",
+            CORRUPT(self, p, "not -1 or an earlier counter", "counter %lld's parent",
                     (long long)i);
             return -1;
         }
         if ((p < 0) != (level == depth - 1)) {
-            corrupt(self, depth, "not the number of levels of its counter's path",
+            CORRUPT(self, depth, "not the number of levels of its counter's path",
                     "row %lld's op depth", rowno);
             return -1;
         }
         i = p;
     }
     if (stock_slot < -1 || (stock_slot >= 0 && !is_stock_slot(self, stock_slot)
-                            && !is_legacy_slot(self, stock_slot))) {
-        corrupt(self, stock_slot, "not -1 or a slot of the stocks or legacy sections",
+                            && !is_ext_slot(self, stock_slot))) {
+        CORRUPT(self, stock_slot, "not -1 or a slot of the stocks or extension sections",
                 "row %lld's op stock_slot", rowno);
         return -1;
     }
@@ -1232,93 +959,248 @@ Slots_repr(SlotsObject *self)
     return PyUnicode_FromFormat("<Slots %zd words>", self->nwords);
 }
 
-#define FAST(name) {#name, (PyCFunction)(void (*)(void))Slots_##name, METH_FASTCALL, NULL}
+/*
+ * Docstrings: the first line is the signature (inspect.signature reads it), then
+ * the contract. Every Slots method takes slot indexes (8-byte words from the
+ * buffer's start) and raises IndexError outside the buffer, the release() error
+ * once released, and ArenaCorrupt for an index derived from an impossible word.
+ */
+PyDoc_STRVAR(release_doc,
+"release($self, error_type=None, message=None, /)\n--\n\n"
+"Drop the buffer (the segment may then be unmapped). Every later call raises\n"
+"error_type(message), or ValueError without them.");
+PyDoc_STRVAR(set_layout_doc,
+"set_layout($self, name, rows, counters, max_counters, stocks, stock_block, ncpus,\n"
+"           max_stocked, /)\n--\n\n"
+"The arena's sections (slot indexes and counts), once, by Arena.__init__: from\n"
+"then on the fused steps check every index they derive from a word of the\n"
+"segment against its section, and raise ArenaCorrupt naming arena `name`.");
+PyDoc_STRVAR(load_doc, "load($self, i, /)\n--\n\nThe value of slot i (seq_cst load).");
+PyDoc_STRVAR(store_doc, "store($self, i, value, /)\n--\n\nStore value in slot i (seq_cst).");
+PyDoc_STRVAR(fetch_add_doc,
+"fetch_add($self, i, delta, /)\n--\n\nAdd delta to slot i; return the previous value "
+"(seq_cst).");
+PyDoc_STRVAR(exchange_doc,
+"exchange($self, i, value, /)\n--\n\nStore value in slot i; return the previous value "
+"(seq_cst).");
+PyDoc_STRVAR(cas_doc,
+"cas($self, i, expected, desired, /)\n--\n\n"
+"Compare and swap slot i (strong, seq_cst); return the previous value: the swap\n"
+"happened iff it equals expected.");
+PyDoc_STRVAR(pc_try_charge_level_doc,
+"pc_try_charge_level($self, c, p, k, nr, /)\n--\n\n"
+"One level of page_counter_try_charge: add nr to the usage of record c (parent\n"
+"record p, -1: none) and to contrib slot k; return the new usage, or None when c's\n"
+"max refused (the add undone, failcnt + 1). The add is a full barrier before max\n"
+"is read (see page_counter.set_max). OverflowError past 2**63 - 1, undone.");
+PyDoc_STRVAR(pc_charge_level_doc,
+"pc_charge_level($self, c, p, k, nr, /)\n--\n\n"
+"One level of page_counter_charge (forced, ignores max); return the new usage.\n"
+"OverflowError past 2**63 - 1, undone.");
+PyDoc_STRVAR(pc_cancel_doc,
+"pc_cancel($self, c, p, k, nr, /)\n--\n\n"
+"One level of page_counter_cancel: subtract nr from record c's usage and contrib\n"
+"slot k; return the new usage. Negative means an underflow (a caller bug), whose\n"
+"own deficit was added back.");
+PyDoc_STRVAR(pc_propagate_doc,
+"pc_propagate($self, c, p, /)\n--\n\n"
+"Re-propagate record c's protected usage to parent record p (after set_min or\n"
+"set_low).");
+PyDoc_STRVAR(stock_consume_doc,
+"stock_consume($self, c, row, nr, /)\n--\n\n"
+"The stock hit of try_charge, on this CPU (row: its writer row): return\n"
+"CONSUME_HIT (nr pages taken from its slot of counter record c, under the slot\n"
+"lock), CONSUME_MISS (the slot holds fewer), CONSUME_BUSY (the lock is held, or\n"
+"an op of this CPU is in progress) or CONSUME_NO_STOCK. Only the owning CPU\n"
+"calls it.");
+PyDoc_STRVAR(local_slot_doc,
+"local_slot($self, c, block, /)\n--\n\n"
+"The slot of counter record c in the stock block starting at slot `block`, or -1\n"
+"(block -1: not a CPU; or c has no stock). ArenaCorrupt for an impossible stock id.");
+PyDoc_STRVAR(stock_deposit_doc,
+"stock_deposit($self, s, nr, owner, /)\n--\n\n"
+"Add nr pages to stock slot s under its lock (owner: the lock token, the CPU's\n"
+"pid); return False, changing nothing, if the lock is held.");
+PyDoc_STRVAR(stock_return_doc,
+"stock_return($self, s, batch, nr, owner, /)\n--\n\n"
+"The RFC's stock-returning uncharge, under stock slot s's lock: add nr, keep at\n"
+"most the value of slot `batch`, return the excess for the caller to uncharge;\n"
+"or STOCK_BUSY, changing nothing, if the lock is held.");
+PyDoc_STRVAR(stock_take_doc,
+"stock_take($self, s, owner, /)\n--\n\n"
+"Take every page of stock slot s under its lock (the slot left at 0) and return\n"
+"them; or STOCK_BUSY, changing nothing, if the lock is held.");
+PyDoc_STRVAR(stock_trylock_doc,
+"stock_trylock($self, s, owner, /)\n--\n\n"
+"Take stock slot s's lock for owner if it is free; return whether it was taken.");
+PyDoc_STRVAR(stock_unlock_doc,
+"stock_unlock($self, s, /)\n--\n\nRelease stock slot s's lock (its holder only).");
+PyDoc_STRVAR(op_begin_doc,
+"op_begin($self, row, stop, counters, contrib, index, stock_slot, /)\n--\n\n"
+"Begin an op of writer row `row` on counter `index` that may change `stock_slot`\n"
+"(-1: none; a stock slot or an op word of the extension section): enter the\n"
+"quiesce section, snapshot the path's contrib and the stock slot, set op = 1.\n"
+"Return True; False when a stop_machine holds slot `stop` (nothing written: wait\n"
+"and retry). stop = -1: no handshake (the stop_machine holder, for a dead row).");
+PyDoc_STRVAR(op_end_doc,
+"op_end($self, row, /)\n--\n\nEnd row's op (op = 0), then leave the quiesce section.");
+PyDoc_STRVAR(op_abort_doc,
+"op_abort($self, row, counters, contrib, /)\n--\n\n"
+"Roll row's op (a live row's, that raised) back to its snapshot, then end it.\n"
+"ArenaCorrupt, rolling nothing back, if the intent record names no possible op.");
+PyDoc_STRVAR(futex_wait_doc,
+"futex_wait($self, i, expected, timeout_us, /)\n--\n\n"
+"Sleep while the low 32 bits of slot i equal expected's, at most timeout_us; return\n"
+"False on timeout, else True (woken, already different, or a signal handler ran):\n"
+"the caller re-checks. Releases the GIL.");
+PyDoc_STRVAR(futex_wake_doc,
+"futex_wake($self, i, /)\n--\n\nWake every waiter on slot i; return how many woke.");
+
+#define FAST(name) \
+    {#name, (PyCFunction)(void (*)(void))Slots_##name, METH_FASTCALL, name##_doc}
 
 static PyMethodDef Slots_methods[] = {
-    {"release", (PyCFunction)Slots_release, METH_VARARGS,
-     "release(error_type=None, message=None): drop the buffer; later calls raise "
-     "error_type(message), or ValueError."},
-    {"set_layout", (PyCFunction)Slots_set_layout, METH_VARARGS,
-     "set_layout(name, rows, counters, max_counters, stocks, stock_block, ncpus, "
-     "max_stocked, memcg_cpus): the arena's sections, for the checks of the fused steps."},
+    {"release", (PyCFunction)Slots_release, METH_VARARGS, release_doc},
+    {"set_layout", (PyCFunction)Slots_set_layout, METH_VARARGS, set_layout_doc},
     FAST(load), FAST(store), FAST(fetch_add), FAST(exchange), FAST(cas),
     FAST(pc_try_charge_level), FAST(pc_charge_level), FAST(pc_cancel), FAST(pc_propagate),
     FAST(stock_consume), FAST(local_slot), FAST(stock_deposit), FAST(stock_return),
-    FAST(stock_take), FAST(stock_trylock), FAST(stock_unlock), FAST(legacy_consume),
-    FAST(legacy_refill),
+    FAST(stock_take), FAST(stock_trylock), FAST(stock_unlock),
     FAST(op_begin), FAST(op_end), FAST(op_abort), FAST(futex_wait), FAST(futex_wake),
     {NULL}
 };
 
-static PyTypeObject SlotsType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "shmcounter._atomic.Slots",
-    .tp_basicsize = sizeof(SlotsObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Slots(buffer): seq_cst atomics on 8-byte slot indexes of a writable "
-              "buffer, held until release().",
-    .tp_new = PyType_GenericNew,
-    .tp_init = (initproc)Slots_init,
-    .tp_dealloc = (destructor)Slots_dealloc,
-    .tp_repr = (reprfunc)Slots_repr,
-    .tp_methods = Slots_methods,
+PyDoc_STRVAR(Slots_doc,
+"Slots(buffer)\n--\n\n"
+"seq_cst atomics and the fused steps on 8-byte slot indexes of a writable,\n"
+"8-byte aligned buffer, held (exported) until release().");
+
+static PyType_Slot Slots_slots[] = {
+    {Py_tp_doc, (void *)Slots_doc},
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_init, Slots_init},
+    {Py_tp_dealloc, Slots_dealloc},
+    {Py_tp_repr, Slots_repr},
+    {Py_tp_methods, Slots_methods},
+    {0, NULL},
 };
 
+static PyType_Spec Slots_spec = {
+    .name = "shmcounter._atomic.Slots",
+    .basicsize = sizeof(SlotsObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = Slots_slots,
+};
+
+/* ---- the module ---------------------------------------------------------------- */
+
+PyDoc_STRVAR(mod_load_doc,
+"load(buf, offset, /)\n--\n\nThe value of the 8-byte slot at byte `offset` of buf "
+"(seq_cst).");
+PyDoc_STRVAR(mod_store_doc,
+"store(buf, offset, value, /)\n--\n\nStore value in the slot at byte `offset` "
+"(seq_cst).");
+PyDoc_STRVAR(mod_fetch_add_doc,
+"fetch_add(buf, offset, delta, /)\n--\n\nAdd delta to the slot at byte `offset`; "
+"return the previous value (seq_cst).");
+PyDoc_STRVAR(mod_exchange_doc,
+"exchange(buf, offset, value, /)\n--\n\nStore value in the slot at byte `offset`; "
+"return the previous value (seq_cst).");
+PyDoc_STRVAR(mod_cas_doc,
+"cas(buf, offset, expected, desired, /)\n--\n\n"
+"Compare and swap the slot at byte `offset` (strong, seq_cst); return the previous\n"
+"value: the swap happened iff it equals expected.");
+
 static PyMethodDef module_methods[] = {
-    {"load", mod_load, METH_VARARGS, "load(buf, offset) -> int"},
-    {"store", mod_store, METH_VARARGS, "store(buf, offset, value)"},
-    {"fetch_add", mod_fetch_add, METH_VARARGS, "fetch_add(buf, offset, delta) -> previous"},
-    {"exchange", mod_exchange, METH_VARARGS, "exchange(buf, offset, value) -> previous"},
-    {"cas", mod_cas, METH_VARARGS,
-     "cas(buf, offset, expected, desired) -> previous; success iff previous == expected"},
+    {"load", mod_load, METH_VARARGS, mod_load_doc},
+    {"store", mod_store, METH_VARARGS, mod_store_doc},
+    {"fetch_add", mod_fetch_add, METH_VARARGS, mod_fetch_add_doc},
+    {"exchange", mod_exchange, METH_VARARGS, mod_exchange_doc},
+    {"cas", mod_cas, METH_VARARGS, mod_cas_doc},
     {NULL}
 };
 
-static struct PyModuleDef atomic_module = {
-    PyModuleDef_HEAD_INIT,
-    .m_name = "shmcounter._atomic",
-    .m_doc = "seq_cst atomics on aligned 8-byte slots of shared buffers.",
-    .m_size = 0,
-    .m_methods = module_methods,
-};
-
-PyMODINIT_FUNC
-PyInit__atomic(void)
+/* Module exec (PEP 489): fill the state, then the module's names. A failure leaves
+ * the state to atomic_clear, and the module is dropped. */
+static int
+atomic_exec(PyObject *m)
 {
-    if (PyType_Ready(&SlotsType) < 0)
-        return NULL;
-    if (!ArenaCorrupt) {
-        PyObject *errors = PyImport_ImportModule("shmcounter.errors");
-        if (!errors)
-            return NULL;
-        ArenaCorrupt = PyObject_GetAttrString(errors, "ArenaCorrupt");
-        Py_DECREF(errors);
-        if (!ArenaCorrupt)
-            return NULL;
-    }
-    PyObject *m = PyModule_Create(&atomic_module);
-    if (!m)
-        return NULL;
-    Py_INCREF(&SlotsType);
-    if (PyModule_AddObject(m, "Slots", (PyObject *)&SlotsType) < 0)
-        goto failure;
-#define CONST(n) if (PyModule_AddIntConstant(m, #n, n) < 0) goto failure
+    atomic_state *st = PyModule_GetState(m);
+    PyObject *errors = PyImport_ImportModule("shmcounter.errors");
+    if (!errors)
+        return -1;
+    st->arena_corrupt = PyObject_GetAttrString(errors, "ArenaCorrupt");
+    Py_DECREF(errors);
+    if (!st->arena_corrupt)
+        return -1;
+    st->slots_type = PyType_FromModuleAndSpec(m, &Slots_spec, NULL);
+    if (!st->slots_type || PyModule_AddObjectRef(m, "Slots", st->slots_type) < 0)
+        return -1;
+#define CONST(n) if (PyModule_AddIntConstant(m, #n, n) < 0) return -1
     CONST(PC_USAGE); CONST(PC_WATERMARK); CONST(PC_FAILCNT); CONST(PC_EMIN);
     CONST(PC_ELOW); CONST(PC_MIN_USAGE); CONST(PC_LOW_USAGE);
     CONST(PC_CHILDREN_MIN_USAGE); CONST(PC_CHILDREN_LOW_USAGE); CONST(PC_MAX);
     CONST(PC_MIN); CONST(PC_LOW); CONST(PC_HIGH); CONST(PC_PARENT); CONST(PC_BATCH);
     CONST(PC_STOCK_ID); CONST(PC_FLAGS); CONST(PC_WORDS);
     CONST(STOCK_NR); CONST(STOCK_LOCK); CONST(STOCK_WORDS);
-    CONST(R_PID); CONST(R_DONE_SEQ); CONST(R_STOCK_BLOCK); CONST(R_START); CONST(R_REQ_SEQ); CONST(R_IN_OP); CONST(R_OP);
-    CONST(R_COUNTER); CONST(R_STOCK_SLOT); CONST(R_STOCK_BEFORE); CONST(R_DEPTH);
-    CONST(R_BASE); CONST(MAX_DEPTH); CONST(ROW_WORDS);
-    CONST(MC_FLUSHING); CONST(MC_LOCK); CONST(MC_DRAIN_IDX); CONST(MC_SLOTS);
-    CONST(NR_MEMCG_STOCK); CONST(MC_EVICTIONS); CONST(MC_OVERFLOWS);
-    CONST(MC_FLUSHES); CONST(MC_WORDS); CONST(MEMCG_CHARGE_BATCH);
-    CONST(LEGACY_DEPOSITED); CONST(LEGACY_OVERFLOW); CONST(LEGACY_EVICTED); CONST(LEGACY_BYPASS);
+    CONST(R_PID); CONST(R_DONE_SEQ); CONST(R_STOCK_BLOCK); CONST(R_START); CONST(R_REQ_SEQ);
+    CONST(R_IN_OP); CONST(R_OP); CONST(R_COUNTER); CONST(R_STOCK_SLOT);
+    CONST(R_STOCK_BEFORE); CONST(R_DEPTH); CONST(R_BASE); CONST(MAX_DEPTH); CONST(ROW_WORDS);
+    CONST(CONSUME_HIT); CONST(CONSUME_MISS); CONST(CONSUME_BUSY); CONST(CONSUME_NO_STOCK);
+    CONST(STOCK_BUSY);
 #undef CONST
-    return m;
-failure:
-    Py_DECREF(m);
-    return NULL;
+    return 0;
+}
+
+static int
+atomic_traverse(PyObject *m, visitproc visit, void *arg)
+{
+    atomic_state *st = PyModule_GetState(m);
+    Py_VISIT(st->slots_type);
+    Py_VISIT(st->arena_corrupt);
+    return 0;
+}
+
+static int
+atomic_clear(PyObject *m)
+{
+    atomic_state *st = PyModule_GetState(m);
+    Py_CLEAR(st->slots_type);
+    Py_CLEAR(st->arena_corrupt);
+    return 0;
+}
+
+static void
+atomic_free(void *m)
+{
+    atomic_clear((PyObject *)m);
+}
+
+/*
+ * No Py_mod_multiple_interpreters slot (3.12+): the default stands. The module
+ * keeps no static state and could run in sub-interpreters, but the library above
+ * it needs numpy, which does not.
+ */
+static PyModuleDef_Slot atomic_slots[] = {
+    {Py_mod_exec, atomic_exec},
+    {0, NULL},
+};
+
+static struct PyModuleDef atomic_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "shmcounter._atomic",
+    .m_doc = "seq_cst atomics on aligned 8-byte slots of shared buffers, and the core's "
+             "fused steps (Slots).",
+    .m_size = sizeof(atomic_state),
+    .m_methods = module_methods,
+    .m_slots = atomic_slots,
+    .m_traverse = atomic_traverse,
+    .m_clear = atomic_clear,
+    .m_free = atomic_free,
+};
+
+PyMODINIT_FUNC
+PyInit__atomic(void)
+{
+    return PyModuleDef_Init(&atomic_module);
 }

@@ -19,6 +19,7 @@ import warnings
 from typing import TYPE_CHECKING
 
 from . import hooks
+from ._atomic import CONSUME_HIT
 from .errors import Busy
 from . import segment
 from .segment import (
@@ -143,7 +144,7 @@ class PageCounter(PageCounterStock):
         if type(n) is not int or not 0 <= n < NR_PAGES_LIMIT:
             raise bad_nr(n)
         row = self._arena._stock_row
-        if row >= 0 and self._slots.stock_consume(self._c, row, n) == 1:
+        if row >= 0 and self._slots.stock_consume(self._c, row, n) == CONSUME_HIT:
             return _SUCCESS
         return self._try_charge_slow(n)
 

@@ -468,7 +468,7 @@ class Segment:
         self._extra = sec.extra
         self._slots = Slots(shm.buf)
         self._sec = sec
-        self._set_layout(0)
+        self._set_layout()
         # slot indexes (8-byte words from the segment start)
         self._rows_slot = sec.rows // WORD
         self._counters_slot = sec.counters // WORD
@@ -857,18 +857,11 @@ class Segment:
     def _stock_slot(self, cpu: int, sid: int) -> int:
         return self._stocks_slot + cpu * self._stock_block_words + sid * STOCK_WORDS
 
-    def set_cpu_blocks(self, first: int) -> None:
-        """Tell the C steps where the per-CPU blocks of a higher layer's section
-        start (slot `first`; 0: none), so that they check every block index they
-        are given against it (memcg's legacy steps)."""
-        self._check_open()
-        self._set_layout(first)
-
-    def _set_layout(self, first: int) -> None:
+    def _set_layout(self) -> None:
         sec = self._sec
         self._slots.set_layout(self._shm.name, sec.rows // WORD, sec.counters // WORD,
                                self.max_counters, sec.stocks // WORD, sec.stock_block // WORD,
-                               self.ncpus, self.max_stocked, first)
+                               self.ncpus, self.max_stocked)
 
     def section(self, name: str) -> np.ndarray:
         """The int64 words of section `name` (register_section), for its owner."""

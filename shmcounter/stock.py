@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from . import cpuhp, hooks
+from ._atomic import STOCK_BUSY
 from .drain import drain_stock
 from .errors import ArenaError
 from .hotplug import check_dead
@@ -200,7 +201,7 @@ class PageCounterStock:
         hierarchically (all of it when the slot is busy)."""
         excess = self._slots.stock_return(slot, self._c + PC_BATCH, nr_pages,
                                           self._arena._stock_owner)
-        return nr_pages if excess < 0 else excess
+        return nr_pages if excess == STOCK_BUSY else excess
 
     def _consume_stepwise(self, nr_pages: int) -> bool:
         """The fast path of try_charge (stock_consume) as separate steps, with the
@@ -257,12 +258,12 @@ class PageCounterStock:
     def _drain_local_in_op(self, slot: int, kbase: int) -> int:
         arena, slots = self._arena, self._slots
         taken = slots.stock_take(slot, arena._stock_owner)
-        if taken < 0:                    # another context of this CPU holds the lock
+        if taken == STOCK_BUSY:          # another context of this CPU holds the lock
             took = [0]
 
             def take() -> bool:
                 took[0] = slots.stock_take(slot, arena._stock_owner)
-                return took[0] >= 0
+                return took[0] != STOCK_BUSY
             wait_own_lock(arena, slot + STOCK_LOCK,
                           f"this CPU's stock lock of counter {self._index}", take)
             taken = took[0]

@@ -1,14 +1,21 @@
 """The C atomics: semantics, argument checks, and no lost update across cores."""
 from __future__ import annotations
 
+import importlib
+import inspect
 import multiprocessing as mp
 import os
+import sys
 from multiprocessing import shared_memory
 
 import pytest
 
+import shmcounter
 from shmcounter import _atomic
-from shmcounter._atomic import Slots
+from shmcounter._atomic import (CONSUME_BUSY, CONSUME_HIT, CONSUME_MISS, CONSUME_NO_STOCK,
+                                PC_PARENT, PC_STOCK_ID, R_OP, R_PID, R_STOCK_BLOCK, STOCK_BUSY, Slots)
+from shmcounter.errors import ArenaCorrupt
+from shmcounter.memcg import _legacy
 
 N = 10**6
 
@@ -60,7 +67,7 @@ def test_stock_steps_are_exclusive_under_the_slot_lock():
     assert s.stock_trylock(2, 222) is True
     assert s.load(3) == 222                                  # lock word: holder pid
     assert s.stock_deposit(2, 5, 111) is False and s.load(2) == 10
-    assert s.stock_take(2, 111) == -1
+    assert s.stock_take(2, 111) == STOCK_BUSY
     s.stock_unlock(2)
     assert s.stock_take(2, 111) == 10 and s.load(2) == 0 and s.load(3) == 0
 
@@ -68,30 +75,144 @@ def test_stock_steps_are_exclusive_under_the_slot_lock():
 def test_legacy_refill_and_consume_steps():
     """A row at word 0 (pid 7 at R_PID) and a legacy block at word 32: slot i is
     word 35 + i, tag << 8 | pages, and the op's intent names the slot it changes."""
-    from shmcounter._atomic import (LEGACY_BYPASS, LEGACY_DEPOSITED, LEGACY_EVICTED,
-                                    LEGACY_OVERFLOW, MC_EVICTIONS, MC_OVERFLOWS, R_PID,
-                                    R_STOCK_BEFORE, R_STOCK_SLOT)
+    from shmcounter._atomic import R_PID, R_STOCK_BEFORE, R_STOCK_SLOT
+    from shmcounter.memcg._legacy import (CONSUME_BUSY, CONSUME_HIT, CONSUME_MISS,
+                                          LEGACY_BYPASS, LEGACY_DEPOSITED, LEGACY_EVICTED,
+                                          LEGACY_OVERFLOW, MC_EVICTIONS, MC_OVERFLOWS,
+                                          consume, refill, trylock)
     s = Slots(bytearray(8 * 48))
     row, block, slot = 0, 32, lambda i: 35 + i
     s.store(row + R_PID, 7)
     for tag in range(1, 8):                                  # 7 cgroups fill 7 slots
-        assert s.legacy_refill(row, block, tag, 63, -1) == (LEGACY_DEPOSITED, tag - 1, 0)
+        assert refill(s, row, block, tag, 63, -1) == (LEGACY_DEPOSITED, tag - 1, 0)
     assert s.load(slot(6)) == 7 << 8 | 63
-    assert s.legacy_consume(row, block, 3, 60) == 1 and s.load(slot(2)) == 3 << 8 | 3
-    assert s.legacy_consume(row, block, 3, 4) == 0           # holds 3: a miss
-    assert s.legacy_consume(row, block, 3, 65) == 0          # > 64: never from stock
-    assert s.legacy_refill(row, block, 3, 62, -1) == (LEGACY_OVERFLOW, 2, 65)
+    assert consume(s, row, block, 3, 60) == CONSUME_HIT and s.load(slot(2)) == 3 << 8 | 3
+    assert consume(s, row, block, 3, 4) == CONSUME_MISS      # holds 3: a miss
+    assert consume(s, row, block, 3, 65) == CONSUME_MISS     # > 64: never from stock
+    assert refill(s, row, block, 3, 62, -1) == (LEGACY_OVERFLOW, 2, 65)
     assert s.load(slot(2)) == 0 and s.load(block + MC_OVERFLOWS) == 1
-    assert s.legacy_refill(row, block, 8, 63, -1) == (LEGACY_DEPOSITED, 2, 0)  # the freed slot
-    assert s.legacy_refill(row, block, 9, 63, -1) == (LEGACY_EVICTED, 0, 0)    # round-robin 0
+    assert refill(s, row, block, 8, 63, -1) == (LEGACY_DEPOSITED, 2, 0)  # the freed slot
+    assert refill(s, row, block, 9, 63, -1) == (LEGACY_EVICTED, 0, 0)    # round-robin 0
     assert s.load(slot(0)) == (1 << 8 | 63) << 32 | 9 << 8 | 63   # tag 1 pending
     assert (s.load(row + R_STOCK_SLOT), s.load(row + R_STOCK_BEFORE)) == (slot(0), 1 << 8 | 63)
-    assert s.legacy_refill(row, block, 10, 63, 0) == (LEGACY_BYPASS, -1, 0)  # still pending
-    assert s.legacy_refill(row, block, 10, 63, 1) == (LEGACY_EVICTED, 1, 0)
+    assert refill(s, row, block, 10, 63, 0) == (LEGACY_BYPASS, -1, 0)  # still pending
+    assert refill(s, row, block, 10, 63, 1) == (LEGACY_EVICTED, 1, 0)
     assert s.load(block + MC_EVICTIONS) == 2
-    assert s.stock_trylock(block, 8)                          # another context holds it
-    assert s.legacy_refill(row, block, 10, 1, -1) == (LEGACY_BYPASS, -1, 0)
-    assert s.legacy_consume(row, block, 10, 1) == -1
+    assert trylock(s, block, 8)                               # another context holds it
+    assert refill(s, row, block, 10, 1, -1) == (LEGACY_BYPASS, -1, 0)
+    assert consume(s, row, block, 10, 1) == CONSUME_BUSY
+
+
+# ---- the modules: state, names, documentation ---------------------------------
+
+def _corrupt_in(slots: Slots) -> ArenaCorrupt:
+    """The ArenaCorrupt that slots raises for a lock slot outside its stocks section
+    (a layout with one CPU and one stock slot at words 0-1, arena "t")."""
+    slots.set_layout("t", 0, 0, 0, 0, 2, 1, 1)
+    with pytest.raises(ArenaCorrupt) as raised:
+        slots.stock_trylock(4, 1)
+    return raised.value
+
+
+def test_each_import_of_the_module_has_its_own_slots_type_and_state(monkeypatch):
+    """Multi-phase init: an import after the module left sys.modules makes a second
+    module, with its own Slots type; Slots of both work, and raise ArenaCorrupt.
+    A reload keeps the module as it is."""
+    assert importlib.reload(_atomic) is _atomic
+    monkeypatch.setattr(shmcounter, "_atomic", _atomic)         # restored after
+    monkeypatch.delitem(sys.modules, "shmcounter._atomic")
+    second = importlib.import_module("shmcounter._atomic")
+    assert second is not _atomic and second.Slots is not _atomic.Slots
+    for module in (_atomic, second):
+        s = module.Slots(bytearray(64))
+        s.store(7, 3)
+        assert s.fetch_add(7, 4) == 3 and s.load(7) == 7
+        assert str(_corrupt_in(s)) == ("arena 't': stock slot index is 4, not a slot of "
+                                       "the stocks section (a counter's stock_id is out "
+                                       "of range)")
+        s.release()
+
+
+@pytest.mark.parametrize("step, args", [
+    ("set_section", (0, 1)), ("consume", (0, 32, 1, 1)), ("refill", (0, 32, 1, 1, -1)),
+    ("trylock", (32, 7)), ("unlock", (32,)),
+])
+def test_the_legacy_steps_take_a_slots_first(step, args):
+    buf = bytearray(8 * 48)
+    with pytest.raises(TypeError, match=rf"^{step}\(\) argument 1 must be "
+                                        r"shmcounter\._atomic\.Slots, not bytearray$"):
+        getattr(_legacy, step)(buf, *args)
+    with pytest.raises(TypeError, match=rf"^{step}\(\) takes {len(args) + 1} arguments "
+                                        rf"\({len(args)} given\)$"):
+        getattr(_legacy, step)(*args)
+    assert buf == bytearray(8 * 48)
+
+
+def test_the_legacy_section_is_set_by_the_legacy_module():
+    """A layout whose 2 CPU blocks of MC_WORDS = 16 words start at word 64: the
+    legacy steps take block 64 or 80 only, and op_begin takes their slot words
+    (MC_SLOTS..MC_SLOTS + 6) as an op's stock slot once set_section told it."""
+    s = Slots(bytearray(8 * 96))
+    s.set_layout("t", 0, 32, 1, 0, 2, 2, 0)        # row 0; counter record at word 32
+    s.store(32 + PC_PARENT, -1)                    # a root
+    s.store(32 + PC_STOCK_ID, -1)                  # without stock; contrib at word 56
+    with pytest.raises(ArenaCorrupt, match=r"the stock slot of an op on counter 0 is 67"):
+        s.op_begin(0, -1, 32, 56, 0, 64 + _legacy.MC_SLOTS)
+    with pytest.raises(ValueError, match=r"^this Slots has no legacy section"):
+        _legacy.trylock(s, 64, 7)
+    with pytest.raises(ValueError, match=r"^set_section: 3 blocks of 16 words from slot 64 "
+                                         r"do not fit in 96 words$"):
+        _legacy.set_section(s, 64, 3)
+    _legacy.set_section(s, 64, 2)
+    assert _legacy.trylock(s, 80, 7) is True and s.load(81) == 7
+    _legacy.unlock(s, 80)
+    with pytest.raises(ArenaCorrupt, match=r"legacy block index is 72, not the start of a "
+                                           r"CPU's legacy block"):
+        _legacy.trylock(s, 72, 7)
+    with pytest.raises(ArenaCorrupt, match=r"stock slot index is 64"):
+        s.stock_trylock(64, 7)                     # not a stock slot: the core's lock only
+    with pytest.raises(ArenaCorrupt, match=r"the stock slot of an op on counter 0 is 66"):
+        s.op_begin(0, -1, 32, 56, 0, 64 + _legacy.MC_LOCK + 1)   # drain_idx: not a slot
+    assert s.op_begin(0, -1, 32, 56, 0, 80 + _legacy.MC_SLOTS + 6) is True
+    s.op_end(0)
+    assert s.load(81) == 0 and s.load(16) == 0     # unlocked; no op in progress
+
+
+def test_the_steps_return_named_results():
+    """A row at word 0 (this pid, stock block at word 56), a counter record at word
+    32 whose stock id is 0: its slot is words 56-57. Python compares the results
+    with these names, never with their numbers."""
+    assert len({CONSUME_HIT, CONSUME_MISS, CONSUME_BUSY, CONSUME_NO_STOCK}) == 4
+    assert (_legacy.CONSUME_HIT, _legacy.CONSUME_MISS, _legacy.CONSUME_BUSY) == \
+        (CONSUME_HIT, CONSUME_MISS, CONSUME_BUSY)
+    assert len({_legacy.LEGACY_DEPOSITED, _legacy.LEGACY_OVERFLOW, _legacy.LEGACY_EVICTED,
+                _legacy.LEGACY_BYPASS}) == 4
+    s = Slots(bytearray(8 * 64))
+    row, c, slot = 0, 32, 56
+    s.store(row + R_PID, os.getpid())
+    s.store(row + R_STOCK_BLOCK, slot)
+    s.store(c + PC_STOCK_ID, -1)
+    assert s.stock_consume(c, row, 1) == CONSUME_NO_STOCK
+    s.store(c + PC_STOCK_ID, 0)
+    s.store(slot, 5)
+    assert s.stock_consume(c, row, 3) == CONSUME_HIT and s.load(slot) == 2
+    assert s.stock_consume(c, row, 3) == CONSUME_MISS and s.load(slot) == 2
+    s.store(row + R_OP, 1)                                 # an op of this CPU
+    assert s.stock_consume(c, row, 1) == CONSUME_BUSY and s.load(slot) == 2
+    s.store(row + R_OP, 0)
+    assert s.stock_trylock(slot, 1)                        # another context holds it
+    assert s.stock_consume(c, row, 1) == CONSUME_BUSY
+    assert s.stock_return(slot, c, 1, 2) == STOCK_BUSY and s.load(slot) == 2
+    assert s.stock_take(slot, 2) == STOCK_BUSY and s.load(slot) == 2
+
+
+@pytest.mark.parametrize("module", [_atomic, Slots, _legacy], ids=["_atomic", "Slots", "_legacy"])
+def test_every_method_and_function_is_documented_with_its_signature(module):
+    for name, fn in vars(module).items():
+        if name.startswith("_") or not callable(fn) or isinstance(fn, type):
+            continue
+        assert fn.__text_signature__ and fn.__doc__, name      # the signature line, a text
+        inspect.signature(fn)                                   # that parses
 
 
 # ---- no lost update: two processes pinned to different cores, one slot ------

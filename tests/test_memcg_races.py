@@ -21,8 +21,8 @@ import pytest
 
 from shmcounter.drain import drain_stock
 from shmcounter.invariants import InvariantError, check_invariants
-from shmcounter._atomic import MC_FLUSHING
 from shmcounter.memcg import Cgroups
+from shmcounter.memcg.legacy import MC_FLUSHING
 
 import memcg_tasks as t
 import tasks

@@ -209,7 +209,6 @@ ARENA_CALLS: dict[str, Callable[[Arena, PageCounter], object]] = {
     "stocked_counters": lambda a, c: a.stocked_counters(),
     "section": lambda a, c: a.section("memcg"),
     "section_slot": lambda a, c: a.section_slot("memcg"),
-    "set_cpu_blocks": lambda a, c: a.set_cpu_blocks(0),
     "drain_timeout": lambda a, c: a.drain_timeout,
     "drain_timeout (set)": lambda a, c: _set_drain_timeout(a),
     "wait_timeout": lambda a, c: a.wait_timeout,

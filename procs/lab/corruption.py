@@ -59,10 +59,6 @@ import shmcounter
 from shmcounter import Arena, errors, hooks, segment
 from shmcounter.drain import SIGDRAIN
 from shmcounter.invariants import InvariantError, check_invariants
-from shmcounter._atomic import (
-    MC_DRAIN_IDX, MC_EVICTIONS, MC_FLUSHES, MC_FLUSHING, MC_LOCK, MC_OVERFLOWS, MC_SLOTS,
-    NR_MEMCG_STOCK,
-)
 from shmcounter.memcg.section import (
     CG_WORDS, M_BATCH, M_EVICTION, M_FIRST_CHILD_DRAIN, M_MEMSW, M_ROOT, M_STATE, M_VARIANT,
 )
@@ -74,6 +70,10 @@ from shmcounter.segment import (
 )
 from shmcounter.memcg import Cgroups
 from shmcounter.memcg.cgroups import CG_EVENTS_MAX, CG_EVENTS_MAX_LOCAL, CG_MEMSW, CG_STATE
+from shmcounter.memcg.legacy import (
+    MC_DRAIN_IDX, MC_EVICTIONS, MC_FLUSHES, MC_FLUSHING, MC_LOCK, MC_OVERFLOWS, MC_SLOTS,
+    NR_MEMCG_STOCK,
+)
 
 CRASH = "crash (signal)"
 HANG = "hang"

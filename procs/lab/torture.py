@@ -49,9 +49,9 @@ import numpy as np
 from shmcounter import Arena
 from shmcounter._atomic import Slots
 from shmcounter.invariants import check_invariants
-from shmcounter._atomic import MC_FLUSHING, MC_LOCK, MC_SLOTS, NR_MEMCG_STOCK
 from shmcounter.memcg import Cgroups, legacy
 from shmcounter.memcg.cgroups import ROOT
+from shmcounter.memcg.legacy import MC_FLUSHING, MC_LOCK, MC_SLOTS, NR_MEMCG_STOCK
 
 from procs import Machine
 

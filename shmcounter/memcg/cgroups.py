@@ -26,10 +26,10 @@ from __future__ import annotations
 import os
 import time
 from .. import hooks
-from .._atomic import MC_EVICTIONS, MC_FLUSHES, MC_OVERFLOWS
 from ..arena import Arena
 from ..drain import single_drainer
 from ..errors import ArenaError
+from .._atomic import CONSUME_HIT    # = _legacy.CONSUME_HIT: both are _slots.h's
 from ..proc import pid_alive
 from ..segment import R_WALKS, check_counter_name
 from ..stop_machine import repair_before_refusal
@@ -37,6 +37,8 @@ from ..wait import check_timeout
 from ..page_counter import NR_PAGES_LIMIT, PAGE_COUNTER_MAX, PageCounter, check_limit, check_nr
 from ..stock import BATCH_LIMIT, DEFAULT_BATCH
 from . import legacy
+from ._legacy import consume as legacy_consume     # the inlined hit: a global, no attribute
+from .legacy import MC_EVICTIONS, MC_FLUSHES, MC_OVERFLOWS
 from .section import (
     CG_WORDS, M_BATCH, M_EVICTION, M_FIRST_CHILD_DRAIN, M_MEMSW, M_ROOT, M_STATE, M_VARIANT,
     VARIANTS,
@@ -86,9 +88,9 @@ class MemCgroup:
                 and not hooks.ARMED:
             slots = arena._slots
             if tree._legacy:
-                if slots.legacy_consume(row, arena._memcg.block, self._tag, n) == 1:
+                if legacy_consume(slots, row, arena._memcg.block, self._tag, n) == CONSUME_HIT:
                     return True             # a freed cgroup is in no slot: never here
-            elif slots.stock_consume(self.memory._c, row, n) == 1:
+            elif slots.stock_consume(self.memory._c, row, n) == CONSUME_HIT:
                 return True                 # a freed cgroup has no stock: never here
         nr_pages = check_nr(n)
         self._check_alive()
@@ -445,7 +447,7 @@ class Cgroups:
             if hooks.ARMED:
                 if counter._consume_stepwise(nr_pages):
                     return None
-            elif arena._slots.stock_consume(counter._c, row, nr_pages) == 1:
+            elif arena._slots.stock_consume(counter._c, row, nr_pages) == CONSUME_HIT:
                 return None
         return counter._try_charge_slow(nr_pages)[1]
 

@@ -8,7 +8,7 @@ Each CPU's block (arena._memcg.cpus[cpu], memcg/section.py) holds
                  this CPU to drain (set by the requester with a CAS, cleared by
                  the CPU when it has drained, and when a process registers as it)
     lock         the local_trylock (holder's pid), at the word a stock slot's lock
-                 sits at, so the slot lock steps of _atomic.c apply
+                 sits at, so the slot lock of _slots.h applies (_legacy.trylock)
     drain_idx    next round-robin victim
     slots[7]     one word per slot: bits 0-7 nr_pages (the kernel's u8), bits 8-31
                  the cached cgroup's tag (its memory counter's index + 1; 0 empty);
@@ -40,14 +40,18 @@ from typing import TYPE_CHECKING, Callable, Collection
 import numpy as np
 
 from .. import cpuhp, hooks
-from .._atomic import (
-    LEGACY_BYPASS, LEGACY_EVICTED, LEGACY_OVERFLOW, MC_FLUSHES, MC_FLUSHING, MC_LOCK,
-    MC_SLOTS, MC_WORDS, MEMCG_CHARGE_BATCH, NR_MEMCG_STOCK,
-)
 from ..cpuhp import this_cpu_of
 from ..drain import post_work, single_drainer
 from ..proc import pid_alive
 from ..wait import wait_own_lock
+from . import _legacy
+# The block's words and the steps' results: defined by the C steps (_legacy.c),
+# which need them; re-exported here, where the block is documented.
+from ._legacy import (  # noqa: F401
+    CONSUME_HIT, LEGACY_BYPASS, LEGACY_DEPOSITED, LEGACY_EVICTED, LEGACY_OVERFLOW,
+    MC_DRAIN_IDX, MC_EVICTIONS, MC_FLUSHES, MC_FLUSHING, MC_LOCK, MC_OVERFLOWS, MC_SLOTS,
+    MC_WORDS, MEMCG_CHARGE_BATCH, NR_MEMCG_STOCK,
+)
 from .section import M_EVICTION, M_LEGACY, M_VARIANT
 
 if TYPE_CHECKING:
@@ -113,7 +117,8 @@ def try_charge(arena: Arena, memory: PageCounter, nr_pages: int,
     """
     block, slots = arena._memcg.block, arena._slots
     tag = memory._index + 1
-    if block >= 0 and slots.legacy_consume(arena._stock_row, block, tag, nr_pages) == 1:
+    if block >= 0 and _legacy.consume(slots, arena._stock_row, block, tag,
+                                      nr_pages) == CONSUME_HIT:
         return None
     charge = max(MEMCG_CHARGE_BATCH, nr_pages) if block >= 0 and greedy else nr_pages
 
@@ -166,15 +171,15 @@ def _uncharge_evicted(arena: Arena, slot: int) -> None:
 
 def _refill(arena: Arena, memory: PageCounter, nr_pages: int, kbase: int) -> int:
     """refill_stock(memory's cgroup, nr_pages) inside an op on memory's path, whose
-    pages are charged (the slot steps are one C call, legacy_refill). Returns the
+    pages are charged (the slot steps are one C call, _legacy.refill). Returns the
     slot whose old cgroup was evicted to the pending half (the caller uncharges it
     in an op of its own), or -1. Pages the stock does not take (an overflow past
     64 empties the slot; a busy lock bypasses it) are uncharged here."""
     victim = -1
     if arena._slots.load(arena._memcg.slot + M_EVICTION) == EVICTIONS.index("random"):
         victim = random.randrange(NR_MEMCG_STOCK)
-    action, i, pages = arena._slots.legacy_refill(
-        arena._writer.row_slot, arena._memcg.block, memory._index + 1, nr_pages, victim)
+    action, i, pages = _legacy.refill(arena._slots, arena._writer.row_slot,
+                                      arena._memcg.block, memory._index + 1, nr_pages, victim)
     if action == LEGACY_BYPASS:
         memory._cancel_path(nr_pages, kbase)
     elif action == LEGACY_OVERFLOW:
@@ -252,14 +257,14 @@ def _locked(arena: Arena, block: int, fn: Callable[[], int]) -> int:
     """Run fn under this CPU's lock: the blocking local_lock of the drain work (held
     by another context of this CPU, waited for; by another pid: ArenaCorrupt)."""
     slots, owner = arena._slots, arena._stock_owner
-    if not slots.stock_trylock(block, owner):
+    if not _legacy.trylock(slots, block, owner):
         cpu = (block - arena._memcg.cpus_slot) // MC_WORDS
         wait_own_lock(arena, block + MC_LOCK, f"memcg_cpu {cpu}'s lock",
-                      lambda: slots.stock_trylock(block, owner))
+                      lambda: _legacy.trylock(slots, block, owner))
     try:
         return fn()
     finally:
-        slots.stock_unlock(block)
+        _legacy.unlock(slots, block)
 
 
 def drain_local(arena: Arena) -> int:

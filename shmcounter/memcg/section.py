@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .. import segment
-from .._atomic import MC_WORDS
+from ._legacy import MC_WORDS, set_section
 
 if TYPE_CHECKING:
     import numpy as np
@@ -74,7 +74,7 @@ class MemcgSection:
 
 def _init(arena: Segment) -> None:
     arena._memcg = section = MemcgSection(arena)     # type: ignore[attr-defined]
-    arena.set_cpu_blocks(section.cpus_slot)          # the legacy steps check blocks
+    set_section(arena._slots, section.cpus_slot, arena.ncpus)   # its C steps check blocks
 
 
 def _release(arena: Segment) -> None:

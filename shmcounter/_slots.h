@@ -1,0 +1,172 @@
+/*
+ * shmcounter/_slots.h: what the core C module (shmcounter/_atomic.c) shares with
+ * the C steps of a layer above it (shmcounter/memcg/_legacy.c): the Slots object,
+ * its bounds checks and ArenaCorrupt, the argument parsing of the fused steps, the
+ * slot lock, and the writer row and stock slot layouts (see layout.py).
+ *
+ * Every atomic here is __ATOMIC_SEQ_CST: each one is a full barrier, which is what
+ * the ordering arguments of the Python layers rely on.
+ */
+#ifndef SHMCOUNTER_SLOTS_H
+#define SHMCOUNTER_SLOTS_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdarg.h>
+#include <stdint.h>
+
+/* stock slot: 2 int64 words, [nr_pages, lock]; lock holds the holder's pid or 0. */
+#define STOCK_NR 0
+#define STOCK_LOCK 1
+#define STOCK_WORDS 2
+
+/*
+ * writer row: 32 int64 words, four 64-byte lines (see layout.py). Every process
+ * that changes a usage owns one row: CPU k owns row k.
+ */
+#define R_PID 0                 /* line 0: owner pid; drains done (CPU rows)    */
+#define R_DONE_SEQ 1
+#define R_STOCK_BLOCK 2         /* CPU rows: first slot of the CPU's stock block */
+#define R_START 3               /* the owner's start time: a reused pid is not it */
+#define R_REQ_SEQ 8             /* line 1: drain tickets, taken by requesters   */
+#define R_IN_OP 16              /* lines 2-3: the owner's op and intent record  */
+#define R_OP 17
+#define R_COUNTER 18
+#define R_STOCK_SLOT 19
+#define R_STOCK_BEFORE 20
+#define R_DEPTH 21
+#define R_BASE 22               /* contrib of each level when the op began      */
+#define MAX_DEPTH 10
+#define ROW_WORDS 32
+
+/* What a stock hit step returns (exported as module constants of these names). */
+enum {
+    CONSUME_NO_STOCK = -2,      /* the counter has no stock                     */
+    CONSUME_BUSY = -1,          /* the slot lock is held, or an op of this CPU  */
+    CONSUME_MISS = 0,           /* the slot holds fewer pages than asked        */
+    CONSUME_HIT = 1,            /* the pages were taken from the slot           */
+};
+
+#define LOAD(p) __atomic_load_n((p), __ATOMIC_SEQ_CST)
+#define STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_SEQ_CST)
+#define ADD_FETCH(p, v) __atomic_add_fetch((p), (v), __ATOMIC_SEQ_CST)
+#define XCHG(p, v) __atomic_exchange_n((p), (v), __ATOMIC_SEQ_CST)
+
+static inline int
+cas_strong(int64_t *p, int64_t expected, int64_t desired)
+{
+    return __atomic_compare_exchange_n(p, &expected, desired, 0,
+                                       __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+}
+
+/* ---- Slots: the buffer held once, 8-byte slot indexes -------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer view;     /* valid while words != NULL */
+    int64_t *words;
+    Py_ssize_t nwords;
+    /* Once released, every step raises released_type(released_msg) (release()'s
+       arguments: the arena's "is closed" error), or ValueError without them. */
+    PyObject *released_type;
+    PyObject *released_msg;
+    /*
+     * The arena's sections, set once by set_layout (slot indexes and counts; see
+     * layout.py): the fused steps check every index they derive from a word of
+     * the segment against the section it must lie in, and raise ArenaCorrupt
+     * naming the arena (name), the word and its value. name == NULL: a bare
+     * buffer (tests), checked against its bounds only.
+     */
+    PyObject *name;
+    int64_t rows, counters, max_counters, stocks, stock_block, ncpus, max_stocked;
+    /*
+     * The extension section, set by the C steps of a layer above the core (its
+     * set_section; 0 words: none): ext_blocks blocks of ext_words words from slot
+     * ext_first. The core reads it for one thing only: words [ext_lo, ext_hi) of
+     * each block may be named by an op's intent record as its stock slot, and are
+     * rolled back with the op. The layer's own steps interpret the rest.
+     */
+    int64_t ext_first, ext_blocks, ext_words, ext_lo, ext_hi;
+} SlotsObject;
+
+/* Bounds-checked pointer to slot i, spanning `span` words (a record or a slot). */
+static inline int64_t *
+word(SlotsObject *self, Py_ssize_t i, Py_ssize_t span)
+{
+    if (self->words == NULL) {
+        if (self->released_type)
+            PyErr_SetObject(self->released_type, self->released_msg);
+        else
+            PyErr_SetString(PyExc_ValueError, "Slots is released (the arena was closed)");
+        return NULL;
+    }
+    if (i < 0 || span > self->nwords || i > self->nwords - span) {
+        PyErr_Format(PyExc_IndexError, "slot %zd (+%zd) outside 0..%zd",
+                     i, span, self->nwords);
+        return NULL;
+    }
+    return self->words + i;
+}
+
+/*
+ * Raise arena_corrupt(arena name, field, value, expected) (shmcounter.errors.
+ * ArenaCorrupt, from the calling module's state): the word `field` (a printf-style
+ * format) read from the segment holds the impossible `value`. Returns NULL, for
+ * `return corrupt(...)`.
+ */
+static inline PyObject *
+corrupt(PyObject *arena_corrupt, SlotsObject *self, long long value, const char *expected,
+        const char *field, ...)
+{
+    va_list ap;
+    va_start(ap, field);
+    PyObject *f = PyUnicode_FromFormatV(field, ap);
+    va_end(ap);
+    if (!f)
+        return NULL;
+    PyObject *exc = PyObject_CallFunction(arena_corrupt, "ONLs",
+                                          self->name ? self->name : Py_None, f, value,
+                                          expected);
+    if (exc) {
+        PyErr_SetObject(arena_corrupt, exc);
+        Py_DECREF(exc);
+    }
+    return NULL;
+}
+
+/*
+ * Parse `want` int arguments of a METH_FASTCALL call into out[]. Public API only
+ * (PyLong_AsLongLong), so the modules build on every CPython >= 3.11.
+ */
+static inline int
+parse_ints(const char *name, PyObject *const *args, Py_ssize_t nargs,
+           Py_ssize_t want, long long *out)
+{
+    if (nargs != want) {
+        PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments (%zd given)",
+                     name, want, nargs);
+        return -1;
+    }
+    for (Py_ssize_t k = 0; k < want; k++) {
+        out[k] = PyLong_AsLongLong(args[k]);
+        if (out[k] == -1 && PyErr_Occurred())
+            return -1;
+    }
+    return 0;
+}
+
+/* ---- the slot lock: [x, lock], taken by one CPU's contexts ---------------- */
+
+static inline int
+slot_trylock(int64_t *s, int64_t owner)
+{
+    return cas_strong(&s[STOCK_LOCK], 0, owner);
+}
+
+static inline void
+slot_unlock(int64_t *s)
+{
+    STORE(&s[STOCK_LOCK], 0);
+}
+
+#endif /* SHMCOUNTER_SLOTS_H */
