@@ -449,7 +449,7 @@ class Arena:
         self._slots.set_layout(shm.name, sec.rows // WORD, sec.counters // WORD,
                                self.max_counters, sec.stocks // WORD, sec.stock_block // WORD,
                                self.ncpus, self.max_stocked)
-        from .memcg import _legacy        # the memcg layer's section, for its own C steps
+        from .memcg import _legacy  # the memcg layer's section, for its own C steps
         _legacy.set_section(self._slots, sec.memcg_cpus // WORD, self.ncpus)
         # slot indexes (8-byte words from the segment start)
         self._rows_slot = sec.rows // WORD
