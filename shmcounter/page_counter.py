@@ -125,7 +125,7 @@ class PageCounter(PageCounterStock):
           2. greedy: charge max(batch, n) up the hierarchy;
           3. on failure, retry once with exactly n;
           4. deposit the surplus in this CPU's stock, or uncharge it if the slot is
-             busy (series §1.4).
+             busy (docs/stock-design.md §Try-charge with stock).
         A greedy failure still counts in failcnt, so one successful request can
         bump failcnt (as the memcg code always has). Steps 2-4 are one op: a kill
         anywhere in them rolls all of them back (writer.py).
@@ -229,7 +229,7 @@ class PageCounter(PageCounterStock):
 
         Plain hierarchical (v2): the stock is filled only by the surplus of greedy
         charges. With enable_stock(uncharge_to_stock=True) a CPU process returns the
-        pages to its stock instead (the RFC, series §1.5).
+        pages to its stock instead (the RFC, docs/stock-design.md §Uncharge).
         An uncharge below 0 is a caller bug: it warns, counts in arena.underflows
         and clamps usage at 0, at each level where it happens.
         """

@@ -127,7 +127,7 @@ from ._atomic import (  # noqa: E402, F401
 )
 
 # flags word of a counter
-PC_FLAG_UNCHARGE_TO_STOCK = 1   # the RFC's stock-returning uncharge (series §1.5)
+PC_FLAG_UNCHARGE_TO_STOCK = 1   # the RFC's stock-returning uncharge (docs/stock-design.md §Uncharge)
 
 # line assertions: usage alone on line A, the read-mostly fields on line C
 assert PC_USAGE == 0 and PC_WATERMARK == 8 and PC_MAX == 16 and PC_WORDS == 24

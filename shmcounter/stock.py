@@ -76,7 +76,7 @@ class PageCounterStock:
         max_stocked are all in use): like the kernel's -ENOMEM, which memcg ignores,
         the counter then simply charges through the hierarchy. Calling it on a
         counter that has stock sets the batch again (re-enables after disable).
-        uncharge_to_stock: the RFC's stock-returning uncharge (series §1.5), for
+        uncharge_to_stock: the RFC's stock-returning uncharge (docs/stock-design.md §Uncharge), for
         studying the series; v2 and later uncharge through the hierarchy.
         """
         if type(batch) is not int or not 0 <= batch < BATCH_LIMIT:

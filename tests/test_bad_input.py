@@ -1,4 +1,4 @@
-"""Every bad input of api.md gets a clear error, and the arena is byte-for-byte
+"""Every bad input of docs/reference.md gets a clear error, and the arena is byte-for-byte
 unchanged afterwards."""
 from __future__ import annotations
 

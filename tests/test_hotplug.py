@@ -1,5 +1,5 @@
 """drain_stock through work messages, and the hotplug-dead path under SIGKILL at
-named instants: series.md §5 scenarios 5, 6, 9, 15; kernel.md MT-12, MT-15."""
+named instants: docs/stock-design.md §Scenarios scenarios 5, 6, 9, 15; docs/kernel-semantics.md MT-12, MT-15."""
 from __future__ import annotations
 
 import os

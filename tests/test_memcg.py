@@ -1,7 +1,7 @@
-"""Cgroups as api.md describes them: a tree in the arena that any attached process
+"""Cgroups as docs/reference.md describes them: a tree in the arena that any attached process
 opens; css_online/offline/free in each design; try_charge_memcg's events; memsw;
-the first-child drain (V6); the read view; bad input. series.md §5 scenarios 10,
-16 and 17; kernel.md MT-17."""
+the first-child drain (V6); the read view; bad input. docs/stock-design.md §Scenarios scenarios 10,
+16 and 17; docs/kernel-semantics.md MT-17."""
 from __future__ import annotations
 
 import pytest
@@ -238,7 +238,7 @@ def test_open_is_for_an_arena_that_holds_a_tree(arena):
 
 
 def test_a_legacy_cgroup_cached_with_0_pages_stays_pinned(arena, machine):
-    """kernel.md §2.7: drain_all_stock skips a slot with 0 pages, yet the slot
+    """docs/kernel-semantics.md §Limit writers and cgroup death: drain_all_stock skips a slot with 0 pages, yet the slot
     holds a reference, so css_free cannot happen until the slot goes."""
     cg = Cgroups(arena, variant="legacy")
     a = cg.create("A")

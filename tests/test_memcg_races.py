@@ -1,4 +1,4 @@
-"""The series' reviewers' races, reproduced on purpose (series.md §2 E4, E5; §5
+"""The series' reviewers' races, reproduced on purpose (docs/stock-design.md §Races E4, E5; §5
 scenarios 11 and 12), and kills inside a legacy eviction.
 
 Deterministic interleavings, no sleeps: a CPU parks itself (SIGSTOP) at a named

@@ -1,4 +1,4 @@
-"""page_counter semantics without stock (kernel.md §1.2-1.4): this test process is
+"""page_counter semantics without stock (docs/kernel-semantics.md): this test process is
 not a CPU, so every charge walks the hierarchy exactly."""
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ def test_set_min_low_high_and_children_protected_usage(tree, arena):
     assert (parent.children_min_usage, parent.children_low_usage) == (0, 0)
 
 
-# ---- effective protection: kernel.md §1.4 worked examples (pages) -------------
+# ---- effective protection: docs/kernel-semantics.md §Protection worked examples (pages) -------------
 
 def test_protection_overcommitted_level_is_shared_in_proportion(arena):
     # E1: parent's effective min 12800 (50M); children claim 19200 in all.

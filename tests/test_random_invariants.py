@@ -1,6 +1,6 @@
 """Randomised invariants: several real processes charge and uncharge at random over a
 limited 3-level tree. At every quiescent point I1 (exact, against the merged shadow
-ledgers), I2, I5 and I6 of series.md §2 hold; once every CPU has gone offline,
+ledgers), I2, I5 and I6 of docs/stock-design.md §Races hold; once every CPU has gone offline,
 usage equals the real charges exactly."""
 from __future__ import annotations
 

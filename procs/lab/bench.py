@@ -1,4 +1,4 @@
-"""shmcounter bench: the series' benchmark (series.md §4) on real processes, every
+"""shmcounter bench: the series' benchmark (docs/stock-design.md §Published numbers) on real processes, every
 design side by side in one run.
 
     for trial in 1..T:

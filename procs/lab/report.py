@@ -1,4 +1,4 @@
-"""The text report of a `shmcounter bench` run: the cover letter's table (series.md
+"""The text report of a `shmcounter bench` run: the cover letter's table (docs/stock-design.md
 §4) per CPU count, throughput ratios to legacy, walks and evictions, drains and
 kills, and the goals. Everything is read from the results document (bench.py),
 so a saved JSON file prints the same report."""
@@ -106,7 +106,7 @@ def _drain_kill_table(results: dict[str, Any]) -> str:
                      str(kill["samples"])])
     header = ["design", "drain p50", "p99", "n", "kill p50", "p99", "pages", "n"]
     note = ("mp-value has neither: no stock to drain, and a lock held by a killed "
-            "process is never released (peers.md).")
+            "process is never released (docs/alternatives.md).")
     return (f"drain_all_stock(root) while every CPU churns on {max(config['cgroups'])} "
             f"cgroups, and SIGKILL of a CPU holding stock until Machine.kill returns "
             f"(ms; {_cpus(max(config['cpus']))})\n" + _table(header, rows)

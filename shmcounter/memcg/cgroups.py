@@ -1,5 +1,5 @@
 """Cgroups: a memcg tree on page counters, calling the stock APIs the way
-mm/memcontrol.c does (series.md §1.9; kernel.md §2.5-2.7).
+mm/memcontrol.c does (docs/stock-design.md §memcg integration; docs/kernel-semantics.md §try_charge_memcg).
 
 The tree lives in the arena (memcg's section: section.py), so any attached process
 opens it with Cgroups(arena) and finds a cgroup by name. A cgroup is a memory

@@ -1,5 +1,5 @@
 """The old per-CPU charge cache, memcg_stock_pcp, that the series replaces
-(series.md §3; kernel.md §2.3-2.7): 7 slots per CPU, each caching one cgroup and
+(docs/stock-design.md §Old design; docs/kernel-semantics.md §memcg stock): 7 slots per CPU, each caching one cgroup and
 up to 64 pages already charged to it.
 
 Each CPU's block (arena._memcg.cpus[cpu], memcg/section.py) holds

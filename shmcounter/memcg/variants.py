@@ -1,5 +1,5 @@
 """The designs a Cgroups tree can run: where the charge stock lives and how a
-cgroup's death returns it (series.md §1.7-1.9, §2 E4-E6, §3).
+cgroup's death returns it (docs/stock-design.md §Disable and free, §2 E4-E6, §3).
 
     fixed   the U0/v4 order: css_offline disables (batch = 0 only), then
             drain_all_stock; css_free drains what is left (free_stock).
@@ -96,7 +96,7 @@ class Legacy(Design):
 
     def free(self, counter: PageCounter) -> None:
         """css_free happens once the last reference is gone, and a slot that
-        caches the cgroup holds one, even with 0 pages (kernel.md §2.7)."""
+        caches the cgroup holds one, even with 0 pages (docs/kernel-semantics.md §Limit writers and cgroup death)."""
         cpus = legacy.cached_on(counter._arena, counter._index + 1)
         if cpus:
             raise Busy(f"cgroup {counter.name!r} is still cached by the stock of CPUs "
