@@ -69,7 +69,7 @@ from shmcounter.segment import (
     STOCK_NR,
 )
 from shmcounter.memcg import Cgroups
-from shmcounter.memcg.cgroups import CG_EVENTS_MAX, CG_EVENTS_MAX_LOCAL, CG_MEMSW, CG_STATE
+from shmcounter.memcg.section import CG_EVENTS_MAX, CG_EVENTS_MAX_LOCAL, CG_MEMSW, CG_STATE
 from shmcounter.memcg.legacy import (
     MC_DRAIN_IDX, MC_EVICTIONS, MC_FLUSHES, MC_FLUSHING, MC_LOCK, MC_OVERFLOWS, MC_SLOTS,
     NR_MEMCG_STOCK,

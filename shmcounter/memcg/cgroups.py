@@ -29,191 +29,26 @@ from .. import hooks
 from ..arena import Arena
 from ..drain import single_drainer
 from ..errors import ArenaError
-from .._atomic import CONSUME_HIT    # = _legacy.CONSUME_HIT: both are _slots.h's
+from .._atomic import CONSUME_HIT
 from ..proc import pid_alive
 from ..segment import R_WALKS, check_counter_name
 from ..stop_machine import repair_before_refusal
 from ..wait import check_timeout
-from ..page_counter import NR_PAGES_LIMIT, PAGE_COUNTER_MAX, PageCounter, check_limit, check_nr
-from ..stock import BATCH_LIMIT, DEFAULT_BATCH
-from . import legacy
-from ._legacy import consume as legacy_consume     # the inlined hit: a global, no attribute
-from .legacy import MC_EVICTIONS, MC_FLUSHES, MC_OVERFLOWS
+from ..page_counter import PAGE_COUNTER_MAX, PageCounter, check_limit
+from ..stock import DEFAULT_BATCH
+from ._legacy import MC_EVICTIONS, MC_FLUSHES, MC_OVERFLOWS
+from .cgroup import ONLINE, MemCgroup, decode
 from .section import (
     CG_WORDS, M_BATCH, M_EVICTION, M_FIRST_CHILD_DRAIN, M_MEMSW, M_ROOT, M_STATE, M_VARIANT,
-    VARIANTS,
+    CG_EVENTS_MAX, CG_EVENTS_MAX_LOCAL, CG_MEMSW, CG_STATE, EVICTIONS,
 )
-from .variants import DESIGNS, Design
+from .variants import DESIGNS, Design, check_options
 
 ROOT = "root"
 MEMSW = ":memsw"
-PAGE_SIZE = 4096
 
-# cgroup record words
-CG_STATE, CG_MEMSW, CG_EVENTS_MAX, CG_EVENTS_MAX_LOCAL = range(4)
-STATES = ("none", "online", "offline", "freed")
-ONLINE, OFFLINE, FREED = 1, 2, 3
 # memcg header state: 0 none; a pid while that process sets the tree up; READY
 READY = -1
-
-
-class MemCgroup:
-    """A handle on one cgroup of a tree. memory and memsw are its counters."""
-
-    def __init__(self, tree: Cgroups, index: int, parent: MemCgroup | None) -> None:
-        self._tree = tree
-        self._index = index
-        self._record = tree._arena._memcg.cgroups_slot + index * CG_WORDS
-        self.memory: PageCounter = tree._arena._handle(index)
-        memsw = int(tree._arena._memcg.cgroups[index, CG_MEMSW])
-        self.memsw: PageCounter | None = tree._arena._handle(
-            memsw, f"cgroup {index}'s memsw counter") if memsw != -1 else None
-        self.parent = parent
-        self.name = self.memory.name
-        self._tag = index + 1                         # its tag in legacy slots
-
-    # ---- charging -------------------------------------------------------------
-
-    def try_charge(self, n: int) -> bool:
-        """try_charge_memcg for n pages (see the module docstring). A live CPU that
-        does not serve the drain in time raises DrainTimeout (drain_stock).
-
-        The stock hit is inlined here (one C call), as the kernel's
-        consume_stock / page_counter fast path comes first: a cgroup with memsw,
-        armed hooks or no CPU take the general path."""
-        tree = self._tree
-        arena = tree._arena
-        row = arena._stock_row
-        if row >= 0 and self.memsw is None and type(n) is int and 0 <= n < NR_PAGES_LIMIT \
-                and not hooks.ARMED:
-            slots = arena._slots
-            if tree._legacy:
-                if legacy_consume(slots, row, arena._memcg.block, self._tag, n) == CONSUME_HIT:
-                    return True             # a freed cgroup is in no slot: never here
-            elif slots.stock_consume(self.memory._c, row, n) == CONSUME_HIT:
-                return True                 # a freed cgroup has no stock: never here
-        nr_pages = check_nr(n)
-        self._check_alive()
-        return tree._try_charge(self, nr_pages)
-
-    def uncharge(self, n: int, *, kmem: bool = False) -> None:
-        """Uncharge n pages from memory (and memsw). kmem=True is the kmem and
-        socket style (obj_cgroup_uncharge_pages, mem_cgroup_sk_uncharge): the old
-        design returns the pages to the CPU's stock (refill_stock); the series
-        uncharges them through the hierarchy like any folio (E16), except the
-        RFC, where every uncharge returns pages to the stock."""
-        nr_pages = check_nr(n)
-        if not isinstance(kmem, bool):
-            raise TypeError(f"kmem must be a bool, got {kmem!r}")
-        self._check_alive()
-        tree = self._tree
-        if tree.variant == "legacy":
-            if kmem:
-                legacy.uncharge_to_stock(tree._arena, self.memory, nr_pages)
-            else:
-                self.memory._uncharge_hierarchy(nr_pages)
-            return
-        self.memory.uncharge(nr_pages)
-        if self.memsw is not None:
-            self.memsw.uncharge(nr_pages)
-
-    # ---- lifecycle ------------------------------------------------------------
-
-    def offline(self) -> None:
-        """css_offline, in the tree's design's order (fixed: disable_stock, then
-        drain_all_stock). The cgroup still takes charges and uncharges."""
-        tree = self._tree
-        if self.parent is None:
-            raise ValueError("the root cgroup cannot go offline")
-        if self.state != "online":
-            raise ValueError(f"cgroup {self.name!r} is {self.state}, not online")
-        online_children = [g.name for g in tree._children(self) if g.state == "online"]
-        if online_children:
-            raise ValueError(f"cgroup {self.name!r} has online children {online_children}")
-        tree._design.offline(self.counters, lambda: tree.drain_all_stock(self))
-        tree._arena._slots.store(self._record + CG_STATE, OFFLINE)
-
-    def free(self) -> None:
-        """css_free: free_stock on each counter (in the fixed design, drains what
-        is left on every CPU without the lock). Call it once nobody charges or
-        uncharges the cgroup any more, as the kernel runs css_free after the last
-        reference is gone: a charge still in flight could land in a freed stock."""
-        if self.state != "offline":
-            raise ValueError(f"cgroup {self.name!r} is {self.state}; offline() it first")
-        for counter in self.counters:               # legacy: Busy while a slot caches it
-            self._tree._design.free(counter)
-        self._tree._arena._slots.store(self._record + CG_STATE, FREED)
-
-    # ---- reading --------------------------------------------------------------
-
-    @property
-    def counters(self) -> list[PageCounter]:
-        self._tree._arena._check_open()
-        return [self.memory] + ([self.memsw] if self.memsw is not None else [])
-
-    @property
-    def state(self) -> str:
-        return _decode(self._tree._arena, f"cgroup {self._index}'s state",
-                       self._tree._arena._slots.load(self._record + CG_STATE), STATES)
-
-    @property
-    def events(self) -> dict[str, int]:
-        """memory.events: max events of this cgroup and its descendants."""
-        return {"max": int(self._tree._arena._memcg.cgroups[self._index, CG_EVENTS_MAX])}
-
-    @property
-    def events_local(self) -> dict[str, int]:
-        """memory.events.local: max events of this cgroup alone."""
-        return {"max": int(self._tree._arena._memcg.cgroups[self._index, CG_EVENTS_MAX_LOCAL])}
-
-    def stock(self, cpu: int) -> int:
-        """Pages CPU `cpu` holds in stock for this cgroup's memory counter."""
-        tree = self._tree
-        if tree.variant == "legacy":
-            tree._arena._cpu_slot(cpu)                  # validates cpu
-            return sum(nr for index, nr in legacy.slots_of(tree._arena, cpu)
-                       if index == self._index)
-        return self.memory.stock(cpu)
-
-    def stat(self) -> dict[str, object]:
-        """The cgroup's files as the kernel shows them (bytes; "max" unlimited),
-        plus the per-CPU stock in pages."""
-        memory = self.memory
-        out: dict[str, object] = {
-            "memory.current": memory.usage * PAGE_SIZE,
-            "memory.max": _bytes_or_max(memory.max),
-            "memory.peak": memory.watermark * PAGE_SIZE,
-            "memory.events": self.events,
-            "memory.events.local": self.events_local,
-            "memory.failcnt": memory.failcnt,
-        }
-        if self.memsw is not None:
-            out["memory.memsw.usage_in_bytes"] = self.memsw.usage * PAGE_SIZE
-            out["memory.memsw.limit_in_bytes"] = _bytes_or_max(self.memsw.max)
-        out["stock"] = [self.stock(cpu) for cpu in range(self._tree._arena.ncpus)]
-        return out
-
-    def _check_alive(self) -> None:
-        if self._tree._arena._slots.load(self._record + CG_STATE) == FREED:
-            raise ValueError(f"cgroup {self.name!r} is freed")
-
-    def __repr__(self) -> str:
-        if self._tree._arena.closed:
-            return f"<MemCgroup {self.name!r} (arena closed)>"
-        return (f"<MemCgroup {self.name!r} {self.state} current={self.memory.usage} "
-                f"events.max={self.events['max']}>")
-
-
-def _decode(arena: Arena, field: str, word: int, names: tuple[str, ...], first: int = 0) -> str:
-    """names[word - first]; ArenaCorrupt if the word `field` names none of them."""
-    if not first <= word < first + len(names):
-        raise arena._corrupt(field, word, f"not {first} + an index of {names}" if first
-                             else f"not an index of {names}")
-    return names[word - first]
-
-
-def _bytes_or_max(pages: int) -> int | str:
-    return "max" if pages == PAGE_COUNTER_MAX else pages * PAGE_SIZE
 
 
 class Cgroups:
@@ -239,7 +74,7 @@ class Cgroups:
         arena._check_open()
         asked = {"memsw": memsw, "variant": variant, "eviction": eviction,
                  "batch": batch, "first_child_drain": first_child_drain}
-        _check_options(asked)
+        check_options(asked)
         self._arena = arena
         self._handles: dict[int, MemCgroup] = {}
         self._owner: dict[int, int] = {}           # counter index -> cgroup index
@@ -254,7 +89,6 @@ class Cgroups:
         self.memsw: bool = stored["memsw"]
         self.batch: int = stored["batch"]
         self._design: Design = DESIGNS[self.variant]
-        self._legacy = self.variant == "legacy"
         self.root: MemCgroup = self._cgroup_at(int(arena._memcg.header[M_ROOT]), "memcg root")
 
     @classmethod
@@ -271,9 +105,9 @@ class Cgroups:
     def options(self) -> dict[str, object]:
         h = self._arena._memcg.header
         return {"memsw": bool(h[M_MEMSW]),
-                "variant": _decode(self._arena, "memcg variant", int(h[M_VARIANT]), VARIANTS, 1),
-                "eviction": _decode(self._arena, "memcg eviction", int(h[M_EVICTION]),
-                                    legacy.EVICTIONS),
+                "variant": decode(self._arena, "memcg variant", int(h[M_VARIANT]), tuple(DESIGNS), 1),
+                "eviction": decode(self._arena, "memcg eviction", int(h[M_EVICTION]),
+                                   EVICTIONS),
                 "batch": int(h[M_BATCH]),
                 "first_child_drain": bool(h[M_FIRST_CHILD_DRAIN])}
 
@@ -305,10 +139,10 @@ class Cgroups:
         variant = asked["variant"] or "fixed"
         h = arena._memcg.header
         h[M_MEMSW] = bool(asked["memsw"])
-        h[M_EVICTION] = legacy.EVICTIONS.index(asked["eviction"] or "round-robin")
+        h[M_EVICTION] = EVICTIONS.index(asked["eviction"] or "round-robin")
         h[M_BATCH] = DEFAULT_BATCH if asked["batch"] is None else asked["batch"]
         h[M_FIRST_CHILD_DRAIN] = bool(asked["first_child_drain"])
-        h[M_VARIANT] = 1 + VARIANTS.index(variant)
+        h[M_VARIANT] = 1 + list(DESIGNS).index(variant)
         try:
             root = arena.counter(ROOT)
         except KeyError:
@@ -386,7 +220,7 @@ class Cgroups:
         if g is None:
             self._arena._handle(index, field)        # checks index (a word, for the root)
             parent = self._arena._parent(index)
-            g = MemCgroup(self, index, None if parent < 0 else self._cgroup_at(parent))
+            g = self._design.cgroup_class(self, index, None if parent < 0 else self._cgroup_at(parent))
             self._handles[index] = g
             for counter in g.counters:
                 self._owner[counter._index] = index
@@ -420,15 +254,18 @@ class Cgroups:
             if drained:
                 return False
             # The page counters' own charges repair dead writers before they
-            # refuse (PageCounter.try_charge); the legacy charge runs its own op.
+            # refuse (PageCounter.try_charge); a design's own charge may not.
             repair_before_refusal(self._arena)
             self.drain_all_stock(over)
             drained, greedy = True, False
 
     def _charge_once(self, g: MemCgroup, nr_pages: int, greedy: bool) -> PageCounter | None:
         """One attempt: memsw then memory. Returns the counter that refused, or None."""
-        if self._legacy:
-            return legacy.try_charge(self._arena, g.memory, nr_pages, greedy)
+        return self._design.charge_once(self, g, nr_pages, greedy)
+
+    def _charge_counters(self, g: MemCgroup, nr_pages: int) -> PageCounter | None:
+        """The per-counter stock's attempt (Design.charge_once): memsw then memory,
+        each a page_counter_try_charge with its stock."""
         if g.memsw is not None:
             refused = self._page_counter_try_charge(g.memsw, nr_pages)
             if refused is not None:
@@ -471,8 +308,11 @@ class Cgroups:
         without waiting (wait_flushed waits)."""
         if not isinstance(g, MemCgroup) or g._tree._arena.name != self._arena.name:
             raise TypeError(f"expected a MemCgroup of this tree, got {g!r}")
-        if self.variant == "legacy":
-            return legacy.drain_all(self._arena, {m._index + 1 for m in self._subtree(g)})
+        return self._design.drain_all_stock(self, g)
+
+    def _drain_all_counters(self, g: MemCgroup) -> bool:
+        """The per-counter stock's drain_all_stock (Design.drain_all_stock): the
+        single-drainer trylock, then the design's drain of g's stocked counters."""
         with single_drainer(self._arena) as got:
             if got:
                 if hooks.ARMED:
@@ -481,19 +321,13 @@ class Cgroups:
         return got
 
     def wait_flushed(self, timeout: float = 5.0) -> None:
-        """Wait until every online CPU has served the legacy drain work items sent
-        to it (quiescence of the asynchronous drain). Returns at once for the
-        per-counter designs, whose drains are synchronous. TimeoutError if a CPU
-        does not serve its work in time."""
+        """Wait until every online CPU has served the drain work items sent to it
+        (quiescence of an asynchronous drain_all_stock, the legacy design's).
+        Returns at once for the per-counter designs, whose drains are synchronous.
+        TimeoutError if a CPU does not serve its work in time."""
         check_timeout(timeout, "timeout")
-        arena = self._arena
-        arena._check_open()
-        deadline = time.monotonic() + timeout
-        while pending := [cpu for cpu in legacy.flushing(arena) if arena.row_owner_alive(cpu)]:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"CPUs {pending} did not serve their drain work "
-                                   f"within {timeout} s")
-            time.sleep(0.0005)
+        self._arena._check_open()
+        self._design.wait_flushed(self._arena, timeout)
 
     # ---- statistics -------------------------------------------------------------
 
@@ -513,25 +347,3 @@ class Cgroups:
             return "<Cgroups (arena closed)>"
         return (f"<Cgroups {self.variant} memsw={self.memsw} "
                 f"cgroups={len(self.cgroups())} in {self._arena.name!r}>")
-
-
-def _check_options(asked: dict[str, object]) -> None:
-    checks = {
-        "memsw": lambda v: isinstance(v, bool),
-        "variant": lambda v: v in VARIANTS,
-        "eviction": lambda v: v in legacy.EVICTIONS,
-        "batch": lambda v: type(v) is int and 0 <= v < BATCH_LIMIT,
-        "first_child_drain": lambda v: isinstance(v, bool),
-    }
-    for key, ok in checks.items():
-        value = asked[key]
-        if value is not None and not ok(value):
-            raise ValueError(f"bad {key}: {value!r}")
-    if asked["variant"] == "legacy" and asked["first_child_drain"]:
-        raise ValueError("first_child_drain is v2's V6; the legacy design has no "
-                         "per-counter stock to drain")
-    if asked["variant"] == "legacy" and asked["memsw"]:
-        raise ValueError("the legacy design is modelled for memory only (memsw=False): "
-                         "its one stock per cgroup serves two counter trees")
-    if asked["variant"] == "legacy" and asked["batch"] not in (None, 64):
-        raise ValueError("the legacy design's batch is MEMCG_CHARGE_BATCH = 64")

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Callable, Collection
 
 import numpy as np
 
-from .. import cpuhp, hooks
+from .. import hooks
 from ..cpuhp import this_cpu_of
 from ..drain import post_work, single_drainer
 from ..proc import pid_alive
@@ -52,7 +52,7 @@ from ._legacy import (  # noqa: F401
     MC_DRAIN_IDX, MC_EVICTIONS, MC_FLUSHES, MC_FLUSHING, MC_LOCK, MC_OVERFLOWS, MC_SLOTS,
     MC_WORDS, MEMCG_CHARGE_BATCH, NR_MEMCG_STOCK,
 )
-from .section import M_EVICTION, M_LEGACY, M_VARIANT
+from .section import CG_STATE, EVICTIONS, M_EVICTION
 
 if TYPE_CHECKING:
     from ..page_counter import PageCounter
@@ -63,7 +63,6 @@ NR_MASK = 0xFF              # u8 nr_pages
 TAG_MASK = 0xFFFFFF
 CUR_MASK = (1 << HALF) - 1
 
-EVICTIONS = ("round-robin", "random")
 
 
 def _half(word: int, pending: bool) -> tuple[int, int]:
@@ -82,7 +81,6 @@ def _cgroup_of(arena: Arena, tag: int, slot: int, pending: bool) -> PageCounter:
     """The memory counter of the cgroup tagged `tag` in one half of slot word
     `slot`: ArenaCorrupt unless the tag names a cgroup (index + 1 of a published
     counter whose cgroup record is in use)."""
-    from .cgroups import CG_STATE
     index = tag - 1
     if not (0 <= index < arena._published() and arena._memcg.cgroups[index, CG_STATE]):
         raise arena._corrupt(_slot_field(arena, slot, pending), tag,
@@ -398,42 +396,3 @@ def slots_of(arena: Arena, cpu: int) -> list[tuple[int, int]]:
     """CPU `cpu`'s 7 slots as (cached memory counter's index or -1, pages)."""
     words = arena._memcg.cpus[cpu, MC_SLOTS:MC_SLOTS + NR_MEMCG_STOCK].tolist()
     return [(tag - 1, nr_pages) for tag, nr_pages in (_half(w, False) for w in words)]
-
-
-# ---- the legacy stock on the CPU paths (cpuhp.py) ------------------------------
-
-def _is_legacy(arena: Arena) -> bool:
-    """Does this arena's cgroup tree run the legacy design (its slots are in use)?"""
-    return int(arena._memcg.header[M_VARIANT]) == M_LEGACY
-
-
-def _online(arena: Arena, cpu: int) -> None:
-    """register_cpu: this process's block is CPU `cpu`'s; a drain request flagged
-    for the CPU's dead predecessor is forgotten."""
-    arena._memcg.block = arena._memcg.cpu_slot(cpu)
-    arena._slots.store(arena._memcg.block + MC_FLUSHING, 0)
-
-
-def _offline(arena: Arena, cpu: int) -> None:
-    if _is_legacy(arena):
-        cpu_offline(arena, cpu)
-    arena._memcg.block = -1
-
-
-def _check_dead(arena: Arena, cpu: int) -> None:
-    if _is_legacy(arena):
-        check_slots(arena, cpu)
-
-
-def _dead(arena: Arena, cpu: int) -> dict[str, int]:
-    return drain_dead(arena, cpu) if _is_legacy(arena) else {}
-
-
-def _owns_slot(arena: Arena, row: int, slot: int) -> bool:
-    """An intent record of CPU row `row` may name one of its 7 slot words."""
-    return 0 <= slot - arena._memcg.cpu_slot(row) - MC_SLOTS < NR_MEMCG_STOCK
-
-
-cpuhp.setup_state(cpuhp.CpuSubsystem(
-    "memcg legacy stock", online=_online, offline=_offline, check_dead=_check_dead,
-    dead=_dead, work=serve_flush, stock_pages=stock_pages, owns_slot=_owns_slot))

@@ -5,7 +5,7 @@ imported, so every arena has it; the core never reads it. In 8-byte words, each
 part on its own lines:
 
   header     MEMCG_HEADER_WORDS: state (0 none, the pid setting the tree up, -1
-             ready), variant (1 + index in VARIANTS; 0 no tree yet), memsw,
+             ready), variant (1 + the design's index in variants.DESIGNS; 0 no tree yet), memsw,
              eviction, batch, root, first-child drain
   cgroups    max_counters records of CG_WORDS, indexed by the cgroup's memory
              counter: state, memsw counter, events.max (hierarchical), events.max
@@ -33,9 +33,11 @@ if TYPE_CHECKING:
 
 MEMCG_HEADER_WORDS = 8
 M_STATE, M_VARIANT, M_MEMSW, M_EVICTION, M_BATCH, M_ROOT, M_FIRST_CHILD_DRAIN = range(7)
-VARIANTS = ("fixed", "v2", "rfc", "legacy")
-M_LEGACY = 1 + VARIANTS.index("legacy")
 CG_WORDS = 8
+# The legacy design's eviction orders (header word M_EVICTION: an index here).
+EVICTIONS = ("round-robin", "random")
+# cgroup record words
+CG_STATE, CG_MEMSW, CG_EVENTS_MAX, CG_EVENTS_MAX_LOCAL = range(4)
 LINE_WORDS = 8
 
 

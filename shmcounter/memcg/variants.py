@@ -10,26 +10,71 @@ cgroup's death returns it (docs/stock-design.md §Disable and free, §2 E4-E6, �
             drains each counter on each CPU in turn; disable cancels the sum of
             the stocks without zeroing them; free drops the stocks undrained.
             Race E4.
-    legacy  the old memcg_stock_pcp, 7 slots per CPU (legacy.py).
+    legacy  the old memcg_stock_pcp, 7 slots per CPU (legacy_design.py).
 
-A Design gets the cgroup's counters; it never decides when to call (cgroups.py).
+A design is one object: it owns what css_online, css_offline and css_free do
+with a cgroup's counters, one charge attempt of try_charge_memcg, drain_all_stock,
+and the class of its cgroup handles (charge, uncharge and stock of one cgroup).
+It never decides when to call (cgroups.py). Designs register here
+(register_design); the segment records a tree's design as 1 + its index in
+DESIGNS, so every process registers the same designs in the same order (the
+import of shmcounter.memcg).
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from ..drain import drain_stock
-from ..errors import Busy
 from ..segment import STOCK_NR
-from . import legacy
+from ..stock import BATCH_LIMIT
+from .cgroup import MemCgroup
+from .section import EVICTIONS
 
 if TYPE_CHECKING:
     from ..arena import Arena
     from ..page_counter import PageCounter
+    from .cgroups import Cgroups
+
 
 
 class Design:
-    """The per-counter stock of the series (a base for fixed, v2 and rfc)."""
+    """What every design provides (cgroups.py calls these)."""
+
+    name: str
+    cgroup_class: type[MemCgroup] = MemCgroup
+
+    def check_options(self, asked: dict[str, object]) -> None:
+        """ValueError for tree options this design cannot run with."""
+
+    def online(self, counter: PageCounter, batch: int) -> None:
+        """css_online for one of a new cgroup's counters."""
+        raise NotImplementedError
+
+    def offline(self, counters: Sequence[PageCounter], drain_all: Callable[[], object]) -> None:
+        """css_offline. drain_all() is the tree's drain_all_stock of the cgroup."""
+        raise NotImplementedError
+
+    def free(self, counter: PageCounter) -> None:
+        """css_free for one of the cgroup's counters."""
+        raise NotImplementedError
+
+    def charge_once(self, tree: Cgroups, g: MemCgroup, nr_pages: int,
+                    greedy: bool) -> PageCounter | None:
+        """One attempt of try_charge_memcg: None, or the counter that refused.
+        greedy=False after a first refusal (the old design then stops batching)."""
+        raise NotImplementedError
+
+    def drain_all_stock(self, tree: Cgroups, g: MemCgroup) -> bool:
+        """drain_all_stock(g): False if another drain runs (the trylock)."""
+        raise NotImplementedError
+
+    def wait_flushed(self, arena: Arena, timeout: float) -> None:
+        """Wait for the drain work an asynchronous drain_all_stock sent."""
+
+
+class PerCounter(Design):
+    """The per-counter stock of the series, in the U0/v4 order (fixed; a base for
+    v2 and rfc)."""
 
     name = "fixed"
     uncharge_to_stock = False
@@ -50,13 +95,20 @@ class Design:
         """css_free."""
         counter.free_stock()
 
+    def charge_once(self, tree: Cgroups, g: MemCgroup, nr_pages: int,
+                    greedy: bool) -> PageCounter | None:
+        return tree._charge_counters(g, nr_pages)
+
+    def drain_all_stock(self, tree: Cgroups, g: MemCgroup) -> bool:
+        return tree._drain_all_counters(g)
+
     def drain_all(self, arena: Arena, counters: Sequence[PageCounter]) -> None:
         """The draining part of drain_all_stock, single-drainer lock held: one work
         message per online CPU drains every counter (v2, V4)."""
         drain_stock(arena, counters)
 
 
-class V2(Design):
+class V2(PerCounter):
     name = "v2"
 
     def offline(self, counters: Sequence[PageCounter], drain_all: Callable[[], object]) -> None:
@@ -66,7 +118,7 @@ class V2(Design):
             _drain_stock_nolock(counter)
 
 
-class RFC(Design):
+class RFC(PerCounter):
     name = "rfc"
     uncharge_to_stock = True
 
@@ -83,27 +135,35 @@ class RFC(Design):
             drain_stock(arena, [counter])
 
 
-class Legacy(Design):
-    """The old design: no per-counter stock; the CPU's 7 slots (legacy.py)."""
-
-    name = "legacy"
-
-    def online(self, counter: PageCounter, batch: int) -> None:
-        pass
-
-    def offline(self, counters: Sequence[PageCounter], drain_all: Callable[[], object]) -> None:
-        drain_all()
-
-    def free(self, counter: PageCounter) -> None:
-        """css_free happens once the last reference is gone, and a slot that
-        caches the cgroup holds one, even with 0 pages (docs/kernel-semantics.md §Limit writers and cgroup death)."""
-        cpus = legacy.cached_on(counter._arena, counter._index + 1)
-        if cpus:
-            raise Busy(f"cgroup {counter.name!r} is still cached by the stock of CPUs "
-                       f"{cpus}: drain_all_stock it (and wait_flushed) first")
+DESIGNS: dict[str, Design] = {}
 
 
-DESIGNS: dict[str, Design] = {d.name: d for d in (Design(), V2(), RFC(), Legacy())}
+def register_design(design: Design) -> None:
+    """Make `design` available as Cgroups(arena, variant=design.name)."""
+    if design.name in DESIGNS:
+        raise ValueError(f"a design named {design.name!r} is registered already")
+    DESIGNS[design.name] = design
+
+
+def check_options(asked: dict[str, object]) -> None:
+    """ValueError unless the options given to Cgroups are well formed and the
+    chosen design can run with them."""
+    checks: dict[str, Callable[[object], bool]] = {
+        "memsw": lambda v: isinstance(v, bool),
+        "variant": lambda v: v in DESIGNS,
+        "eviction": lambda v: v in EVICTIONS,
+        "batch": lambda v: type(v) is int and 0 <= v < BATCH_LIMIT,
+        "first_child_drain": lambda v: isinstance(v, bool),
+    }
+    for key, ok in checks.items():
+        value = asked[key]
+        if value is not None and not ok(value):
+            raise ValueError(f"bad {key}: {value!r}")
+    DESIGNS[str(asked["variant"] or "fixed")].check_options(asked)
+
+
+for _design in (PerCounter(), V2(), RFC()):
+    register_design(_design)
 
 
 def _drain_stock_nolock(counter: PageCounter) -> int:
