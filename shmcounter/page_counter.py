@@ -32,7 +32,6 @@ from .stop_machine import repair_before_refusal
 
 if TYPE_CHECKING:
     from .segment import Segment as Arena
-    from .writer import Writer
 
 # LONG_MAX / PAGE_SIZE, so that a limit in bytes never overflows (kernel, 64-bit).
 PAGE_COUNTER_MAX = (2**63 - 1) // 4096
@@ -161,9 +160,7 @@ class PageCounter(PageCounterStock):
             slot = self._local_slot()
             batch = slots.load(self._c + PC_BATCH) if slot >= 0 else 0
             charge = batch if batch > nr_pages else nr_pages
-            writer.begin(self._index, slot)
-            try:
-                kbase = writer.contrib_slot
+            with writer.op(self, slot) as kbase:
                 fail = self._try_charge_path(charge, kbase)
                 if fail is not None and charge > nr_pages:
                     charge = nr_pages
@@ -174,10 +171,6 @@ class PageCounter(PageCounterStock):
                     if not slots.stock_deposit(slot, charge - nr_pages,
                                                self._arena._stock_owner):
                         self._cancel_path(charge - nr_pages, kbase)
-            except BaseException:
-                self._abort_op(writer)
-                raise
-            writer.end()
             if fail is None:
                 return _SUCCESS
             if repaired is not None:
@@ -208,19 +201,13 @@ class PageCounter(PageCounterStock):
         Never uses the stock.
         """
         nr_pages = check_nr(n)
-        slots, writer = self._slots, self._arena._writer
-        writer.begin(self._index)
-        try:
-            kbase = writer.contrib_slot
+        slots = self._slots
+        with self._arena._writer.op(self) as kbase:
             self._count_walk()
             for c, p, i in self._path:
                 slots.pc_charge_level(c, p, kbase + i, nr_pages)
                 if hooks.ARMED:
                     hooks.at("charge:level")
-        except BaseException:
-            self._abort_op(writer)
-            raise
-        writer.end()
 
     # ---- uncharge -----------------------------------------------------------
 
@@ -243,35 +230,16 @@ class PageCounter(PageCounterStock):
         """An op that uncharges nr_pages at every level (the RFC's
         page_counter_cancel_hierarchy), after returning what fits to stock slot
         `return_slot` when there is one."""
-        writer = self._arena._writer
-        writer.begin(self._index, return_slot)
-        try:
+        with self._arena._writer.op(self, return_slot) as kbase:
             if return_slot >= 0:
                 nr_pages = self._return_to_stock(return_slot, nr_pages)
-            self._cancel_path(nr_pages, writer.contrib_slot)
-        except BaseException:
-            self._abort_op(writer)
-            raise
-        writer.end()
+            self._cancel_path(nr_pages, kbase)
 
     def cancel(self, n: int) -> None:
         """Take n pages out of this level only (page_counter_cancel)."""
         nr_pages = check_nr(n)
-        writer = self._arena._writer
-        writer.begin(self._index)
-        try:
-            self._cancel_path(nr_pages, writer.contrib_slot, 1)
-        except BaseException:
-            self._abort_op(writer)
-            raise
-        writer.end()
-
-    def _abort_op(self, writer: Writer) -> None:
-        """The op raised (a signal handler's exception between two steps, say): put
-        every level and the stock slot back as they were when it began, so that no
-        level stays half-updated, then recompute the protected usage it touched."""
-        writer.abort()
-        self._propagate_path()
+        with self._arena._writer.op(self) as kbase:
+            self._cancel_path(nr_pages, kbase, 1)
 
     def _propagate_path(self) -> None:
         """Recompute the protected usage of every level from its usage (after a

@@ -47,7 +47,6 @@ from .wait import wait_own_lock
 if TYPE_CHECKING:
     from ._atomic import Slots
     from .segment import Segment as Arena
-    from .writer import Writer
 
 # MEMCG_CHARGE_BATCH. Larger means fewer walks up the hierarchy but more pages
 # stranded in stocks (< batch per CPU per counter).
@@ -64,7 +63,6 @@ class PageCounterStock:
     _index: int
     name: str
     _cancel_path: Callable[[int, int], None]      # PageCounter's
-    _abort_op: Callable[[Writer], None]           # PageCounter's
 
     # ---- lifecycle ----------------------------------------------------------
 
@@ -150,15 +148,9 @@ class PageCounterStock:
         """Take stock slot `slot` without its lock and uncharge it, in one op."""
         if self._slots.load(slot + STOCK_NR) == 0:
             return 0
-        writer = self._arena._writer
-        writer.begin(self._index, slot)
-        try:
+        with self._arena._writer.op(self, slot) as kbase:
             taken = self._slots.exchange(slot + STOCK_NR, 0)
-            self._cancel_path(taken, writer.contrib_slot)
-        except BaseException:
-            self._abort_op(writer)
-            raise
-        writer.end()
+            self._cancel_path(taken, kbase)
         return taken
 
     # ---- reading ------------------------------------------------------------
@@ -245,15 +237,8 @@ class PageCounterStock:
         slot = self._local_slot()
         if slot < 0:
             return 0
-        writer = arena._writer
-        writer.begin(self._index, slot)
-        try:
-            taken = self._drain_local_in_op(slot, writer.contrib_slot)
-        except BaseException:
-            self._abort_op(writer)
-            raise
-        writer.end()
-        return taken
+        with arena._writer.op(self, slot) as kbase:
+            return self._drain_local_in_op(slot, kbase)
 
     def _drain_local_in_op(self, slot: int, kbase: int) -> int:
         arena, slots = self._arena, self._slots
@@ -354,14 +339,8 @@ def _serve(arena: Arena, cpu: int) -> None:
             counter = arena._handle(index)
             slot = counter._local_slot()
             if slot >= 0:
-                writer.enter(index, slot)
-                try:
-                    counter._drain_local_in_op(slot, writer.contrib_slot)
-                except BaseException:
-                    writer.rollback()
-                    counter._propagate_path()
-                    raise
-                writer.leave()
+                with writer.op(counter, slot, locked=True) as kbase:
+                    counter._drain_local_in_op(slot, kbase)
 
 
 def _stock_pages(arena: Arena, n: int) -> np.ndarray:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import threading
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .errors import ArenaError
 from . import segment
@@ -91,6 +91,39 @@ class Writer:
         self.drain_pending = False
 
     # ---- ops ----------------------------------------------------------------
+
+    def op(self, counter: Any, stock_slot: int = -1, *, locked: bool = False) -> Writer:
+        """The op bracket, written once: `with writer.op(counter, slot) as kbase:`
+        runs the block as one op on `counter`'s path that may touch stock slot
+        `slot`; kbase is this row's first contrib slot. op() begins it (taking the
+        op lock, unless `locked`: the caller holds it already, as the drain server
+        does), the with ends it; if the block raises, the op is rolled back to its
+        snapshot (op_abort), the counter's protected usage recomputed along its
+        path, and the exception goes on. The op lock is held from op() to the end
+        of the block, so the bracket's own fields are safe from other threads."""
+        if locked:
+            self.enter(counter._index, stock_slot)
+        else:
+            self.begin(counter._index, stock_slot)
+        self._op_counter, self._op_locked = counter, locked
+        return self
+
+    def __enter__(self) -> int:
+        return self.contrib_slot
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        counter, locked = self._op_counter, self._op_locked
+        if exc_type is None:
+            if locked:
+                self.leave()
+            else:
+                self.end()
+            return
+        if locked:
+            self.rollback()
+        else:
+            self.abort()
+        counter._propagate_path()
 
     def begin(self, index: int, stock_slot: int = -1) -> None:
         """Start an op on counter `index` that may touch stock slot `stock_slot`."""

@@ -24,16 +24,14 @@ the memsw and the memory charge of one try_charge leaves the memsw pages charged
 from __future__ import annotations
 
 import os
-import time
-from .. import hooks
+from .. import hooks, pidlock
 from ..arena import Arena
 from ..drain import single_drainer
 from ..errors import ArenaError
 from .._atomic import CONSUME_HIT
-from ..proc import pid_alive
 from ..segment import R_WALKS, check_counter_name
 from ..stop_machine import repair_before_refusal
-from ..wait import check_timeout
+from ..wait import bounded_wait, check_timeout
 from ..page_counter import PAGE_COUNTER_MAX, PageCounter, check_limit
 from ..stock import DEFAULT_BATCH
 from ._legacy import MC_EVICTIONS, MC_FLUSHES, MC_OVERFLOWS
@@ -117,16 +115,16 @@ class Cgroups:
         dead one: every step is redone or found done)."""
         arena, slots, me = self._arena, self._arena._slots, os.getpid()
         state = arena._memcg.slot + M_STATE
-        deadline = time.monotonic() + arena.drain_timeout
-        while (holder := slots.cas(state, 0, me)) != 0:
-            if holder == READY:
-                return
-            if not pid_alive(holder) and slots.cas(state, holder, me) == holder:
-                break
-            if time.monotonic() > deadline:
-                raise ArenaError(f"the cgroup tree of {arena.name!r} is being set up "
-                                 f"by pid {holder}, which has not finished")
-            time.sleep(0.001)
+        ready = False
+
+        def attempt() -> int:
+            nonlocal ready
+            taken, holder = pidlock.trylock(slots, state, me)
+            ready = holder == READY
+            return 0 if taken or ready else holder
+        bounded_wait(arena, "the set-up of the cgroup tree", attempt)
+        if ready:
+            return
         try:
             self._write_tree(asked)
         except BaseException:

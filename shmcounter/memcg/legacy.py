@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Callable, Collection
 
 import numpy as np
 
-from .. import hooks
+from .. import hooks, pidlock
 from ..cpuhp import this_cpu_of
 from ..drain import post_work, single_drainer
 from ..proc import pid_alive
@@ -146,14 +146,8 @@ def _refill_op(arena: Arena, memory: PageCounter,
                body: Callable[[int], tuple[PageCounter | None, int]]) -> PageCounter | None:
     """Run body(kbase) -> (refused counter or None, evicted slot or -1) as one op on
     memory's path, then uncharge an evicted cgroup's pages in the second op."""
-    writer = arena._writer
-    writer.begin(memory._index)
-    try:
-        refused, evicted = body(writer.contrib_slot)
-    except BaseException:
-        memory._abort_op(writer)
-        raise
-    writer.end()
+    with arena._writer.op(memory) as kbase:
+        refused, evicted = body(kbase)
     if evicted >= 0:
         _uncharge_evicted(arena, arena._memcg.block + MC_SLOTS + evicted)
     return refused
@@ -195,15 +189,8 @@ OpRunner = Callable[["Arena", "PageCounter", int, Callable[[int], None]], None]
 def _locked_op(arena: Arena, counter: PageCounter, slot: int,
                body: Callable[[int], None]) -> None:
     """For a caller that holds the op lock (Writer.held, or the drain server)."""
-    writer = arena._writer
-    writer.enter(counter._index, slot)
-    try:
-        body(writer.contrib_slot)
-    except BaseException:
-        writer.rollback()
-        counter._propagate_path()
-        raise
-    writer.leave()
+    with arena._writer.op(counter, slot, locked=True) as kbase:
+        body(kbase)
 
 
 def _dead_op(cpu: int) -> OpRunner:
@@ -336,11 +323,8 @@ def drain_all(arena: Arena, tags: Collection[int]) -> bool:
         me = this_cpu_of(arena)
         for cpu in range(arena.ncpus):
             flag = arena._memcg.cpu_slot(cpu) + MC_FLUSHING
-            holder = slots.load(flag)
-            if holder and pid_alive(holder) or not _drain_needed(arena, cpu, tags):
-                continue
-            if slots.cas(flag, holder, mypid) != holder:
-                continue
+            if not _drain_needed(arena, cpu, tags) or not pidlock.trylock(slots, flag, mypid)[0]:
+                continue                            # nothing cached, or a live drain's
             if cpu == me:
                 drain_local(arena)
                 slots.fetch_add(flag - MC_FLUSHING + MC_FLUSHES, 1)
