@@ -407,16 +407,10 @@ class _View:
 
 
 class Segment:
-    """One shared-memory region: header, CPUs, counters, stocks and names.
-
-    Create it once (`Arena.create`), pass `arena.name` (or the Arena itself, which
-    pickles by name) to other processes, and `Arena.attach` there. Only the creator
-    unlinks. Every handle can be closed at any point, even half-built. A process
-    has one handle per arena (attach returns it); once closed, every method and
-    property of it and of its counters raises ArenaError("arena <name> is closed"),
-    except name, closed, close, unlink and the geometry (ncpus, max_counters,
-    max_stocked, nrows).
-    """
+    """A handle on one arena's shared-memory segment: its views and slots, its
+    lifetime (create, attach, close, unlink), the registry lock, the counter
+    names and handles, and the sections and per-handle state of higher layers.
+    Arena (arena.py) is the public class; the lower layers take a Segment."""
 
     # Class defaults, so that close() and unlink() work after a failed __init__.
     _shm: shared_memory.SharedMemory | None = None
