@@ -80,6 +80,7 @@ import re
 import secrets
 import struct
 import threading
+import traceback
 import warnings
 import weakref
 import mmap
@@ -236,7 +237,9 @@ class _Sections:
         self.counters = self.rows + nrows * ROW_WORDS * WORD
         self.stock_owner = self.counters + max_counters * PC_WORDS * WORD
         self.stocks = self.stock_owner + _round_up(max_stocked * WORD)
-        self.stock_block = _round_up(max_stocked * STOCK_WORDS * WORD)
+        # at least one slot a CPU, so that every slot index stays in bounds even
+        # when no counter may have stock (max_stocked = 0)
+        self.stock_block = _round_up(max(max_stocked, 1) * STOCK_WORDS * WORD)
         self.contrib = self.stocks + ncpus * self.stock_block
         self.counter_block = _round_up(max_counters * WORD)
         self.requests = self.contrib + nrows * self.counter_block
@@ -435,6 +438,23 @@ class Segment:
         # Before any view: a geometry that does not fit raises with nothing
         # exported, so that the caller can still unmap.
         sec = _check_geometry(shm.name, shm.buf)
+        try:
+            self._build(shm, sec)
+        except BaseException as exc:
+            # Half built: drop every export of the buffer (ours, and the finished
+            # frames' locals in the traceback), so that the caller can unmap (and
+            # the creator unlink) and its error is the one that shows.
+            traceback.clear_frames(exc.__traceback__)
+            self._closed = True
+            for release in _handle_hooks["release"]:
+                release(self)
+            if self._slots is not None:
+                self._slots.release()
+            for attr in _VIEWS:
+                self.__dict__.pop(attr, None)
+            raise
+
+    def _build(self, shm: shared_memory.SharedMemory, sec: _Sections) -> None:
         # Every view below is derived from _bytes, which holds an export of the
         # buffer: while a caller keeps one, close() cannot unmap the segment under
         # it (BufferError, turned into a warning), instead of a later segfault.

@@ -13,6 +13,7 @@ from multiprocessing import shared_memory
 import pytest
 
 from shmcounter import Arena, ArenaError
+from shmcounter.invariants import check_invariants
 from shmcounter.segment import (
     LAYOUT_VERSION, LINE, MAGIC, PC_USAGE, PC_WORDS, STOCK_WORDS, WORD, _Sections,
 )
@@ -60,6 +61,7 @@ def test_with_block_unlinks_for_the_creator():
 UNLINK_AS_AN_ATTACHER = """
 import sys
 from shmcounter import Arena, ArenaError
+from shmcounter.invariants import check_invariants
 a = Arena.attach(sys.argv[1])
 a.close()
 try:
@@ -221,3 +223,25 @@ def test_sweep_spares_a_dead_creators_arena_that_a_live_process_maps():
             proc.wait()
         if _segment_exists(name):
             os.unlink(f"/dev/shm/{name}")
+
+
+def test_an_arena_where_no_counter_may_have_stock():
+    """max_stocked=0: every enable_stock says no, and charges walk the hierarchy."""
+    with Arena.create(ncpus=2, max_counters=4, max_stocked=0) as arena:
+        leaf = arena.new_counter("leaf", max=10)
+        assert leaf.enable_stock(64) is False
+        assert (leaf.try_charge(3), leaf.usage, leaf.batch) == ((True, None), 3, 0)
+        leaf.uncharge(3)
+        check_invariants(arena)
+
+
+def test_a_create_that_fails_half_built_raises_its_own_error_and_leaks_nothing(monkeypatch):
+    from shmcounter import segment
+
+    def boom(arena: Arena) -> None:
+        raise RuntimeError("an init hook failed")
+    monkeypatch.setitem(segment._handle_hooks, "init", [*segment._handle_hooks["init"], boom])
+    before = set(os.listdir("/dev/shm"))
+    with pytest.raises(RuntimeError, match="^an init hook failed$"):
+        Arena.create(ncpus=2, max_counters=4)
+    assert set(os.listdir("/dev/shm")) - before == set()
