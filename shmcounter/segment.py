@@ -75,6 +75,7 @@ Lifetime (Python 3.11, see docs/design.md "Segment lifetime"):
 from __future__ import annotations
 
 import atexit
+import mmap
 import os
 import re
 import secrets
@@ -82,16 +83,16 @@ import struct
 import threading
 import warnings
 import weakref
-import mmap
+from collections.abc import Callable
 from multiprocessing import shared_memory
 from stat import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFSOCK, S_ISREG
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import pidlock
 from ._atomic import Slots
 from .errors import ArenaCorrupt, ArenaError
-from . import pidlock
 from .proc import my_start_time, pid_alive, proc_stat
 from .wait import check_timeout
 
@@ -118,16 +119,46 @@ R_WALKS = 4
 # page_counter record, stock slot and writer row words: defined by the C module,
 # whose fused steps need them; re-exported here, where the layout is documented.
 from ._atomic import (  # noqa: E402, F401
-    PC_BATCH, PC_CHILDREN_LOW_USAGE, PC_CHILDREN_MIN_USAGE, PC_ELOW, PC_EMIN,
-    PC_FAILCNT, PC_FLAGS, PC_HIGH, PC_LOW, PC_LOW_USAGE, PC_MAX, PC_MIN,
-    PC_MIN_USAGE, PC_PARENT, PC_STOCK_ID, PC_USAGE, PC_WATERMARK, PC_WORDS,
-    STOCK_LOCK, STOCK_NR, STOCK_WORDS,
-    MAX_DEPTH, R_BASE, R_COUNTER, R_DEPTH, R_DONE_SEQ, R_IN_OP, R_OP, R_PID, R_REQ_SEQ,
-    R_STOCK_BEFORE, R_STOCK_BLOCK, R_STOCK_SLOT, R_START, ROW_WORDS,
+    MAX_DEPTH,
+    PC_BATCH,
+    PC_CHILDREN_LOW_USAGE,
+    PC_CHILDREN_MIN_USAGE,
+    PC_ELOW,
+    PC_EMIN,
+    PC_FAILCNT,
+    PC_FLAGS,
+    PC_HIGH,
+    PC_LOW,
+    PC_LOW_USAGE,
+    PC_MAX,
+    PC_MIN,
+    PC_MIN_USAGE,
+    PC_PARENT,
+    PC_STOCK_ID,
+    PC_USAGE,
+    PC_WATERMARK,
+    PC_WORDS,
+    R_BASE,
+    R_COUNTER,
+    R_DEPTH,
+    R_DONE_SEQ,
+    R_IN_OP,
+    R_OP,
+    R_PID,
+    R_REQ_SEQ,
+    R_START,
+    R_STOCK_BEFORE,
+    R_STOCK_BLOCK,
+    R_STOCK_SLOT,
+    ROW_WORDS,
+    STOCK_LOCK,
+    STOCK_NR,
+    STOCK_WORDS,
 )
 
 # flags word of a counter
-PC_FLAG_UNCHARGE_TO_STOCK = 1   # the RFC's stock-returning uncharge (docs/stock-design.md §Uncharge)
+# the RFC's stock-returning uncharge (docs/stock-design.md §Uncharge)
+PC_FLAG_UNCHARGE_TO_STOCK = 1
 
 # line assertions: usage alone on line A, the read-mostly fields on line C
 assert PC_USAGE == 0 and PC_WATERMARK == 8 and PC_MAX == 16 and PC_WORDS == 24

@@ -1,5 +1,6 @@
 """Cgroups: a memcg tree on page counters, calling the stock APIs the way
-mm/memcontrol.c does (docs/stock-design.md §memcg integration; docs/kernel-semantics.md §try_charge_memcg).
+mm/memcontrol.c does (docs/stock-design.md §memcg integration;
+docs/kernel-semantics.md §try_charge_memcg).
 
 The tree lives in the arena (memcg's section: section.py), so any attached process
 opens it with Cgroups(arena) and finds a cgroup by name. A cgroup is a memory
@@ -25,22 +26,30 @@ from __future__ import annotations
 
 import os
 import time
+
 from .. import hooks
+from .._atomic import CONSUME_HIT  # = _legacy.CONSUME_HIT: both are _slots.h's
 from ..arena import Arena
 from ..drain import single_drainer
 from ..errors import ArenaError
-from .._atomic import CONSUME_HIT    # = _legacy.CONSUME_HIT: both are _slots.h's
+from ..page_counter import NR_PAGES_LIMIT, PAGE_COUNTER_MAX, PageCounter, check_limit, check_nr
 from ..proc import pid_alive
 from ..segment import R_WALKS, check_counter_name
+from ..stock import BATCH_LIMIT, DEFAULT_BATCH
 from ..stop_machine import repair_before_refusal
 from ..wait import check_timeout
-from ..page_counter import NR_PAGES_LIMIT, PAGE_COUNTER_MAX, PageCounter, check_limit, check_nr
-from ..stock import BATCH_LIMIT, DEFAULT_BATCH
 from . import legacy
-from ._legacy import consume as legacy_consume     # the inlined hit: a global, no attribute
+from ._legacy import consume as legacy_consume  # the inlined hit: a global, no attribute
 from .legacy import MC_EVICTIONS, MC_FLUSHES, MC_OVERFLOWS
 from .section import (
-    CG_WORDS, M_BATCH, M_EVICTION, M_FIRST_CHILD_DRAIN, M_MEMSW, M_ROOT, M_STATE, M_VARIANT,
+    CG_WORDS,
+    M_BATCH,
+    M_EVICTION,
+    M_FIRST_CHILD_DRAIN,
+    M_MEMSW,
+    M_ROOT,
+    M_STATE,
+    M_VARIANT,
     VARIANTS,
 )
 from .variants import DESIGNS, Design

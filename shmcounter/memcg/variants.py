@@ -16,7 +16,8 @@ A Design gets the cgroup's counters; it never decides when to call (cgroups.py).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from ..drain import drain_stock
 from ..errors import Busy
@@ -96,7 +97,8 @@ class Legacy(Design):
 
     def free(self, counter: PageCounter) -> None:
         """css_free happens once the last reference is gone, and a slot that
-        caches the cgroup holds one, even with 0 pages (docs/kernel-semantics.md §Limit writers and cgroup death)."""
+        caches the cgroup holds one, even with 0 pages (docs/kernel-semantics.md
+        §Limit writers and cgroup death)."""
         cpus = legacy.cached_on(counter._arena, counter._index + 1)
         if cpus:
             raise Busy(f"cgroup {counter.name!r} is still cached by the stock of CPUs "
