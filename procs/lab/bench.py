@@ -1,5 +1,5 @@
-"""shmcounter bench: the series' benchmark (docs/stock-design.md §Published numbers) on real processes, every
-design side by side in one run.
+"""shmcounter bench: the series' benchmark (docs/stock-design.md §Published numbers) on
+real processes, every design side by side in one run.
 
     for trial in 1..T:
         for cpus in (1, 2):                  a cell: every CPU of the design's Machine
@@ -33,18 +33,19 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
+from procs import Machine
 from shmcounter import Arena
 from shmcounter.invariants import check_invariants
 from shmcounter.memcg import Cgroups
 
 from . import workload
-from procs import Machine
 from .peer import value_peer
 
 # Cgroups options of each design; None: the mp.Value peer.
@@ -312,7 +313,8 @@ def ceiling(spins: dict[int, list[float]]) -> dict[str, Any]:
     CPU count over 1 CPU (median of per-trial ratios), e.g. {"2": 1.93}."""
     one = spins.get(1)
     return {"wall_s": {str(n): w for n, w in spins.items()},
-            "speedup": {str(n): statistics.median(n * w1 / wn for w1, wn in zip(one, w))
+            "speedup": {str(n): statistics.median(n * w1 / wn
+                                                  for w1, wn in zip(one, w, strict=True))
                         for n, w in spins.items()} if one else {}}
 
 
@@ -330,7 +332,7 @@ def paired_ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> float | 
     if a is None or b is None:
         return None
     return statistics.median(wb["wall_s"] / wa["wall_s"] * a["pages"] / b["pages"]
-                             for wa, wb in zip(a["trials"], b["trials"]))
+                             for wa, wb in zip(a["trials"], b["trials"], strict=True))
 
 
 @dataclass(frozen=True)

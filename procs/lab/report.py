@@ -4,7 +4,8 @@ kills, and the goals. Everything is read from the results document (bench.py),
 so a saved JSON file prints the same report."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .bench import BASELINE, cell, paired_ratio
 
@@ -142,5 +143,5 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """Columns right-aligned to their widest cell, the first one left-aligned."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return "\n".join("  ".join(v.ljust(w) if i == 0 else v.rjust(w)
-                               for i, (v, w) in enumerate(zip(r, widths)))
+                               for i, (v, w) in enumerate(zip(r, widths, strict=True)))
                      for r in [header, *rows])

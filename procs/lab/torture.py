@@ -46,14 +46,13 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
+from procs import Machine
 from shmcounter import Arena
 from shmcounter._atomic import Slots
 from shmcounter.invariants import check_invariants
 from shmcounter.memcg import Cgroups, legacy
 from shmcounter.memcg.cgroups import ROOT
 from shmcounter.memcg.legacy import MC_FLUSHING, MC_LOCK, MC_SLOTS, NR_MEMCG_STOCK
-
-from procs import Machine
 
 BATCH = 64                      # the per-counter stock's batch; the legacy slot's max
 
@@ -194,7 +193,8 @@ class _CgroupOps:
         self._tree.drain_all_stock(self._leaves[leaf])
 
 
-_OPERATIONS: dict[str, type[_CounterOps | _CgroupOps]] = {"page_counter": _CounterOps, "legacy": _CgroupOps}
+_OPERATIONS: dict[str, type[_CounterOps | _CgroupOps]] = {
+    "page_counter": _CounterOps, "legacy": _CgroupOps}
 
 
 def torture_loop(arena: Arena, ledger: str, cpu: int, seed: int, design: str) -> int:

@@ -18,7 +18,7 @@ Every function here runs in a separate process (a CPU of a Machine).
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from shmcounter import Arena
 from shmcounter.memcg import Cgroups
