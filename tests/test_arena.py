@@ -14,7 +14,14 @@ import pytest
 
 from shmcounter import Arena, ArenaError
 from shmcounter.segment import (
-    LAYOUT_VERSION, LINE, MAGIC, PC_USAGE, PC_WORDS, STOCK_WORDS, WORD, _Sections,
+    LAYOUT_VERSION,
+    LINE,
+    MAGIC,
+    PC_USAGE,
+    PC_WORDS,
+    STOCK_WORDS,
+    WORD,
+    _Sections,
 )
 
 
@@ -96,8 +103,9 @@ def test_attach_refuses_what_is_not_an_arena():
         with pytest.raises(ArenaError, match=r"is not a shmcounter arena \(magic 0x0"):
             Arena.attach(shm.name)
         struct.pack_into("<qq", shm.buf, 0, MAGIC, LAYOUT_VERSION + 1)
-        with pytest.raises(ArenaError, match=rf"has layout version {LAYOUT_VERSION + 1}; "
-                                             rf"this shmcounter reads layout version {LAYOUT_VERSION}$"):
+        with pytest.raises(ArenaError,
+                           match=rf"has layout version {LAYOUT_VERSION + 1}; "
+                                 rf"this shmcounter reads layout version {LAYOUT_VERSION}$"):
             Arena.attach(shm.name)
     finally:
         shm.close()

@@ -12,8 +12,19 @@ import pytest
 
 import shmcounter
 from shmcounter import _atomic
-from shmcounter._atomic import (CONSUME_BUSY, CONSUME_HIT, CONSUME_MISS, CONSUME_NO_STOCK,
-                                PC_PARENT, PC_STOCK_ID, R_OP, R_PID, R_STOCK_BLOCK, STOCK_BUSY, Slots)
+from shmcounter._atomic import (
+    CONSUME_BUSY,
+    CONSUME_HIT,
+    CONSUME_MISS,
+    CONSUME_NO_STOCK,
+    PC_PARENT,
+    PC_STOCK_ID,
+    R_OP,
+    R_PID,
+    R_STOCK_BLOCK,
+    STOCK_BUSY,
+    Slots,
+)
 from shmcounter.errors import ArenaCorrupt
 from shmcounter.memcg import _legacy
 
@@ -76,10 +87,20 @@ def test_legacy_refill_and_consume_steps():
     """A row at word 0 (pid 7 at R_PID) and a legacy block at word 32: slot i is
     word 35 + i, tag << 8 | pages, and the op's intent names the slot it changes."""
     from shmcounter._atomic import R_PID, R_STOCK_BEFORE, R_STOCK_SLOT
-    from shmcounter.memcg._legacy import (CONSUME_BUSY, CONSUME_HIT, CONSUME_MISS,
-                                          LEGACY_BYPASS, LEGACY_DEPOSITED, LEGACY_EVICTED,
-                                          LEGACY_OVERFLOW, MC_EVICTIONS, MC_OVERFLOWS,
-                                          consume, refill, trylock)
+    from shmcounter.memcg._legacy import (
+        CONSUME_BUSY,
+        CONSUME_HIT,
+        CONSUME_MISS,
+        LEGACY_BYPASS,
+        LEGACY_DEPOSITED,
+        LEGACY_EVICTED,
+        LEGACY_OVERFLOW,
+        MC_EVICTIONS,
+        MC_OVERFLOWS,
+        consume,
+        refill,
+        trylock,
+    )
     s = Slots(bytearray(8 * 48))
     row, block, slot = 0, 32, lambda i: 35 + i
     s.store(row + R_PID, 7)

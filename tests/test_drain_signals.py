@@ -12,8 +12,9 @@ import multiprocessing as mp
 import os
 import signal
 import time
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -21,9 +22,9 @@ import shmcounter
 from shmcounter import Arena
 from shmcounter.drain import SIGDRAIN
 from shmcounter.invariants import check_invariants
+from shmcounter.memcg import Cgroups
 from shmcounter.proc import my_start_time, proc_stat
 from shmcounter.segment import R_REQ_SEQ, R_START
-from shmcounter.memcg import Cgroups
 
 import tasks
 

@@ -8,7 +8,7 @@ import pytest
 
 from shmcounter.errors import ArenaError, Busy
 from shmcounter.invariants import check_invariants
-from shmcounter.memcg import Cgroups, VARIANTS
+from shmcounter.memcg import VARIANTS, Cgroups
 from shmcounter.memcg.stat import format_cgroups
 
 import memcg_tasks as t
@@ -206,9 +206,9 @@ def test_the_read_view_in_kernel_terms(arena, machine):
         "memory.failcnt": 0, "stock": [0, 61]}
     assert cg.root.stat()["memory.max"] == "max"
     assert format_cgroups(cg).splitlines()[1:] == [
-        "cgroup  state   memory.current  memory.max  memory.peak  events.max  stock.cpu0  stock.cpu1",
-        "root    online          262144         max       262144           0           0           0",
-        "  a     online          262144     1048576       262144           0           0          61",
+        "cgroup  state   memory.current  memory.max  memory.peak  events.max  stock.cpu0  stock.cpu1",  # noqa: E501 (whole rows)
+        "root    online          262144         max       262144           0           0           0",  # noqa: E501 (whole rows)
+        "  a     online          262144     1048576       262144           0           0          61",  # noqa: E501 (whole rows)
     ]
     a.uncharge(3)
 
@@ -238,8 +238,9 @@ def test_open_is_for_an_arena_that_holds_a_tree(arena):
 
 
 def test_a_legacy_cgroup_cached_with_0_pages_stays_pinned(arena, machine):
-    """docs/kernel-semantics.md §Limit writers and cgroup death: drain_all_stock skips a slot with 0 pages, yet the slot
-    holds a reference, so css_free cannot happen until the slot goes."""
+    """docs/kernel-semantics.md §Limit writers and cgroup death: drain_all_stock skips a
+    slot with 0 pages, yet the slot holds a reference, so css_free cannot happen until
+    the slot goes."""
     cg = Cgroups(arena, variant="legacy")
     a = cg.create("A")
     machine.run_on(0, t.charge, arena, "A", 1, 64)        # 1 walk, 63 hits: slot at 0

@@ -14,8 +14,8 @@ import pytest
 
 from shmcounter import Repair
 from shmcounter.invariants import InvariantError, check_invariants
-from shmcounter.segment import R_IN_OP, R_PID
 from shmcounter.memcg import Cgroups
+from shmcounter.segment import R_IN_OP, R_PID
 
 import memcg_tasks
 import tasks

@@ -75,9 +75,11 @@ def test_a_forced_charge_past_int64_raises_and_changes_nothing(chain, arena):
     root, mid, leaf = chain
     leaf.charge(2**62 - 1)
     leaf.charge(2**62 - 1)
-    state = lambda: (arena.records.tobytes(), arena.contrib.tobytes(), arena.stocks.tobytes())
+    def state() -> tuple[bytes, bytes, bytes]:
+        return arena.records.tobytes(), arena.contrib.tobytes(), arena.stocks.tobytes()
     before = state()
-    with pytest.raises(OverflowError, match=r"^charging 2 pages would take a usage past 2\*\*63 - 1$"):
+    with pytest.raises(OverflowError,
+                       match=r"^charging 2 pages would take a usage past 2\*\*63 - 1$"):
         leaf.charge(2)
     with pytest.raises(OverflowError):
         leaf.try_charge(2)

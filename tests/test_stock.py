@@ -1,6 +1,7 @@
-"""Per-CPU stock: docs/stock-design.md §Scenarios scenarios 1, 2, 3, 4, 13, 14, 18 and docs/kernel-semantics.md MT-02,
-MT-03, MT-04, MT-10, with exact numbers. Unless a test says otherwise this test
-process is CPU 0 of the arena (the `cpu0` fixture) and the batch is 64."""
+"""Per-CPU stock: docs/stock-design.md §Scenarios scenarios 1, 2, 3, 4, 13, 14, 18 and
+docs/kernel-semantics.md MT-02, MT-03, MT-04, MT-10, with exact numbers. Unless a test
+says otherwise this test process is CPU 0 of the arena (the `cpu0` fixture) and the
+batch is 64."""
 from __future__ import annotations
 
 import os
