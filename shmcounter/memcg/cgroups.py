@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 from .. import hooks
 from .._atomic import CONSUME_HIT  # = _legacy.CONSUME_HIT: both are _slots.h's
@@ -184,11 +185,11 @@ class MemCgroup:
                        if index == self._index)
         return self.memory.stock(cpu)
 
-    def stat(self) -> dict[str, object]:
+    def stat(self) -> dict[str, Any]:
         """The cgroup's files as the kernel shows them (bytes; "max" unlimited),
         plus the per-CPU stock in pages."""
         memory = self.memory
-        out: dict[str, object] = {
+        out: dict[str, Any] = {
             "memory.current": memory.usage * PAGE_SIZE,
             "memory.max": _bytes_or_max(memory.max),
             "memory.peak": memory.watermark * PAGE_SIZE,
@@ -246,8 +247,8 @@ class Cgroups:
         if not isinstance(arena, Arena):
             raise TypeError(f"arena must be an Arena, got {type(arena).__name__}")
         arena._check_open()
-        asked = {"memsw": memsw, "variant": variant, "eviction": eviction,
-                 "batch": batch, "first_child_drain": first_child_drain}
+        asked: dict[str, Any] = {"memsw": memsw, "variant": variant, "eviction": eviction,
+                                 "batch": batch, "first_child_drain": first_child_drain}
         _check_options(asked)
         self._arena = arena
         self._handles: dict[int, MemCgroup] = {}
@@ -277,7 +278,7 @@ class Cgroups:
     # ---- the tree in the arena --------------------------------------------------
 
     @property
-    def options(self) -> dict[str, object]:
+    def options(self) -> dict[str, Any]:
         h = self._arena._memcg.header
         return {"memsw": bool(h[M_MEMSW]),
                 "variant": _decode(self._arena, "memcg variant", int(h[M_VARIANT]), VARIANTS, 1),
@@ -286,7 +287,7 @@ class Cgroups:
                 "batch": int(h[M_BATCH]),
                 "first_child_drain": bool(h[M_FIRST_CHILD_DRAIN])}
 
-    def _set_up(self, asked: dict[str, object]) -> None:
+    def _set_up(self, asked: dict[str, Any]) -> None:
         """Create the tree and its root cgroup, once per arena: the first process
         to claim the header does it; the others wait for it (or take over from a
         dead one: every step is redone or found done)."""
@@ -309,7 +310,7 @@ class Cgroups:
             raise
         slots.store(state, READY)
 
-    def _write_tree(self, asked: dict[str, object]) -> None:
+    def _write_tree(self, asked: dict[str, Any]) -> None:
         arena = self._arena
         variant = asked["variant"] or "fixed"
         h = arena._memcg.header
@@ -524,7 +525,7 @@ class Cgroups:
                 f"cgroups={len(self.cgroups())} in {self._arena.name!r}>")
 
 
-def _check_options(asked: dict[str, object]) -> None:
+def _check_options(asked: dict[str, Any]) -> None:
     checks = {
         "memsw": lambda v: isinstance(v, bool),
         "variant": lambda v: v in VARIANTS,
