@@ -158,7 +158,9 @@ class _CgroupBed:
         self.ncpus = ncpus = max(config.cpus)
         ngroups = sum(len(n) for n in names.values())
         self.arena = stack.enter_context(Arena.create(ncpus=ncpus, max_counters=ngroups + 1))
-        self.cg = Cgroups(self.arena, **DESIGNS[design])
+        options = DESIGNS[design]
+        assert options is not None                # _make_bed: a cgroup design
+        self.cg = Cgroups(self.arena, **options)
         for group in names.values():
             for name in group:
                 self.cg.create(name)
@@ -183,7 +185,7 @@ class _CgroupBed:
         churn = [m.submit(cpu, workload.cgroup_churn, self.arena, names, pages, stop_at)
                  for cpu in sorted(m.online)]
         time.sleep(CHURN_WARMUP_S)
-        samples = []
+        samples: list[float] = []
         while len(samples) < n and time.monotonic() < stop_at:
             t = time.perf_counter()
             if cg.drain_all_stock(cg.root):
@@ -324,6 +326,15 @@ def cell(results: dict[str, Any], design: str, cpus: int, cgroups: int) -> dict[
         if (c["design"], c["cpus"], c["cgroups"]) == (design, cpus, cgroups):
             return c
     return None
+
+
+def measured(results: dict[str, Any], design: str, cpus: int, cgroups: int) -> dict[str, Any]:
+    """The cell of `design` at `cpus` CPUs and `cgroups` cgroups, which the run
+    measured (every design at every point of its config): KeyError if it has none."""
+    c = cell(results, design, cpus, cgroups)
+    if c is None:
+        raise KeyError(f"no cell for {design} at {cpus} CPUs and {cgroups} cgroups")
+    return c
 
 
 def paired_ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> float | None:

@@ -556,14 +556,16 @@ class World:
         """Start a victim, wait until it has stopped itself inside its op, kill it."""
         p = self.ctx.Process(target=fn, args=args, daemon=True)
         p.start()
+        pid = p.pid
+        assert pid is not None                    # started
         deadline = time.monotonic() + 60
-        while _state(p.pid) not in ("T", "t"):
+        while _state(pid) not in ("T", "t"):
             if time.monotonic() > deadline or not p.is_alive():
                 raise RuntimeError(f"{fn.__name__} did not park (exit {p.exitcode})")
             time.sleep(0.001)
-        os.kill(p.pid, signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
         p.join()
-        return p.pid
+        return pid
 
     def restore(self) -> None:
         self.arena._bytes[:] = self.snapshot

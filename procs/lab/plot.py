@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .bench import cell
+from .bench import measured
 
 # One colour per design, the same in every panel.
 COLOURS = {"legacy": "tab:red", "fixed": "tab:blue", "no-stock": "tab:gray",
@@ -31,8 +31,8 @@ def plot(results: dict[str, Any], path: str | Path) -> None:
     for ax, (x_axis, fixed) in zip(axes, panels, strict=True):
         xs = cpus if x_axis == "cpus" else groups
         for design in config["designs"]:
-            cells = [cell(results, design, x, fixed) if x_axis == "cpus"
-                     else cell(results, design, fixed, x) for x in xs]
+            cells = [measured(results, design, x, fixed) if x_axis == "cpus"
+                     else measured(results, design, fixed, x) for x in xs]
             mid = [c["throughput"]["median"] / 1e6 for c in cells]
             low = [m - c["throughput"]["p25"] / 1e6 for m, c in zip(mid, cells, strict=True)]
             high = [c["throughput"]["p75"] / 1e6 - m for m, c in zip(mid, cells, strict=True)]

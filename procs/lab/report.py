@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .bench import BASELINE, cell, paired_ratio
+from .bench import BASELINE, cell, measured, paired_ratio
 
 
 def format_report(results: dict[str, Any]) -> str:
@@ -45,7 +45,7 @@ def _cover_letter_table(results: dict[str, Any], ncpus: int) -> str:
         base = cell(results, BASELINE, ncpus, ncg)
         row = [str(ncg)]
         for d in designs:
-            t = cell(results, d, ncpus, ncg)["ms_per_iteration"]
+            t = measured(results, d, ncpus, ncg)["ms_per_iteration"]
             row += [f"{t['mean']:.3f}", f"{t['stdev']:.3f}"]
             if d != BASELINE and base is not None:
                 before = base["ms_per_iteration"]["mean"]
@@ -63,7 +63,7 @@ def _throughput_table(results: dict[str, Any], ncpus: int) -> str:
         base = cell(results, BASELINE, ncpus, ncg)
         row = [str(ncg)]
         for d in designs:
-            c = cell(results, d, ncpus, ncg)
+            c = measured(results, d, ncpus, ncg)
             value = f"{c['throughput']['median'] / 1e6:.3f}"
             if d != BASELINE and base is not None:
                 value += f" ({paired_ratio(c, base):.2f}x)"
@@ -82,7 +82,7 @@ def _walks_table(results: dict[str, Any]) -> str:
     groups = config["cgroups"]
     rows = []
     for d in config["designs"]:
-        cells = [cell(results, d, ncpus, ncg) for ncg in groups]
+        cells = [measured(results, d, ncpus, ncg) for ncg in groups]
         if cells[0]["walks_per_op"] is None:
             rows.append([d] + ["-"] * (2 * len(groups)))
             continue

@@ -146,7 +146,9 @@ _ledgers: dict[str, tuple[shared_memory.SharedMemory, Slots, np.ndarray]] = {}
 def _ledger(name: str) -> tuple[Slots, np.ndarray]:
     if name not in _ledgers:
         shm = shared_memory.SharedMemory(name)
-        _ledgers[name] = (shm, Slots(shm.buf), np.ndarray((shm.size // 8,), np.int64, shm.buf))
+        buf = shm.buf
+        assert buf is not None                    # an open SharedMemory is mapped
+        _ledgers[name] = (shm, Slots(buf), np.ndarray((shm.size // 8,), np.int64, buf))
     return _ledgers[name][1:]
 
 
@@ -280,7 +282,9 @@ def torture(kills: int, seed: int = 0, ncpus: int = 4, start_method: str = "fork
     started = time.monotonic()
     ledger_shm = shared_memory.SharedMemory(create=True, size=8 * (8 + ncpus * _CPU_WORDS))
     try:
-        ledger_shm.buf[:] = bytes(ledger_shm.size)
+        buf = ledger_shm.buf
+        assert buf is not None                    # an open SharedMemory is mapped
+        buf[:] = bytes(ledger_shm.size)
         with Arena.create(ncpus=ncpus, max_counters=len(TREES[design].nodes)) as arena:
             cgroups = _build(arena, design)
             with Machine(arena, start_method=start_method) as m:
@@ -314,6 +318,7 @@ def _build(arena: Arena, design: str) -> Cgroups | None:
     (_, _, root_max), *children = tree.nodes
     cgroups.root.memory.set_max(root_max)
     for name, parent, limit in children:
+        assert parent is not None                 # only the first node is a root
         cgroups.create(name, cgroups.cgroup(parent), max=limit)
     return cgroups
 

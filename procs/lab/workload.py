@@ -94,7 +94,7 @@ def _timed(charges: list[Charge], uncharges: list[Uncharge], iterations: int, pa
     return start, time.monotonic()
 
 
-def _iteration(faults: list[Charge], uncharges: list[Uncharge], pages: int) -> None:
+def _iteration(faults: Sequence[Charge], uncharges: Sequence[Uncharge], pages: int) -> None:
     """faults: each cgroup's try_charge, `pages` times over, cgroups interleaved."""
     for charge in faults:
         if not charge(1):
