@@ -44,6 +44,7 @@ def test_create_attach_share_counters(arena):
     other = Arena.attach(arena.name)
     try:
         a = other.counter("a")
+        assert a.parent is not None
         assert (a.name, a.parent.name, a.max, other.ncpus) == ("a", "root", 1000, 2)
         a.charge(5)
         assert arena.counter("a").usage == 5 and root.usage == 5
@@ -99,6 +100,7 @@ def test_attach_refuses_what_is_not_an_arena():
     with pytest.raises(ArenaError, match=r"^no shared-memory segment named 'shmcounter_nope'$"):
         Arena.attach("shmcounter_nope")
     shm = shared_memory.SharedMemory(create=True, size=4096)
+    assert shm.buf is not None
     try:
         with pytest.raises(ArenaError, match=r"is not a shmcounter arena \(magic 0x0"):
             Arena.attach(shm.name)
@@ -166,6 +168,7 @@ time.sleep(600)
 def _start_creator(**kw) -> tuple[subprocess.Popen, str]:
     p = subprocess.Popen([sys.executable, "-c", CREATE_AND_WAIT], stdout=subprocess.PIPE,
                          stderr=subprocess.DEVNULL, text=True, **kw)
+    assert p.stdout is not None
     return p, p.stdout.readline().strip()
 
 
@@ -213,6 +216,7 @@ def test_sweep_spares_a_dead_creators_arena_that_a_live_process_maps():
     p, name = _start_creator(start_new_session=True)
     holder = subprocess.Popen([sys.executable, "-c", HOLD, name], stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True)
+    assert holder.stdout is not None
     try:
         assert holder.stdout.readline().strip() == "attached"
         os.killpg(p.pid, signal.SIGKILL)

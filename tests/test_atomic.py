@@ -65,7 +65,7 @@ def test_slots_by_index_and_release():
     with pytest.raises(IndexError, match=r"^slot 8 \(\+1\) outside 0\.\.8$"):
         s.load(8)
     with pytest.raises(TypeError, match=r"load\(\) takes 1 arguments \(2 given\)"):
-        s.load(1, 2)
+        s.load(1, 2)                                  # type: ignore[call-arg]  # on purpose
     s.release()
     with pytest.raises(ValueError, match="released"):
         s.load(0)
@@ -242,6 +242,7 @@ def _hammer(name: str, core: int, kind: str, start) -> None:
     """This runs in a separate process pinned to `core`."""
     os.sched_setaffinity(0, {core})
     shm = shared_memory.SharedMemory(name)
+    assert shm.buf is not None
     s = Slots(shm.buf)
     start.wait()
     if kind == "fetch_add":
@@ -271,6 +272,7 @@ def _hammer(name: str, core: int, kind: str, start) -> None:
 def test_two_cores_lose_no_update(kind):
     cores = sorted(os.sched_getaffinity(0))
     shm = shared_memory.SharedMemory(create=True, size=128)
+    assert shm.buf is not None
     try:
         shm.buf[:] = bytes(128)
         ctx = mp.get_context("fork")

@@ -30,10 +30,10 @@ def setup(arena, cpu0):
 
 
 def unchanged(arena: Arena, action, exc, match):
-    before = bytes(arena._shm.buf)
+    before = arena._bytes.tobytes()
     with pytest.raises(exc, match=match):
         action()
-    assert bytes(arena._shm.buf) == before
+    assert arena._bytes.tobytes() == before
 
 
 @pytest.mark.parametrize("op", ["try_charge", "charge", "uncharge", "cancel"])

@@ -135,6 +135,7 @@ def test_ctrl_c_stops_every_cpu_and_unlinks_every_arena(tmp_path):
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            start_new_session=True)
     prefix = f"shmcounter_{run.pid}_"
+    assert run.stderr is not None
     try:
         deadline = time.monotonic() + 60
         while sum(n.startswith(prefix) for n in os.listdir("/dev/shm")) < 4:  # 4 designs

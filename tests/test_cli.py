@@ -88,6 +88,7 @@ def test_stat_watch_exits_0_on_ctrl_c(arena):
     watcher = subprocess.Popen([sys.executable, "-m", "shmcounter.cli", "stat", arena.name,
                                 "--watch", "--interval", "0.05"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert watcher.stdout is not None
     try:
         assert "Ctrl-C stops" in watcher.stdout.readline()     # the first view is up
         watcher.send_signal(signal.SIGINT)

@@ -55,9 +55,11 @@ def in_child(fn: Callable[..., Any], *args: Any, timeout: float = 30.0) -> tuple
     there.close()
     p.join(timeout)
     if p.is_alive():
+        assert p.pid is not None
         os.kill(p.pid, signal.SIGKILL)
         p.join()
         return ("hang",)
+    assert p.exitcode is not None
     if p.exitcode < 0:
         return ("signal", -p.exitcode)
     try:

@@ -156,6 +156,7 @@ time.sleep(600)
 def test_no_cpu_process_outlives_a_killed_owner(method):
     owner = subprocess.Popen([sys.executable, "-c", OWNER, method], stdout=subprocess.PIPE,
                              text=True)
+    assert owner.stdout is not None
     try:
         pids = [int(p) for p in owner.stdout.readline().split()]
         assert len(pids) == 2

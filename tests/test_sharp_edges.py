@@ -221,7 +221,8 @@ ARENA_CALLS: dict[str, Callable[[Arena, PageCounter], object]] = {
     "row_owner_alive": lambda a, c: a.row_owner_alive(0),
     "hotplug_cpu_dead": lambda a, c: a.hotplug_cpu_dead(1),
     "repair": lambda a, c: a.repair(),
-    "calculate_protection": lambda a, c: a.calculate_protection(c.parent, c),
+    # c: the leaf, under mid
+    "calculate_protection": lambda a, c: a.calculate_protection(c.parent, c),  # type: ignore[arg-type]
     **{view: (lambda v: lambda a, c: getattr(a, v))(view) for view in (
         "header", "rows", "records", "stock_owner", "stocks", "contrib", "requests",
         "names")},
