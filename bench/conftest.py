@@ -1,4 +1,5 @@
-"""Fixtures for the per-operation benchmarks: arenas that are always unlinked, counter chains, CPU 0."""
+"""Fixtures for the per-operation benchmarks: arenas that are always unlinked, counter
+chains, CPU 0."""
 from __future__ import annotations
 
 import os

@@ -38,7 +38,7 @@ def charge_one(arena: Arena, name: str) -> None:
 
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 def drain_latency(ncpus: int, drains: int) -> dict[str, float]:

@@ -1,4 +1,5 @@
-"""Per-operation benchmarks: try_charge (stock hit, slow path), uncharge, and multiprocessing peers."""
+"""Per-operation benchmarks: try_charge (stock hit, slow path), uncharge, and
+multiprocessing peers."""
 from __future__ import annotations
 
 import multiprocessing

@@ -60,9 +60,10 @@ import signal
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from shmcounter import Arena, Repair
 from shmcounter.drain import check_timeout
@@ -193,7 +194,8 @@ class Machine:
         c = self._cpus[cpu]
         owner_end, cpu_end = self._ctx.Pipe()
         core = self._cores[cpu % len(self._cores)]
-        process = self._ctx.Process(
+        # every start method's context has Process; typeshed's BaseContext does not
+        process = self._ctx.Process(  # type: ignore[attr-defined]
             target=cpu_main, args=(self.arena.name, cpu, core, os.getpid(), cpu_end),
             name=f"shmcounter-cpu{cpu}", daemon=True)
         process.start()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from procs.lab.corruption import FOREIGN, CRASH, HANG, fuzz
+from procs.lab.corruption import CRASH, FOREIGN, HANG, fuzz
 
 
 def main() -> int:

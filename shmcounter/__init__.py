@@ -17,9 +17,12 @@ from .page_counter import PAGE_COUNTER_MAX, PageCounter
 from .stock import DEFAULT_BATCH
 from .stop_machine import Repair
 
-from . import memcg  # noqa: E402, F401  (registers memcg's section and CPU paths)
+# isort: split
+# Last, whatever the sort order: each layer's handle hooks run in the order of its
+# first import, the core's (writer.py, cpu.py) before memcg's.
+from . import memcg  # noqa: F401  (registers memcg's section and CPU paths)
 
 __all__ = [
-    "PAGE_COUNTER_MAX", "Arena", "ArenaCorrupt", "ArenaError", "Busy", "DEFAULT_BATCH",
+    "DEFAULT_BATCH", "PAGE_COUNTER_MAX", "Arena", "ArenaCorrupt", "ArenaError", "Busy",
     "PageCounter", "Repair", "WaitTimeout", "register_cpu", "this_cpu", "unregister_cpu",
 ]

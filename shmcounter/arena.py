@@ -7,7 +7,8 @@ stop_machine.py). See docs/design.md, "Layers".
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -15,7 +16,13 @@ from .errors import ArenaError
 from .hotplug import cpu_dead
 from .page_counter import PAGE_COUNTER_MAX, PageCounter, calculate_protection, check_limit
 from .segment import (
-    H_NCOUNTERS, MAX_DEPTH, PC_MAX, PC_PARENT, PC_STOCK_ID, Segment, check_counter_name,
+    H_NCOUNTERS,
+    MAX_DEPTH,
+    PC_MAX,
+    PC_PARENT,
+    PC_STOCK_ID,
+    Segment,
+    check_counter_name,
 )
 from .stop_machine import repair_dead_rows
 

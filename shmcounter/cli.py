@@ -10,11 +10,11 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
-from .errors import ArenaError
 from .arena import Arena
+from .errors import ArenaError
 from .stat import view
 
 
@@ -70,10 +70,11 @@ def bench(args: argparse.Namespace) -> int:
     """Run the benchmark (procs/lab/bench.py), print the report, write JSON and PNG."""
     from dataclasses import replace
 
+    from tqdm import tqdm
+
     from procs.lab import bench as harness
     from procs.lab.plot import plot
     from procs.lab.report import format_report
-    from tqdm import tqdm
 
     base = harness.QUICK if args.quick else harness.Config()
     given = {k: getattr(args, k) for k in ("cpus", "cgroups", "designs", "trials", "work",

@@ -22,8 +22,9 @@ the per-counter stock before memcg), offline in reverse.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from . import stop_machine
 

@@ -40,8 +40,9 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from . import cpuhp, pidlock
 from .cpuhp import this_cpu_of
@@ -51,8 +52,8 @@ from .segment import H_DRAIN_LOCK, H_STOP, R_DONE_SEQ, R_PID, R_REQ_SEQ, R_START
 from .wait import check_timeout
 
 if TYPE_CHECKING:
-    from .page_counter import PageCounter
     from .segment import Segment as Arena
+    from .stock import PageCounterStock
 
 # A real-time signal: queued, and with no other user in this library.
 SIGDRAIN = signal.SIGRTMIN + 3
@@ -61,7 +62,7 @@ SIGDRAIN = signal.SIGRTMIN + 3
 _WAIT_SLICE_US = 20_000
 
 
-def drain_stock(arena: Arena, counters: Sequence[PageCounter],
+def drain_stock(arena: Arena, counters: Sequence[PageCounterStock],
                 timeout: float | None = None, trylock: bool = False) -> bool:
     """Make every online CPU drain its own stock of each of `counters`; return True
     when all have, or raise DrainTimeout for the first live CPU that did not in time.
@@ -99,7 +100,7 @@ def single_drainer(arena: Arena) -> Iterator[bool]:
         pidlock.unlock(slots, H_DRAIN_LOCK, me)
 
 
-def _drain(arena: Arena, counters: Sequence[PageCounter], timeout: float | None) -> None:
+def _drain(arena: Arena, counters: Sequence[PageCounterStock], timeout: float | None) -> None:
     timeout = arena.drain_timeout if timeout is None else timeout
     slots = arena._slots
     me = this_cpu_of(arena)
@@ -175,7 +176,7 @@ def post_work(arena: Arena, cpu: int, indexes: Sequence[int] = ()) -> tuple[int,
         os.close(pidfd)
 
 
-def _timeout(arena: Arena, cpu: int, pid: int, counters: Sequence[PageCounter],
+def _timeout(arena: Arena, cpu: int, pid: int, counters: Sequence[PageCounterStock],
              timeout: float) -> DrainTimeout:
     names = ", ".join(repr(c.name) for c in counters)
     stranded = sum(c.stock(cpu) for c in counters)

@@ -20,7 +20,7 @@ class ArenaCorrupt(ArenaError):
         super().__init__(f"arena {segment!r}: {field} is {value!r}, {expected}")
         self.segment, self.field, self.value, self.expected = segment, field, value, expected
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
         return (type(self), (self.segment, self.field, self.value, self.expected))
 
 
@@ -35,7 +35,7 @@ class WaitTimeout(ArenaError, TimeoutError):
                          f"held by pid {holder}")
         self.segment, self.what, self.holder, self.seconds = segment, what, holder, seconds
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
         return (type(self), (self.segment, self.what, self.holder, self.seconds))
 
 
@@ -54,7 +54,7 @@ class CpuError(Exception):
         self.cpu = cpu
         self.pid = pid
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
         return (type(self), (str(self), self.cpu, self.pid))
 
 

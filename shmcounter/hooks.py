@@ -22,7 +22,7 @@ cost elsewhere is one module attribute test per step.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 ARMED = False
 _hooks: dict[str, Callable[[str], None]] = {}

@@ -7,7 +7,7 @@ Every broken invariant is reported with its numbers, e.g.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 

@@ -18,14 +18,28 @@ from __future__ import annotations
 import warnings
 from typing import TYPE_CHECKING
 
-from . import hooks
+from . import hooks, segment
 from ._atomic import CONSUME_HIT
 from .errors import Busy
-from . import segment
 from .segment import (
-    H_UNDERFLOWS, R_WALKS, PC_BATCH, PC_CHILDREN_LOW_USAGE, PC_CHILDREN_MIN_USAGE, PC_ELOW,
-    PC_EMIN, PC_FAILCNT, PC_FLAGS, PC_FLAG_UNCHARGE_TO_STOCK, PC_HIGH, PC_LOW,
-    MAX_DEPTH, PC_MAX, PC_MIN, PC_USAGE, PC_WATERMARK, PC_WORDS,
+    H_UNDERFLOWS,
+    MAX_DEPTH,
+    PC_BATCH,
+    PC_CHILDREN_LOW_USAGE,
+    PC_CHILDREN_MIN_USAGE,
+    PC_ELOW,
+    PC_EMIN,
+    PC_FAILCNT,
+    PC_FLAG_UNCHARGE_TO_STOCK,
+    PC_FLAGS,
+    PC_HIGH,
+    PC_LOW,
+    PC_MAX,
+    PC_MIN,
+    PC_USAGE,
+    PC_WATERMARK,
+    PC_WORDS,
+    R_WALKS,
 )
 from .stock import PageCounterStock
 from .stop_machine import repair_before_refusal
@@ -96,17 +110,58 @@ class PageCounter(PageCounterStock):
     def _load(self, field: int) -> int:
         return self._slots.load(self._c + field)
 
-    usage = property(lambda self: self._load(PC_USAGE), doc="Pages charged to the subtree, stocks included.")
-    max = property(lambda self: self._load(PC_MAX), doc="Hard limit, enforced by try_charge.")
-    min = property(lambda self: self._load(PC_MIN), doc="Hard protection setting.")
-    low = property(lambda self: self._load(PC_LOW), doc="Best-effort protection setting.")
-    high = property(lambda self: self._load(PC_HIGH), doc="Throttling limit: stored, never enforced here.")
-    watermark = property(lambda self: self._load(PC_WATERMARK), doc="Peak usage (racy, see _atomic.c).")
-    failcnt = property(lambda self: self._load(PC_FAILCNT), doc="Charges this level refused.")
-    emin = property(lambda self: self._load(PC_EMIN), doc="Effective min, after calculate_protection.")
-    elow = property(lambda self: self._load(PC_ELOW), doc="Effective low, after calculate_protection.")
-    children_min_usage = property(lambda self: self._load(PC_CHILDREN_MIN_USAGE))
-    children_low_usage = property(lambda self: self._load(PC_CHILDREN_LOW_USAGE))
+    @property
+    def usage(self) -> int:
+        """Pages charged to the subtree, stocks included."""
+        return self._load(PC_USAGE)
+
+    @property
+    def max(self) -> int:
+        """Hard limit, enforced by try_charge."""
+        return self._load(PC_MAX)
+
+    @property
+    def min(self) -> int:
+        """Hard protection setting."""
+        return self._load(PC_MIN)
+
+    @property
+    def low(self) -> int:
+        """Best-effort protection setting."""
+        return self._load(PC_LOW)
+
+    @property
+    def high(self) -> int:
+        """Throttling limit: stored, never enforced here."""
+        return self._load(PC_HIGH)
+
+    @property
+    def watermark(self) -> int:
+        """Peak usage (racy, see _atomic.c)."""
+        return self._load(PC_WATERMARK)
+
+    @property
+    def failcnt(self) -> int:
+        """Charges this level refused."""
+        return self._load(PC_FAILCNT)
+
+    @property
+    def emin(self) -> int:
+        """Effective min, after calculate_protection."""
+        return self._load(PC_EMIN)
+
+    @property
+    def elow(self) -> int:
+        """Effective low, after calculate_protection."""
+        return self._load(PC_ELOW)
+
+    @property
+    def children_min_usage(self) -> int:
+        return self._load(PC_CHILDREN_MIN_USAGE)
+
+    @property
+    def children_low_usage(self) -> int:
+        return self._load(PC_CHILDREN_LOW_USAGE)
 
     # ---- charge -------------------------------------------------------------
 

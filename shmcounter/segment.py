@@ -75,6 +75,7 @@ Lifetime (Python 3.11, see docs/design.md "Segment lifetime"):
 from __future__ import annotations
 
 import atexit
+import mmap
 import os
 import re
 import secrets
@@ -83,21 +84,27 @@ import threading
 import traceback
 import warnings
 import weakref
-import mmap
+from collections.abc import Callable
 from multiprocessing import shared_memory
 from stat import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFSOCK, S_ISREG
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
+from . import pidlock
 from ._atomic import Slots
 from .errors import ArenaCorrupt, ArenaError
-from . import pidlock
 from .proc import my_start_time, pid_alive, proc_stat
 from .wait import check_timeout
 
 if TYPE_CHECKING:
     from typing import Self
+
+    from numpy.typing import NDArray
+
+    from .memcg.section import MemcgSection
+    from .page_counter import PageCounter
+    from .writer import Writer
 
 LINE = 64
 WORD = 8
@@ -119,16 +126,46 @@ R_WALKS = 4
 # page_counter record, stock slot and writer row words: defined by the C module,
 # whose fused steps need them; re-exported here, where the layout is documented.
 from ._atomic import (  # noqa: E402, F401
-    PC_BATCH, PC_CHILDREN_LOW_USAGE, PC_CHILDREN_MIN_USAGE, PC_ELOW, PC_EMIN,
-    PC_FAILCNT, PC_FLAGS, PC_HIGH, PC_LOW, PC_LOW_USAGE, PC_MAX, PC_MIN,
-    PC_MIN_USAGE, PC_PARENT, PC_STOCK_ID, PC_USAGE, PC_WATERMARK, PC_WORDS,
-    STOCK_LOCK, STOCK_NR, STOCK_WORDS,
-    MAX_DEPTH, R_BASE, R_COUNTER, R_DEPTH, R_DONE_SEQ, R_IN_OP, R_OP, R_PID, R_REQ_SEQ,
-    R_STOCK_BEFORE, R_STOCK_BLOCK, R_STOCK_SLOT, R_START, ROW_WORDS,
+    MAX_DEPTH,
+    PC_BATCH,
+    PC_CHILDREN_LOW_USAGE,
+    PC_CHILDREN_MIN_USAGE,
+    PC_ELOW,
+    PC_EMIN,
+    PC_FAILCNT,
+    PC_FLAGS,
+    PC_HIGH,
+    PC_LOW,
+    PC_LOW_USAGE,
+    PC_MAX,
+    PC_MIN,
+    PC_MIN_USAGE,
+    PC_PARENT,
+    PC_STOCK_ID,
+    PC_USAGE,
+    PC_WATERMARK,
+    PC_WORDS,
+    R_BASE,
+    R_COUNTER,
+    R_DEPTH,
+    R_DONE_SEQ,
+    R_IN_OP,
+    R_OP,
+    R_PID,
+    R_REQ_SEQ,
+    R_START,
+    R_STOCK_BEFORE,
+    R_STOCK_BLOCK,
+    R_STOCK_SLOT,
+    ROW_WORDS,
+    STOCK_LOCK,
+    STOCK_NR,
+    STOCK_WORDS,
 )
 
 # flags word of a counter
-PC_FLAG_UNCHARGE_TO_STOCK = 1   # the RFC's stock-returning uncharge (docs/stock-design.md §Uncharge)
+# the RFC's stock-returning uncharge (docs/stock-design.md §Uncharge)
+PC_FLAG_UNCHARGE_TO_STOCK = 1
 
 # line assertions: usage alone on line A, the read-mostly fields on line C
 assert PC_USAGE == 0 and PC_WATERMARK == 8 and PC_MAX == 16 and PC_WORDS == 24
@@ -209,10 +246,10 @@ _extra_sections: dict[str, Callable[[int, int], int]] = {}
 
 
 # The class of counter handles (page_counter.PageCounter, which registers itself).
-_counter_type: list[Callable[[Any, int], Any]] = []
+_counter_type: list[Callable[[Segment, int], PageCounter]] = []
 
 
-def register_counter_type(factory: Callable[[Any, int], Any]) -> None:
+def register_counter_type(factory: Callable[[Segment, int], PageCounter]) -> None:
     """Build counter handles with factory(segment, index) (Segment._handle)."""
     _counter_type[:] = [factory]
 
@@ -309,9 +346,10 @@ def _open_untracked(name: str) -> shared_memory.SharedMemory:
     try:
         _check_header(name, os.pread(fd, HEADER_WORDS * WORD, 0), st.st_size)
         shm = shared_memory.SharedMemory.__new__(shared_memory.SharedMemory)
-        shm._name, shm._fd, shm._size, shm._track = "/" + name, fd, st.st_size, False
-        shm._mmap = mmap.mmap(fd, st.st_size)
-        shm._buf = memoryview(shm._mmap)
+        mapping = mmap.mmap(fd, st.st_size)
+        # SharedMemory's private attributes (typeshed declares none of them)
+        vars(shm).update(_name="/" + name, _fd=fd, _size=st.st_size, _track=False,
+                         _mmap=mapping, _buf=memoryview(mapping))
     except BaseException:
         os.close(fd)
         raise
@@ -416,14 +454,33 @@ class Segment:
     Arena (arena.py) is the public class; the lower layers take a Segment."""
 
     # Class defaults, so that close() and unlink() work after a failed __init__.
-    _shm: shared_memory.SharedMemory | None = None
-    _slots: Slots | None = None
+    if TYPE_CHECKING:
+        # The types of a built handle, which is all the code past __init__ sees:
+        # _shm and _slots are None only on a half-built one (_close, unlink), and
+        # an open handle's views shadow the _View that says "closed".
+        _shm: shared_memory.SharedMemory
+        _slots: Slots
+        _bytes: NDArray[np.uint8]
+        header: NDArray[np.int64]
+        rows: NDArray[np.int64]
+        records: NDArray[np.int64]
+        stock_owner: NDArray[np.int64]
+        stocks: NDArray[np.int64]
+        contrib: NDArray[np.int64]
+        requests: NDArray[np.int64]
+        names: NDArray[np.uint8]
+        # Per-handle state of higher layers, set by their init hooks
+        # (register_handle_attribute): writer.py's and memcg/section.py's.
+        _writer: Writer
+        _memcg: MemcgSection
+    else:
+        _shm = _slots = None
+        _bytes = header = rows = records = stock_owner = stocks = contrib = requests = \
+            names = _View()
     _creator = False
     _unlinked = False
     _closed = True
     _opens = 1                        # create or attach calls that close() has not undone
-    _bytes = header = rows = records = stock_owner = stocks = contrib = requests = \
-        names = _View()
     # This process's CPU, set by register_cpu: first slot of its stock block, and
     # the lock owner token (its pid). -1 means "not a CPU of this arena".
     _stock_block = -1
@@ -437,7 +494,9 @@ class Segment:
         self._creator = creator
         # Before any view: a geometry that does not fit raises with nothing
         # exported, so that the caller can still unmap.
-        sec = _check_geometry(shm.name, shm.buf)
+        mapped = shm.buf
+        assert mapped is not None                 # an open SharedMemory is mapped
+        sec = _check_geometry(shm.name, mapped)
         try:
             self._build(shm, sec)
         except BaseException as exc:
@@ -455,10 +514,12 @@ class Segment:
             raise
 
     def _build(self, shm: shared_memory.SharedMemory, sec: _Sections) -> None:
+        mapped = shm.buf
+        assert mapped is not None                 # an open SharedMemory is mapped
         # Every view below is derived from _bytes, which holds an export of the
         # buffer: while a caller keeps one, close() cannot unmap the segment under
         # it (BufferError, turned into a warning), instead of a later segfault.
-        self._bytes = np.frombuffer(shm.buf, np.uint8)
+        self._bytes = np.frombuffer(mapped, np.uint8)
         hdr = np.ndarray((HEADER_WORDS,), np.int64, self._bytes)
         self.ncpus = int(hdr[H_NCPUS])
         self.max_counters = int(hdr[H_MAX_COUNTERS])
@@ -480,7 +541,7 @@ class Segment:
                                    sec.requests, strides=(sec.counter_block, WORD))
         self.names = np.ndarray((self.max_counters, NAME_BYTES), np.uint8, buf, sec.names)
         self._extra = sec.extra
-        self._slots = Slots(shm.buf)
+        self._slots = Slots(mapped)
         self._sec = sec
         self._set_layout()
         # slot indexes (8-byte words from the segment start)
@@ -491,7 +552,7 @@ class Segment:
         self._contrib_slot0 = sec.contrib // WORD
         self._requests_slot0 = sec.requests // WORD
         self._counter_block_words = sec.counter_block // WORD
-        self._handles: list[Any] = [None] * self.max_counters
+        self._handles: list[PageCounter | None] = [None] * self.max_counters
         self._index: dict[str, int] = {}
         self._known = 0
         self._closed = False
@@ -568,7 +629,7 @@ class Segment:
             arena = _by_name.get(name)
             if arena is not None and not arena._closed:
                 arena._opens += 1
-                return arena
+                return cast("Self", arena)        # one class (Arena) opens them all
             shm = _open_untracked(name)
             try:
                 return cls(shm, creator=False)
@@ -584,7 +645,7 @@ class Segment:
         """This process's open handle on arena `name`, attaching if it has none."""
         arena = _by_name.get(name)
         if arena is not None and not arena.closed:
-            return arena                                  # type: ignore[return-value]
+            return cast("Self", arena)                    # see attach
         return cls.attach(name)
 
     # ---- lifetime -----------------------------------------------------------
@@ -624,7 +685,7 @@ class Segment:
             if _by_name.get(self._shm.name) is self:
                 del _by_name[self._shm.name]
             self._closed = True
-        shm = self._shm
+        shm: shared_memory.SharedMemory | None = self._shm      # None: half-built
         if shm is None:
             return
         if self._slots is not None:         # kept: every later step raises ArenaError
@@ -640,27 +701,29 @@ class Segment:
                 warnings.warn(f"arena {shm.name!r}: numpy views of it are still "
                               f"referenced, so it stays mapped until they are gone",
                               RuntimeWarning, stacklevel=3)
-            shm._buf = shm._mmap = None
-            os.close(shm._fd)
-            shm._fd = -1
+            private = vars(shm)                   # typeshed declares none of these
+            private["_buf"] = private["_mmap"] = None
+            os.close(private["_fd"])
+            private["_fd"] = -1
 
     def unlink(self) -> None:
         """Remove the segment's name (creator only). Processes that have it mapped
         keep working; nobody can attach afterwards."""
-        if self._shm is None or self._unlinked:
+        shm: shared_memory.SharedMemory | None = self._shm      # None: half-built
+        if shm is None or self._unlinked:
             return
         if not self._creator:
-            raise ArenaError(f"only the creator process unlinks arena {self._shm.name!r}")
+            raise ArenaError(f"only the creator process unlinks arena {shm.name!r}")
         self._unlinked = True
         try:
-            self._shm.unlink()
+            shm.unlink()
         except FileNotFoundError:
             pass                          # swept, or unlinked by the tracker
 
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         """close(); the creator's handle also unlinks, once that close was its last."""
         self.close()
         if self._creator and self._closed:
@@ -668,7 +731,8 @@ class Segment:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise ArenaError(f"arena {self._shm.name if self._shm else '?'} is closed")
+            shm: shared_memory.SharedMemory | None = self._shm  # None: half-built
+            raise ArenaError(f"arena {shm.name if shm is not None else '?'} is closed")
 
     # ---- registry lock: serialises counter creation and stock-id allocation --
 
@@ -736,7 +800,7 @@ class Segment:
             self._index[name] = i
             self._known = i + 1
 
-    def _handle(self, index: int, field: str = "a counter index") -> Any:
+    def _handle(self, index: int, field: str = "a counter index") -> PageCounter:
         """The handle of counter `index` (built once). An index read from the
         segment is checked here: `field` names its word in the error. Building a
         handle checks its path: each parent is an earlier counter, at most
@@ -759,9 +823,9 @@ class Segment:
                                         f"not at most MAX_DEPTH = {MAX_DEPTH}: a parent "
                                         f"word is wrong")
                 unbuilt.append(parent)
-            for i in reversed(unbuilt):
+            for i in reversed(unbuilt[1:]):        # its unbuilt ancestors, root first
                 self._handles[i] = _counter_type[0](self, i)
-            h = self._handles[index]
+            h = self._handles[index] = _counter_type[0](self, index)
         return h
 
     def _parent(self, index: int) -> int:

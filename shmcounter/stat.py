@@ -2,8 +2,8 @@
 cgroup tree if it holds one (what `shmcounter stat` prints)."""
 from __future__ import annotations
 
-from .errors import ArenaError
 from .arena import Arena
+from .errors import ArenaError
 from .memcg import Cgroups
 from .memcg.stat import format_cgroups
 from .page_counter import PAGE_COUNTER_MAX
@@ -26,7 +26,7 @@ def format_stat(arena: Arena) -> str:
              f"underflows {arena.underflows}"]
     for r in rows:
         lines.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w)
-                               for i, (v, w) in enumerate(zip(r, widths))))
+                               for i, (v, w) in enumerate(zip(r, widths, strict=True))))
     return "\n".join(lines)
 
 

@@ -29,7 +29,8 @@ old rule (drain the slot when > batch) if a user needs the bound to be strict.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -39,7 +40,12 @@ from .drain import drain_stock
 from .errors import ArenaError
 from .hotplug import check_dead
 from .segment import (
-    PC_BATCH, PC_FLAG_UNCHARGE_TO_STOCK, PC_FLAGS, PC_STOCK_ID, STOCK_LOCK, STOCK_NR,
+    PC_BATCH,
+    PC_FLAG_UNCHARGE_TO_STOCK,
+    PC_FLAGS,
+    PC_STOCK_ID,
+    STOCK_LOCK,
+    STOCK_NR,
 )
 from .stop_machine import _repair, stop_machine
 from .wait import wait_own_lock

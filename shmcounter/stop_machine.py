@@ -53,18 +53,37 @@ from __future__ import annotations
 import os
 import threading
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator
+from functools import partial
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import pidlock, segment
 from .errors import WaitTimeout
 from .segment import (
-    H_STOP, MAX_DEPTH, PC_CHILDREN_LOW_USAGE, PC_CHILDREN_MIN_USAGE, PC_LOW, PC_LOW_USAGE,
-    PC_MIN, PC_MIN_USAGE, PC_USAGE, PC_WORDS, R_BASE, R_COUNTER, R_DEPTH, R_IN_OP, R_OP,
-    R_PID, R_STOCK_BEFORE, R_STOCK_SLOT, STOCK_NR, STOCK_WORDS,
+    H_STOP,
+    MAX_DEPTH,
+    PC_CHILDREN_LOW_USAGE,
+    PC_CHILDREN_MIN_USAGE,
+    PC_LOW,
+    PC_LOW_USAGE,
+    PC_MIN,
+    PC_MIN_USAGE,
+    PC_USAGE,
+    PC_WORDS,
+    R_BASE,
+    R_COUNTER,
+    R_DEPTH,
+    R_IN_OP,
+    R_OP,
+    R_PID,
+    R_STOCK_BEFORE,
+    R_STOCK_SLOT,
+    STOCK_NR,
+    STOCK_WORDS,
 )
 from .wait import bounded_wait
 
@@ -152,7 +171,7 @@ def _wait_quiescent(arena: Arena, timeout: float) -> None:
     for row in range(arena.nrows):
         if arena._slots.load(arena._row_slot(row) + R_IN_OP):
             what = f"{'CPU' if row < arena.ncpus else 'writer row'} {row} to end its op"
-            bounded_wait(arena, what, lambda: _live_in_op(arena, row), timeout=timeout)
+            bounded_wait(arena, what, partial(_live_in_op, arena, row), timeout=timeout)
 
 
 def _live_in_op(arena: Arena, row: int) -> int:
@@ -247,7 +266,8 @@ def _repair(arena: Arena) -> Repair:
     rollback = [int(r) for r in residue]
     covered = np.zeros(n, bool)
     resets: list[tuple[int, int, int]] = []             # (row, counter, base)
-    for row, (index, depth, _) in ops.items():
+    for row, (counter, depth, _) in ops.items():
+        index = counter                                 # walks up to the root
         for level in range(depth):
             base = int(rows[row, R_BASE + level])
             rollback[index] = _int64(rollback[index] + int(arena.contrib[row, index]) - base)
@@ -257,7 +277,8 @@ def _repair(arena: Arena) -> Repair:
     stray = np.flatnonzero(~covered & (residue != 0))
     if len(stray):
         warnings.warn(f"repair: usage differs from the writers' contributions at counters "
-                      f"{stray.tolist()} outside any dead op; left as is", RuntimeWarning)
+                      f"{stray.tolist()} outside any dead op; left as is", RuntimeWarning,
+                      stacklevel=1)
     pages: dict[str, int] = {}
     for index in np.flatnonzero(covered).tolist():
         if rollback[index]:
@@ -307,10 +328,10 @@ def _intent(arena: Arena, row: int, parents: np.ndarray) -> tuple[int, int, int]
                              f"not {length}, the number of levels of counter {index}'s path")
     stock = stock_slot - arena._stocks_slot
     if not (stock_slot == -1
-            or 0 <= stock < arena.ncpus * arena._stock_block_words
-            and stock % arena._stock_block_words % STOCK_WORDS == 0
-            and stock % arena._stock_block_words // STOCK_WORDS < arena.max_stocked
-            or row < arena.ncpus and any(owns(arena, row, stock_slot) for owns in owns_slot)):
+            or (0 <= stock < arena.ncpus * arena._stock_block_words
+                and stock % arena._stock_block_words % STOCK_WORDS == 0
+                and stock % arena._stock_block_words // STOCK_WORDS < arena.max_stocked)
+            or (row < arena.ncpus and any(owns(arena, row, stock_slot) for owns in owns_slot))):
         raise arena._corrupt(f"row {row}'s op stock_slot", stock_slot,
                              "not -1 or a stock slot" + (" or a stock word its CPU owns"
                                                          if row < arena.ncpus else ""))

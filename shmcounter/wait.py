@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from numbers import Real
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from .errors import WaitTimeout
 
@@ -81,7 +82,8 @@ def check_timeout(seconds: object, what: str) -> None:
         raise TypeError(f"{what} must be a number of seconds, got {seconds!r} "
                         f"({type(seconds).__name__})")
     try:
-        ok = math.isfinite(seconds) and seconds > 0
+        # (typeshed's numbers.Real declares no __gt__)
+        ok = math.isfinite(seconds) and seconds > 0  # type: ignore[operator]
     except OverflowError:                   # an int past the range of a float
         ok = False
     if not ok:

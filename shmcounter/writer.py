@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
-from .errors import ArenaError
 from . import segment
+from .errors import ArenaError
 from .proc import pid_alive
 from .segment import H_STOP, R_PID
 from .stop_machine import repair_dead_rows, stopper_is_this_thread
@@ -167,10 +168,9 @@ class Writer:
                                         self.contrib_slot, index, stock_slot):
             # stop names our pid: this very thread would wait for itself (another
             # thread of ours, e.g. procs.Machine's monitor, ends it: wait).
-            if arena._slots.load(H_STOP) == os.getpid():
-                if stopper_is_this_thread():
-                    raise RuntimeError("an op cannot start in the thread that holds "
-                                       "stop_machine")
+            if arena._slots.load(H_STOP) == os.getpid() and stopper_is_this_thread():
+                raise RuntimeError("an op cannot start in the thread that holds "
+                                   "stop_machine")
             wait_for_restart(arena)
 
     @contextmanager

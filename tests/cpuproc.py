@@ -10,7 +10,8 @@ import multiprocessing as mp
 import os
 import signal
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import shmcounter
 from shmcounter import Arena
@@ -53,8 +54,9 @@ class CpuProcess:
         ctx = mp.get_context(method)
         self.cpu = cpu
         self._conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve, args=(arena.name, cpu, pin, child),
-                                   daemon=True)
+        # every start method's context has Process; typeshed's BaseContext does not
+        self.process = ctx.Process(target=_serve,  # type: ignore[attr-defined]
+                                   args=(arena.name, cpu, pin, child), daemon=True)
         self.process.start()
         child.close()
         kind, self.pid = self._recv(60)

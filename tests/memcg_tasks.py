@@ -38,7 +38,9 @@ def drain_all(arena: Arena, name: str) -> bool:
 
 
 def stock(arena: Arena, name: str) -> int:
-    return Cgroups(arena).cgroup(name).stock(shmcounter.this_cpu())
+    cpu = shmcounter.this_cpu()
+    assert cpu is not None                       # a task for CPU processes
+    return Cgroups(arena).cgroup(name).stock(cpu)
 
 
 def disarm() -> None:

@@ -34,7 +34,9 @@ def drain(arena: Arena, name: str, trylock: bool = False) -> bool:
 
 
 def stock(arena: Arena, name: str) -> int:
-    return arena.counter(name).stock(shmcounter.this_cpu())
+    cpu = shmcounter.this_cpu()
+    assert cpu is not None                       # a task for CPU processes
+    return arena.counter(name).stock(cpu)
 
 
 def busy(seconds: float) -> int:
@@ -114,7 +116,9 @@ def two_contexts_both_miss(arena: Arena, name: str) -> int:
         second.join()
     finally:
         hooks.clear()
-    return counter.stock(shmcounter.this_cpu())
+    cpu = shmcounter.this_cpu()
+    assert cpu is not None                       # a task for CPU processes
+    return counter.stock(cpu)
 
 
 def wait_stopped(pid: int, timeout: float = 30.0) -> None:

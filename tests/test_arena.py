@@ -15,7 +15,14 @@ import pytest
 from shmcounter import Arena, ArenaError
 from shmcounter.invariants import check_invariants
 from shmcounter.segment import (
-    LAYOUT_VERSION, LINE, MAGIC, PC_USAGE, PC_WORDS, STOCK_WORDS, WORD, _Sections,
+    LAYOUT_VERSION,
+    LINE,
+    MAGIC,
+    PC_USAGE,
+    PC_WORDS,
+    STOCK_WORDS,
+    WORD,
+    _Sections,
 )
 
 
@@ -38,6 +45,7 @@ def test_create_attach_share_counters(arena):
     other = Arena.attach(arena.name)
     try:
         a = other.counter("a")
+        assert a.parent is not None
         assert (a.name, a.parent.name, a.max, other.ncpus) == ("a", "root", 1000, 2)
         a.charge(5)
         assert arena.counter("a").usage == 5 and root.usage == 5
@@ -94,12 +102,14 @@ def test_attach_refuses_what_is_not_an_arena():
     with pytest.raises(ArenaError, match=r"^no shared-memory segment named 'shmcounter_nope'$"):
         Arena.attach("shmcounter_nope")
     shm = shared_memory.SharedMemory(create=True, size=4096)
+    assert shm.buf is not None
     try:
         with pytest.raises(ArenaError, match=r"is not a shmcounter arena \(magic 0x0"):
             Arena.attach(shm.name)
         struct.pack_into("<qq", shm.buf, 0, MAGIC, LAYOUT_VERSION + 1)
-        with pytest.raises(ArenaError, match=rf"has layout version {LAYOUT_VERSION + 1}; "
-                                             rf"this shmcounter reads layout version {LAYOUT_VERSION}$"):
+        with pytest.raises(ArenaError,
+                           match=rf"has layout version {LAYOUT_VERSION + 1}; "
+                                 rf"this shmcounter reads layout version {LAYOUT_VERSION}$"):
             Arena.attach(shm.name)
     finally:
         shm.close()
@@ -160,6 +170,7 @@ time.sleep(600)
 def _start_creator(**kw) -> tuple[subprocess.Popen, str]:
     p = subprocess.Popen([sys.executable, "-c", CREATE_AND_WAIT], stdout=subprocess.PIPE,
                          stderr=subprocess.DEVNULL, text=True, **kw)
+    assert p.stdout is not None
     return p, p.stdout.readline().strip()
 
 
@@ -207,6 +218,7 @@ def test_sweep_spares_a_dead_creators_arena_that_a_live_process_maps():
     p, name = _start_creator(start_new_session=True)
     holder = subprocess.Popen([sys.executable, "-c", HOLD, name], stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True)
+    assert holder.stdout is not None
     try:
         assert holder.stdout.readline().strip() == "attached"
         os.killpg(p.pid, signal.SIGKILL)
@@ -242,6 +254,6 @@ def test_a_create_that_fails_half_built_raises_its_own_error_and_leaks_nothing(m
         raise RuntimeError("an init hook failed")
     monkeypatch.setitem(segment._handle_hooks, "init", [*segment._handle_hooks["init"], boom])
     before = set(os.listdir("/dev/shm"))
-    with pytest.raises(RuntimeError, match="^an init hook failed$"):
+    with pytest.raises(RuntimeError, match=r"^an init hook failed$"):
         Arena.create(ncpus=2, max_counters=4)
     assert set(os.listdir("/dev/shm")) - before == set()

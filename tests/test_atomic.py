@@ -12,8 +12,19 @@ import pytest
 
 import shmcounter
 from shmcounter import _atomic
-from shmcounter._atomic import (CONSUME_BUSY, CONSUME_HIT, CONSUME_MISS, CONSUME_NO_STOCK,
-                                PC_PARENT, PC_STOCK_ID, R_OP, R_PID, R_STOCK_BLOCK, STOCK_BUSY, Slots)
+from shmcounter._atomic import (
+    CONSUME_BUSY,
+    CONSUME_HIT,
+    CONSUME_MISS,
+    CONSUME_NO_STOCK,
+    PC_PARENT,
+    PC_STOCK_ID,
+    R_OP,
+    R_PID,
+    R_STOCK_BLOCK,
+    STOCK_BUSY,
+    Slots,
+)
 from shmcounter.errors import ArenaCorrupt
 from shmcounter.memcg import _legacy
 
@@ -54,7 +65,7 @@ def test_slots_by_index_and_release():
     with pytest.raises(IndexError, match=r"^slot 8 \(\+1\) outside 0\.\.8$"):
         s.load(8)
     with pytest.raises(TypeError, match=r"load\(\) takes 1 arguments \(2 given\)"):
-        s.load(1, 2)
+        s.load(1, 2)                                  # type: ignore[call-arg]  # on purpose
     s.release()
     with pytest.raises(ValueError, match="released"):
         s.load(0)
@@ -76,10 +87,20 @@ def test_legacy_refill_and_consume_steps():
     """A row at word 0 (pid 7 at R_PID) and a legacy block at word 32: slot i is
     word 35 + i, tag << 8 | pages, and the op's intent names the slot it changes."""
     from shmcounter._atomic import R_PID, R_STOCK_BEFORE, R_STOCK_SLOT
-    from shmcounter.memcg._legacy import (CONSUME_BUSY, CONSUME_HIT, CONSUME_MISS,
-                                          LEGACY_BYPASS, LEGACY_DEPOSITED, LEGACY_EVICTED,
-                                          LEGACY_OVERFLOW, MC_EVICTIONS, MC_OVERFLOWS,
-                                          consume, refill, trylock)
+    from shmcounter.memcg._legacy import (
+        CONSUME_BUSY,
+        CONSUME_HIT,
+        CONSUME_MISS,
+        LEGACY_BYPASS,
+        LEGACY_DEPOSITED,
+        LEGACY_EVICTED,
+        LEGACY_OVERFLOW,
+        MC_EVICTIONS,
+        MC_OVERFLOWS,
+        consume,
+        refill,
+        trylock,
+    )
     s = Slots(bytearray(8 * 48))
     row, block, slot = 0, 32, lambda i: 35 + i
     s.store(row + R_PID, 7)
@@ -221,6 +242,7 @@ def _hammer(name: str, core: int, kind: str, start) -> None:
     """This runs in a separate process pinned to `core`."""
     os.sched_setaffinity(0, {core})
     shm = shared_memory.SharedMemory(name)
+    assert shm.buf is not None
     s = Slots(shm.buf)
     start.wait()
     if kind == "fetch_add":
@@ -250,6 +272,7 @@ def _hammer(name: str, core: int, kind: str, start) -> None:
 def test_two_cores_lose_no_update(kind):
     cores = sorted(os.sched_getaffinity(0))
     shm = shared_memory.SharedMemory(create=True, size=128)
+    assert shm.buf is not None
     try:
         shm.buf[:] = bytes(128)
         ctx = mp.get_context("fork")

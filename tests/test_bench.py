@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 
@@ -21,7 +22,7 @@ DESIGNS = ["legacy", "fixed", "no-stock", "mp-value"]
 
 def bench(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "shmcounter.cli", "bench", *args],
-                          capture_output=True, text=True, timeout=120)
+                          check=False, capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -134,14 +135,16 @@ def test_ctrl_c_stops_every_cpu_and_unlinks_every_arena(tmp_path):
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            start_new_session=True)
     prefix = f"shmcounter_{run.pid}_"
+    assert run.stderr is not None
     try:
         deadline = time.monotonic() + 60
         while sum(n.startswith(prefix) for n in os.listdir("/dev/shm")) < 4:  # 4 designs
             assert run.poll() is None and time.monotonic() < deadline, run.stderr.read()
             time.sleep(0.05)
         time.sleep(0.5)                                   # the cells are under way
-        cpus = [int(p) for p in open(f"/proc/{run.pid}/task/{run.pid}/children").read().split()
-                if b"resource_tracker" not in open(f"/proc/{p}/cmdline", "rb").read()]
+        children = Path(f"/proc/{run.pid}/task/{run.pid}/children").read_text().split()
+        cpus = [int(p) for p in children
+                if b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()]
         os.killpg(run.pid, signal.SIGINT)
         out, err = run.communicate(timeout=60)
     finally:

@@ -14,20 +14,31 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 import shmcounter
 from shmcounter import Arena, hooks
 from shmcounter.invariants import check_invariants
-from shmcounter.memcg.section import M_VARIANT
-from shmcounter.segment import (
-    H_MAX_WRITERS, H_NCOUNTERS, H_REGISTRY_LOCK, H_STOP, PC_PARENT, PC_STOCK_ID, PC_WORDS,
-    R_DEPTH, R_IN_OP, R_STOCK_BLOCK, R_STOCK_SLOT, STOCK_LOCK,
-)
 from shmcounter.memcg import Cgroups
 from shmcounter.memcg.legacy import MC_DRAIN_IDX, MC_LOCK, MC_SLOTS
+from shmcounter.memcg.section import M_VARIANT
+from shmcounter.segment import (
+    H_MAX_WRITERS,
+    H_NCOUNTERS,
+    H_REGISTRY_LOCK,
+    H_STOP,
+    PC_PARENT,
+    PC_STOCK_ID,
+    PC_WORDS,
+    R_DEPTH,
+    R_IN_OP,
+    R_STOCK_BLOCK,
+    R_STOCK_SLOT,
+    STOCK_LOCK,
+)
 
 WAIT = 0.2                      # the children's wait_timeout, seconds
 NOT_A_PID = 2**22 + 1           # above the kernel's largest pid_max
@@ -44,9 +55,11 @@ def in_child(fn: Callable[..., Any], *args: Any, timeout: float = 30.0) -> tuple
     there.close()
     p.join(timeout)
     if p.is_alive():
+        assert p.pid is not None
         os.kill(p.pid, signal.SIGKILL)
         p.join()
         return ("hang",)
+    assert p.exitcode is not None
     if p.exitcode < 0:
         return ("signal", -p.exitcode)
     try:

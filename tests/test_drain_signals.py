@@ -12,8 +12,9 @@ import multiprocessing as mp
 import os
 import signal
 import time
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -21,9 +22,9 @@ import shmcounter
 from shmcounter import Arena
 from shmcounter.drain import SIGDRAIN
 from shmcounter.invariants import check_invariants
+from shmcounter.memcg import Cgroups
 from shmcounter.proc import my_start_time, proc_stat
 from shmcounter.segment import R_REQ_SEQ, R_START
-from shmcounter.memcg import Cgroups
 
 import tasks
 
@@ -41,12 +42,13 @@ def _session_main(conn: Any, fn: Callable[..., Any], args: tuple) -> None:
     conn.send(fn(*args))
 
 
-def in_own_session(fn: Callable[..., Any], *args: Any) -> tuple[int, Any]:
+def in_own_session(fn: Callable[..., Any], *args: Any) -> tuple[int | None, Any]:
     """Run fn(*args) in a forked child that leads a new session and process group;
     return (its exit code, fn's result, or None if it died before returning)."""
     r, w = _fork.Pipe(duplex=False)
     p = _fork.Process(target=_session_main, args=(w, fn, args))
     p.start()
+    assert p.pid is not None
     w.close()
     try:
         result = None
@@ -102,7 +104,7 @@ def _register_loop(name: str, rounds: int, legacy: bool) -> None:
     for _ in range(rounds):
         shmcounter.register_cpu(arena, 1)
         charged = target.try_charge(1)
-        assert charged if legacy else charged[0]
+        assert charged if legacy else charged[0]  # type: ignore[index]  # a (ok, failed) pair
         target.uncharge(1)
         shmcounter.unregister_cpu()
     arena.close()
@@ -192,7 +194,9 @@ def test_pid_1_is_never_signalled(arena, monkeypatch):
     monkeypatch.setattr(signal, "pidfd_send_signal", lambda *a: sent.append(("pidfd", *a)))
     c = arena.new_counter("c")
     c.enable_stock(64)
-    arena._slots.store(arena._row_slot(1) + R_START, proc_stat(1)[1])
+    init = proc_stat(1)
+    assert init is not None
+    arena._slots.store(arena._row_slot(1) + R_START, init[1])
     arena._slots.store(arena._cpu_slot(1), 1)
     try:
         assert c.drain_stock(timeout=1)

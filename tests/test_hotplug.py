@@ -1,5 +1,6 @@
 """drain_stock through work messages, and the hotplug-dead path under SIGKILL at
-named instants: docs/stock-design.md §Scenarios scenarios 5, 6, 9, 15; docs/kernel-semantics.md MT-12, MT-15."""
+named instants: docs/stock-design.md §Scenarios scenarios 5, 6, 9, 15;
+docs/kernel-semantics.md MT-12, MT-15."""
 from __future__ import annotations
 
 import os
@@ -278,8 +279,10 @@ def test_a_pid_reused_by_another_process_does_not_keep_a_dead_row_alive(arena, t
     """A dead CPU's row names pid P; P now belongs to an unrelated live process
     (here: a sleeping child) that started later. The row is dead all the same:
     stop_machine does not wait for its in_op, and hotplug reclaims it."""
+    import subprocess
+    import sys
+
     from shmcounter.segment import R_IN_OP, R_PID, R_START
-    import subprocess, sys
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     try:
         row = arena._row_slot(1)

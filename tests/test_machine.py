@@ -57,7 +57,8 @@ def test_task_errors_come_back_with_the_remote_traceback(make_machine):
     with pytest.raises(KeyError, match="no such page") as info:
         m.run_on(0, tasks.fail)
     assert 'raise KeyError("no such page")' in str(info.value.__cause__)
-    with pytest.raises(TypeError, match=r"^cannot send .*<lambda>\(\) to CPU 0: .*must be picklable"):
+    with pytest.raises(TypeError,
+                       match=r"^cannot send .*<lambda>\(\) to CPU 0: .*must be picklable"):
         m.submit(0, lambda: 1)
     assert m.run_on(0, tasks.whoami)[0] == 0                  # still serving
 
@@ -155,6 +156,7 @@ time.sleep(600)
 def test_no_cpu_process_outlives_a_killed_owner(method):
     owner = subprocess.Popen([sys.executable, "-c", OWNER, method], stdout=subprocess.PIPE,
                              text=True)
+    assert owner.stdout is not None
     try:
         pids = [int(p) for p in owner.stdout.readline().split()]
         assert len(pids) == 2

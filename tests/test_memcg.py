@@ -8,7 +8,7 @@ import pytest
 
 from shmcounter.errors import ArenaError, Busy
 from shmcounter.invariants import check_invariants
-from shmcounter.memcg import Cgroups, VARIANTS
+from shmcounter.memcg import VARIANTS, Cgroups
 from shmcounter.memcg.stat import format_cgroups
 
 import memcg_tasks as t
@@ -28,7 +28,8 @@ def test_a_tree_made_in_one_process_is_found_by_name_in_another(arena, machine):
     assert machine.run_on(0, t.charge, arena, "b", 1, 2) == [True, True]
     assert [(g.name, g.memory.usage) for g in Cgroups(arena).cgroups()] == [
         ("root", 64), ("a", 64), ("b", 64)]
-    assert Cgroups(arena).cgroup("b").parent.name == "a"
+    parent = Cgroups(arena).cgroup("b").parent
+    assert parent is not None and parent.name == "a"
     check_invariants(arena, {"b": 2})
     cg.cgroup("b").uncharge(2)
 
@@ -38,6 +39,7 @@ def test_css_online_gives_memory_and_memsw_a_stock_of_64(arena):
     g = cg.create("g", max=500)
     assert [(c.name, c.has_stock, c.batch, c.max) for c in g.counters] == [
         ("g", True, 64, 500), ("g:memsw", True, 64, 500)]
+    assert g.memsw is not None and g.memsw.parent is not None
     assert g.memsw.parent.name == "root:memsw"
 
 
@@ -119,17 +121,17 @@ def test_bad_input_to_a_cgroup(arena):
     g = cg.create("g", max=10)
     for bad, error in [("", ValueError), ("a:b", ValueError), (3, ValueError)]:
         with pytest.raises(error, match="a cgroup name is a non-empty str without ':'"):
-            cg.create(bad)
+            cg.create(bad)  # type: ignore[arg-type]  # bad input
     with pytest.raises(ValueError, match="a counter named 'g' already exists"):
         cg.create("g")
     with pytest.raises(ValueError, match=r"max must be an int in \[0, "):
         cg.create("h", max=-1)
     with pytest.raises(TypeError, match="parent must be a MemCgroup of this tree"):
-        cg.create("h", parent=g.memory)
+        cg.create("h", parent=g.memory)  # type: ignore[arg-type]  # bad input
     with pytest.raises(ValueError, match=r"n must be an int in \[0, 2\*\*62\), got -1"):
         g.try_charge(-1)
     with pytest.raises(TypeError, match="kmem must be a bool"):
-        g.uncharge(1, kmem="yes")
+        g.uncharge(1, kmem="yes")  # type: ignore[arg-type]  # bad input
     with pytest.raises(KeyError, match="no cgroup named 'g:memsw'"):
         cg.cgroup("g:memsw")
     assert [g.name for g in cg.cgroups()] == ["root", "g"] and g.memory.usage == 0
@@ -155,6 +157,7 @@ def test_a_max_event_counts_at_the_refusing_cgroup_and_its_ancestors_below_root(
 def test_scenario16_memsw_rollback_of_a_stock_hit(arena, machine):
     cg = Cgroups(arena, memsw=True)
     g = cg.create("g")
+    assert g.memsw is not None and cg.root.memsw is not None
     assert machine.run_on(0, t.charge, arena, "g") == [True]
     assert [(c.usage, c.stock(0)) for c in g.counters] == [(64, 63), (64, 63)]
     g.memory.drain_stock()
@@ -206,9 +209,9 @@ def test_the_read_view_in_kernel_terms(arena, machine):
         "memory.failcnt": 0, "stock": [0, 61]}
     assert cg.root.stat()["memory.max"] == "max"
     assert format_cgroups(cg).splitlines()[1:] == [
-        "cgroup  state   memory.current  memory.max  memory.peak  events.max  stock.cpu0  stock.cpu1",
-        "root    online          262144         max       262144           0           0           0",
-        "  a     online          262144     1048576       262144           0           0          61",
+        "cgroup  state   memory.current  memory.max  memory.peak  events.max  stock.cpu0  stock.cpu1",  # noqa: E501 (whole rows)
+        "root    online          262144         max       262144           0           0           0",  # noqa: E501 (whole rows)
+        "  a     online          262144     1048576       262144           0           0          61",  # noqa: E501 (whole rows)
     ]
     a.uncharge(3)
 
@@ -238,8 +241,9 @@ def test_open_is_for_an_arena_that_holds_a_tree(arena):
 
 
 def test_a_legacy_cgroup_cached_with_0_pages_stays_pinned(arena, machine):
-    """docs/kernel-semantics.md §Limit writers and cgroup death: drain_all_stock skips a slot with 0 pages, yet the slot
-    holds a reference, so css_free cannot happen until the slot goes."""
+    """docs/kernel-semantics.md §Limit writers and cgroup death: drain_all_stock skips a
+    slot with 0 pages, yet the slot holds a reference, so css_free cannot happen until
+    the slot goes."""
     cg = Cgroups(arena, variant="legacy")
     a = cg.create("A")
     machine.run_on(0, t.charge, arena, "A", 1, 64)        # 1 walk, 63 hits: slot at 0

@@ -1,6 +1,7 @@
-"""The kernel's acceptance scenarios for the worker-as-CPU model (docs/kernel-semantics.md §Acceptance scenarios
-MT-05 to MT-08 and MT-13), on the old 7-slot design and on the fixed per-counter
-stock, and docs/stock-design.md §Scenarios scenarios 7, 8 and 21. Two CPU processes, batch 64.
+"""The kernel's acceptance scenarios for the worker-as-CPU model
+(docs/kernel-semantics.md §Acceptance scenarios MT-05 to MT-08 and MT-13), on the old
+7-slot design and on the fixed per-counter stock, and docs/stock-design.md §Scenarios
+scenarios 7, 8 and 21. Two CPU processes, batch 64.
 
 Where the legacy drain is asynchronous, the remote CPU is held stopped (SIGSTOP)
 while the charge that asked for it retries, so the numbers are exact: the work is
@@ -240,7 +241,7 @@ def test_mt13_removal(arena, machine, variant, c2_stock_left):
     c2.uncharge(1)
 
 
-# ---- docs/stock-design.md §Scenarios scenario 7: overcharge bound --------------------------------------------
+# ---- docs/stock-design.md §Scenarios scenario 7: overcharge bound -----------------
 
 @pytest.mark.parametrize("variant, root_usage, evictions", [
     ("fixed", 9 * 2 * 64, 0),              # K x P x 64, of which K x P real

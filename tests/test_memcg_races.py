@@ -72,7 +72,7 @@ def test_e5_v2_disable_races_a_stock_hit_and_pages_are_uncharged_twice(arena, ma
     assert (g.memory.usage, g.stock(0)) == (1, 62)                      # resurrected
     with pytest.raises(InvariantError, match=r"I1 broken at 'g': usage 1 != real 2 \+ stock 62"):
         check_invariants(arena, {"g": 2})
-    assert resume(machine, 1, drainer) == True
+    assert resume(machine, 1, drainer) is True
     machine.run_on(0, t.uncharge, arena, "g", 2)     # the two real pages: below 0 at g and root
     assert (g.memory.usage, arena.underflows) == (0, 2)
     with pytest.warns(RuntimeWarning, match="page_counter underflow on '(g|root)'"):
@@ -88,7 +88,7 @@ def test_e5_does_not_happen_under_fixed(arena, machine):
     assert resume(machine, 0, charger) == [True]
     assert (g.memory.usage, g.stock(0)) == (64, 62)
     check_invariants(arena, {"g": 2})
-    assert resume(machine, 1, drainer) == True
+    assert resume(machine, 1, drainer) is True
     machine.run_on(0, t.uncharge, arena, "g", 2)
     g.free()                                         # the only lock-free drain: nobody charges
     assert (g.memory.usage, g.stock(0), arena.underflows) == (0, 0, 0)
@@ -110,7 +110,7 @@ def test_e4_rfc_disable_leaves_cancelled_pages_in_stock(arena, machine):
     # stock plus the page, 63 pages, from a usage of 1
     machine.run_on(0, t.uncharge, arena, "g", 1)
     assert (g.memory.usage, g.stock(0), arena.underflows) == (0, 0, 2)
-    assert resume(machine, 1, drainer) == True
+    assert resume(machine, 1, drainer) is True
     machine.run_on(0, t.uncharge, arena, "g", 1)     # the last real page: below 0 again
     g.free()
     assert (g.memory.usage, cg.root.memory.usage, arena.underflows) == (0, 0, 4)
@@ -124,7 +124,7 @@ def test_e4_does_not_happen_under_fixed(arena, machine):
     machine.run_on(0, t.uncharge, arena, "g", 1)                      # plain uncharge
     assert (g.memory.usage, g.stock(0)) == (63, 62)
     check_invariants(arena, {"g": 1})
-    assert resume(machine, 1, drainer) == True
+    assert resume(machine, 1, drainer) is True
     machine.run_on(0, t.uncharge, arena, "g", 1)
     g.free()
     assert (g.memory.usage, cg.root.memory.usage, arena.underflows) == (0, 0, 0)
@@ -179,7 +179,7 @@ def test_a_drain_request_during_an_inline_drain_all_is_served_after_it(arena, ma
     done = []
     waiter = threading.Thread(target=lambda: done.append(drain_stock(arena, [cg.root.memory], 30)))
     waiter.start()                                # a work message to every CPU
-    assert resume(machine, 0, drainer) == True
+    assert resume(machine, 0, drainer) is True
     waiter.join(30)
     assert done == [True] and cg.cgroup("A").memory.usage == 1
     cg.cgroup("A").uncharge(1)

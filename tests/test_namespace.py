@@ -25,7 +25,8 @@ import tempfile
 import threading
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -191,7 +192,8 @@ def _attach_refuses_traps() -> None:
     live = Arena.create(ncpus=1, max_counters=1)
     kinds = _plant(live, NO_SUCH_PID)
     try:
-        got = {kind: outcome(lambda: Arena.attach(name).close()) for name, kind in kinds.items()}
+        got = {kind: outcome(lambda: Arena.attach(name).close())  # noqa: B023 (called at once)
+               for name, kind in kinds.items()}
         assert got == {kind: "ArenaError: " + REASONS[kind].format(name=name)
                        for name, kind in kinds.items()}
         assert {name: _what_is(name) for name in kinds} == kinds

@@ -85,8 +85,10 @@ def test_uncharge_below_zero_warns_counts_and_clamps(tree, arena):
     with pytest.warns(RuntimeWarning) as record:
         parent.uncharge(8)                          # parent and root hold 5
     assert [str(w.message) for w in record] == [
-        "page_counter underflow on 'parent': usage 5, uncharge 8; clamped to 0 (arena.underflows = 1)",
-        "page_counter underflow on 'root': usage 5, uncharge 8; clamped to 0 (arena.underflows = 2)",
+        "page_counter underflow on 'parent': usage 5, uncharge 8; clamped to 0 "
+        "(arena.underflows = 1)",
+        "page_counter underflow on 'root': usage 5, uncharge 8; clamped to 0 "
+        "(arena.underflows = 2)",
     ]
     assert usages(root, parent, child) == (0, 0, 5) and arena.underflows == 2
     child.cancel(5)
@@ -135,7 +137,7 @@ def test_set_min_low_high_and_children_protected_usage(tree, arena):
     assert (parent.children_min_usage, parent.children_low_usage) == (0, 0)
 
 
-# ---- effective protection: docs/kernel-semantics.md §Protection worked examples (pages) -------------
+# ---- effective protection: docs/kernel-semantics.md §Protection worked examples (pages) --
 
 def test_protection_overcommitted_level_is_shared_in_proportion(arena):
     # E1: parent's effective min 12800 (50M); children claim 19200 in all.
@@ -143,9 +145,9 @@ def test_protection_overcommitted_level_is_shared_in_proportion(arena):
     parent = arena.new_counter("p", parent=top)
     kids = [arena.new_counter(f"c{i}", parent=parent) for i in range(4)]
     parent.set_min(12800)
-    for kid, setting in zip(kids, [19200, 6400, 0, 128000]):
+    for kid, setting in zip(kids, [19200, 6400, 0, 128000], strict=True):
         kid.set_min(setting)
-    for kid, usage in zip(kids, [12800, 12800, 12800, 0]):
+    for kid, usage in zip(kids, [12800, 12800, 12800, 0], strict=True):
         kid.charge(usage)
     assert parent.children_min_usage == 12800 + 6400
     arena.calculate_protection(top, parent)
@@ -154,7 +156,7 @@ def test_protection_overcommitted_level_is_shared_in_proportion(arena):
         arena.calculate_protection(top, kid)
     assert [k.emin for k in kids] == [12800 * 12800 // 19200, 6400 * 12800 // 19200, 0, 0]
     assert [k.emin for k in kids] == [8533, 4266, 0, 0]
-    for kid, usage in zip(kids, [12800, 12800, 12800, 0]):
+    for kid, usage in zip(kids, [12800, 12800, 12800, 0], strict=True):
         kid.uncharge(usage)
 
 
@@ -165,7 +167,7 @@ def test_protection_recursive_shares_unclaimed_protection(arena):
     kids = [arena.new_counter(f"c{i}", parent=parent) for i in range(3)]
     parent.set_low(50)
     kids[2].set_low(20)
-    for kid, usage in zip(kids, [10, 10, 40]):
+    for kid, usage in zip(kids, [10, 10, 40], strict=True):
         kid.charge(usage)
     arena.calculate_protection(top, parent)
     for kid in kids:
@@ -174,7 +176,7 @@ def test_protection_recursive_shares_unclaimed_protection(arena):
     for kid in kids:
         arena.calculate_protection(top, kid, recursive=True)
     assert [k.elow for k in kids] == [7, 7, 35]                  # rule 5, 7.5 -> 7
-    for kid, usage in zip(kids, [10, 10, 40]):
+    for kid, usage in zip(kids, [10, 10, 40], strict=True):
         kid.uncharge(usage)
 
 

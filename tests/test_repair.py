@@ -14,8 +14,8 @@ import pytest
 
 from shmcounter import Repair
 from shmcounter.invariants import InvariantError, check_invariants
-from shmcounter.segment import R_IN_OP, R_PID
 from shmcounter.memcg import Cgroups
+from shmcounter.segment import R_IN_OP, R_PID
 
 import memcg_tasks
 import tasks
@@ -177,6 +177,7 @@ def _kill_at_random(arena, ledger, rng: random.Random, aim: bool) -> tuple[int, 
         target=_ledger_writer, args=(arena.name, ledger, rng.randrange(2**32)), daemon=True)
     ledger[1] = 0
     p.start()
+    assert p.pid is not None
     caught = False
     try:
         target, deadline = rng.randint(1, 300), time.monotonic() + 30
@@ -227,11 +228,15 @@ def test_random_kills_of_a_writer_count_its_op_wholly_or_not_at_all(arena, make_
         before = {c.name: c.usage for c in (leaf, mid, root)}
         if path == "refusal":
             assert leaf.try_charge(41) == (False, leaf)   # always refused: repairs first
-            ops = ()
+            ops, report = (), None
             # the refusal repaired the dead op in progress (and freed the row)
             assert arena.rows[row, R_IN_OP] == 0 and (not caught or arena.rows[row, R_PID] == 0)
         else:
-            report = arena.repair() if path == "repair" else m.wait_repaired(pid, timeout=30)
+            if path == "repair":
+                report = arena.repair()
+            else:
+                assert m is not None
+                report = m.wait_repaired(pid, timeout=30)
             assert (report.rows, report.pids) == ((row,), (pid,))
             assert arena.rows[row, R_PID] == 0
             if path == "repair":

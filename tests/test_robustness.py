@@ -64,7 +64,10 @@ def test_a_charge_racing_set_max_makes_it_retry_and_refuse(chain, arena):
     leaf.charge(40)
     # After set_max(50) exchanged the limit, a charger that read the old limit
     # (none) commits 20 more: usage 60 > 50. set_max must see it, restore, refuse.
-    hooks.install("set_max:exchanged", lambda name: (hooks.clear(), leaf.charge(20)))
+    def charge_20_once(name: str) -> None:
+        hooks.clear()
+        leaf.charge(20)
+    hooks.install("set_max:exchanged", charge_20_once)
     with pytest.raises(Busy, match=r"^\[Errno 16\] cannot set max of 'leaf' to 50: usage is 60$"):
         leaf.set_max(50)
     assert (leaf.max, leaf.usage) == (shmcounter.PAGE_COUNTER_MAX, 60)
@@ -75,9 +78,11 @@ def test_a_forced_charge_past_int64_raises_and_changes_nothing(chain, arena):
     root, mid, leaf = chain
     leaf.charge(2**62 - 1)
     leaf.charge(2**62 - 1)
-    state = lambda: (arena.records.tobytes(), arena.contrib.tobytes(), arena.stocks.tobytes())
+    def state() -> tuple[bytes, bytes, bytes]:
+        return arena.records.tobytes(), arena.contrib.tobytes(), arena.stocks.tobytes()
     before = state()
-    with pytest.raises(OverflowError, match=r"^charging 2 pages would take a usage past 2\*\*63 - 1$"):
+    with pytest.raises(OverflowError,
+                       match=r"^charging 2 pages would take a usage past 2\*\*63 - 1$"):
         leaf.charge(2)
     with pytest.raises(OverflowError):
         leaf.try_charge(2)

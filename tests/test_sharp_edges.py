@@ -5,15 +5,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from typing import Callable
+from collections.abc import Callable
+from functools import partial
 
 import pytest
 
 import shmcounter
-import tasks
 from shmcounter import Arena, ArenaError, PageCounter
-from shmcounter.segment import R_PID
 from shmcounter.memcg import Cgroups, MemCgroup
+from shmcounter.segment import R_PID
+
+import tasks
 
 
 def _rows_of(arena: Arena, pid: int) -> list[int]:
@@ -76,7 +78,7 @@ def test_a_process_that_attaches_and_exits_without_close_is_silent(arena):
     job = arena.new_counter("job")
     job.charge(3)
     out = subprocess.run([sys.executable, "-c", OTHER_PROCESS, arena.name],
-                         capture_output=True, text=True, timeout=60)
+                         check=False, capture_output=True, text=True, timeout=60)
     assert (out.returncode, out.stdout, out.stderr) == (0, "3\n", "")
     job.uncharge(3)
 
@@ -103,7 +105,7 @@ def test_a_cpu_process_and_its_forked_child_exit_silently_and_cleanly(arena):
     leaf = arena.new_counter("leaf")
     leaf.enable_stock(64)
     out = subprocess.run([sys.executable, "-c", CPU_AND_FORKED_CHILD, arena.name],
-                         capture_output=True, text=True, timeout=60)
+                         check=False, capture_output=True, text=True, timeout=60)
     # The child's exit left the parent CPU 1 with its stock ...
     assert (out.returncode, out.stdout, out.stderr) == (0, "0 1 63 65\n", "")
     # ... and the parent's exit took CPU 1 offline: stock returned, rows given back.
@@ -219,7 +221,8 @@ ARENA_CALLS: dict[str, Callable[[Arena, PageCounter], object]] = {
     "row_owner_alive": lambda a, c: a.row_owner_alive(0),
     "hotplug_cpu_dead": lambda a, c: a.hotplug_cpu_dead(1),
     "repair": lambda a, c: a.repair(),
-    "calculate_protection": lambda a, c: a.calculate_protection(c.parent, c),
+    # c: the leaf, under mid
+    "calculate_protection": lambda a, c: a.calculate_protection(c.parent, c),  # type: ignore[arg-type]
     **{view: (lambda v: lambda a, c: getattr(a, v))(view) for view in (
         "header", "rows", "records", "stock_owner", "stocks", "contrib", "requests",
         "names")},
@@ -284,8 +287,8 @@ def test_every_call_on_a_closed_arena_says_it_is_closed(arena, as_cpu):
     assert _public(leaf) - COUNTER_OPEN_ANYWAY == set(COUNTER_CALLS)
     arena.close()
     assert _not_closed_error(arena.name, {
-        **{f"Arena.{k}": (lambda f: lambda: f(arena, leaf))(f) for k, f in ARENA_CALLS.items()},
-        **{f"PageCounter.{k}": (lambda f: lambda: f(leaf))(f) for k, f in COUNTER_CALLS.items()},
+        **{f"Arena.{k}": partial(f, arena, leaf) for k, f in ARENA_CALLS.items()},
+        **{f"PageCounter.{k}": partial(f, leaf) for k, f in COUNTER_CALLS.items()},
     }) == {}
     assert (repr(arena), repr(leaf)) == ("<Arena closed>", "<PageCounter 'leaf' (arena closed)>")
 
@@ -298,8 +301,8 @@ def test_every_call_on_a_closed_arenas_cgroups_says_it_is_closed(arena):
     arena.close()
     assert _not_closed_error(arena.name, {
         "Cgroups(arena)": lambda: Cgroups(arena),
-        **{f"Cgroups.{k}": (lambda f: lambda: f(tree, job))(f) for k, f in TREE_CALLS.items()},
-        **{f"MemCgroup.{k}": (lambda f: lambda: f(job))(f) for k, f in CGROUP_CALLS.items()},
+        **{f"Cgroups.{k}": partial(f, tree, job) for k, f in TREE_CALLS.items()},
+        **{f"MemCgroup.{k}": partial(f, job) for k, f in CGROUP_CALLS.items()},
     }) == {}
     assert (repr(tree), repr(job)) == ("<Cgroups (arena closed)>",
                                        "<MemCgroup 'job' (arena closed)>")

@@ -1,5 +1,5 @@
-"""shmcounter bench: the series' benchmark (docs/stock-design.md §Published numbers) on real processes, every
-design side by side in one run.
+"""shmcounter bench: the series' benchmark (docs/stock-design.md §Published numbers) on
+real processes, every design side by side in one run.
 
     for trial in 1..T:
         for cpus in (1, 2):                  a cell: every CPU of the design's Machine
@@ -33,18 +33,19 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
+from procs import Machine
 from shmcounter import Arena
 from shmcounter.invariants import check_invariants
 from shmcounter.memcg import Cgroups
 
 from . import workload
-from procs import Machine
 from .peer import value_peer
 
 # Cgroups options of each design; None: the mp.Value peer.
@@ -157,7 +158,9 @@ class _CgroupBed:
         self.ncpus = ncpus = max(config.cpus)
         ngroups = sum(len(n) for n in names.values())
         self.arena = stack.enter_context(Arena.create(ncpus=ncpus, max_counters=ngroups + 1))
-        self.cg = Cgroups(self.arena, **DESIGNS[design])
+        options = DESIGNS[design]
+        assert options is not None                # _make_bed: a cgroup design
+        self.cg = Cgroups(self.arena, **options)
         for group in names.values():
             for name in group:
                 self.cg.create(name)
@@ -182,7 +185,7 @@ class _CgroupBed:
         churn = [m.submit(cpu, workload.cgroup_churn, self.arena, names, pages, stop_at)
                  for cpu in sorted(m.online)]
         time.sleep(CHURN_WARMUP_S)
-        samples = []
+        samples: list[float] = []
         while len(samples) < n and time.monotonic() < stop_at:
             t = time.perf_counter()
             if cg.drain_all_stock(cg.root):
@@ -312,7 +315,8 @@ def ceiling(spins: dict[int, list[float]]) -> dict[str, Any]:
     CPU count over 1 CPU (median of per-trial ratios), e.g. {"2": 1.93}."""
     one = spins.get(1)
     return {"wall_s": {str(n): w for n, w in spins.items()},
-            "speedup": {str(n): statistics.median(n * w1 / wn for w1, wn in zip(one, w))
+            "speedup": {str(n): statistics.median(n * w1 / wn
+                                                  for w1, wn in zip(one, w, strict=True))
                         for n, w in spins.items()} if one else {}}
 
 
@@ -324,13 +328,22 @@ def cell(results: dict[str, Any], design: str, cpus: int, cgroups: int) -> dict[
     return None
 
 
+def measured(results: dict[str, Any], design: str, cpus: int, cgroups: int) -> dict[str, Any]:
+    """The cell of `design` at `cpus` CPUs and `cgroups` cgroups, which the run
+    measured (every design at every point of its config): KeyError if it has none."""
+    c = cell(results, design, cpus, cgroups)
+    if c is None:
+        raise KeyError(f"no cell for {design} at {cpus} CPUs and {cgroups} cgroups")
+    return c
+
+
 def paired_ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> float | None:
     """Throughput of cell a over cell b: the median over trials of the ratio within
     each trial (the two ran back to back, under the same noise)."""
     if a is None or b is None:
         return None
     return statistics.median(wb["wall_s"] / wa["wall_s"] * a["pages"] / b["pages"]
-                             for wa, wb in zip(a["trials"], b["trials"]))
+                             for wa, wb in zip(a["trials"], b["trials"], strict=True))
 
 
 @dataclass(frozen=True)

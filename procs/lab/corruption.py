@@ -50,8 +50,9 @@ import threading
 import time
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -59,20 +60,55 @@ import shmcounter
 from shmcounter import Arena, errors, hooks, segment
 from shmcounter.drain import SIGDRAIN
 from shmcounter.invariants import InvariantError, check_invariants
+from shmcounter.memcg import Cgroups
+from shmcounter.memcg.legacy import (
+    MC_DRAIN_IDX,
+    MC_EVICTIONS,
+    MC_FLUSHES,
+    MC_FLUSHING,
+    MC_LOCK,
+    MC_OVERFLOWS,
+    MC_SLOTS,
+    NR_MEMCG_STOCK,
+)
 from shmcounter.memcg.section import (
-    CG_WORDS, M_BATCH, M_EVICTION, M_FIRST_CHILD_DRAIN, M_MEMSW, M_ROOT, M_STATE, M_VARIANT,
+    CG_EVENTS_MAX,
+    CG_EVENTS_MAX_LOCAL,
+    CG_MEMSW,
+    CG_STATE,
+    CG_WORDS,
+    M_BATCH,
+    M_EVICTION,
+    M_FIRST_CHILD_DRAIN,
+    M_MEMSW,
+    M_ROOT,
+    M_STATE,
+    M_VARIANT,
 )
 from shmcounter.segment import (
-    H_DRAIN_LOCK, H_NCOUNTERS, H_REGISTRY_LOCK, H_STOP, H_UNDERFLOWS, MAX_DEPTH,
-    NAME_BYTES, PC_WORDS, R_BASE, R_COUNTER, R_DEPTH, R_DONE_SEQ, R_IN_OP, R_OP, R_PID,
-    R_REQ_SEQ, R_START, R_STOCK_BEFORE, R_STOCK_BLOCK, R_STOCK_SLOT, R_WALKS, STOCK_LOCK,
+    H_DRAIN_LOCK,
+    H_NCOUNTERS,
+    H_REGISTRY_LOCK,
+    H_STOP,
+    H_UNDERFLOWS,
+    MAX_DEPTH,
+    NAME_BYTES,
+    PC_WORDS,
+    R_BASE,
+    R_COUNTER,
+    R_DEPTH,
+    R_DONE_SEQ,
+    R_IN_OP,
+    R_OP,
+    R_PID,
+    R_REQ_SEQ,
+    R_START,
+    R_STOCK_BEFORE,
+    R_STOCK_BLOCK,
+    R_STOCK_SLOT,
+    R_WALKS,
+    STOCK_LOCK,
     STOCK_NR,
-)
-from shmcounter.memcg import Cgroups
-from shmcounter.memcg.section import CG_EVENTS_MAX, CG_EVENTS_MAX_LOCAL, CG_MEMSW, CG_STATE
-from shmcounter.memcg.legacy import (
-    MC_DRAIN_IDX, MC_EVICTIONS, MC_FLUSHES, MC_FLUSHING, MC_LOCK, MC_OVERFLOWS, MC_SLOTS,
-    NR_MEMCG_STOCK,
 )
 
 CRASH = "crash (signal)"
@@ -199,7 +235,7 @@ def targets(arena: Arena, pids: dict[str, int]) -> list[Target]:
             nul = (b"\0",) if at < size - 1 else ()
             out.append(Target(f"names[{index}] ({name}) byte {at}",
                               names_offset + index * NAME_BYTES + at,
-                              nul + (b"\xff", b"\x80")))
+                              (*nul, b"\xff", b"\x80")))
         other = names[(index + 1) % n].encode()           # a duplicate name
         out.append(Target(f"names[{index}] ({name}) := {names[(index + 1) % n]!r}",
                           names_offset + index * NAME_BYTES,
@@ -523,14 +559,16 @@ class World:
         """Start a victim, wait until it has stopped itself inside its op, kill it."""
         p = self.ctx.Process(target=fn, args=args, daemon=True)
         p.start()
+        pid = p.pid
+        assert pid is not None                    # started
         deadline = time.monotonic() + 60
-        while _state(p.pid) not in ("T", "t"):
+        while _state(pid) not in ("T", "t"):
             if time.monotonic() > deadline or not p.is_alive():
                 raise RuntimeError(f"{fn.__name__} did not park (exit {p.exitcode})")
             time.sleep(0.001)
-        os.kill(p.pid, signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
         p.join()
-        return p.pid
+        return pid
 
     def restore(self) -> None:
         self.arena._bytes[:] = self.snapshot

@@ -9,7 +9,8 @@ inheritance, so the processes that use it must be forked after it is made.
 from __future__ import annotations
 
 import multiprocessing
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 from shmcounter import PAGE_COUNTER_MAX
 

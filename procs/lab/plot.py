@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .bench import cell
+from .bench import measured
 
 # One colour per design, the same in every panel.
 COLOURS = {"legacy": "tab:red", "fixed": "tab:blue", "no-stock": "tab:gray",
@@ -19,7 +19,7 @@ COLOURS = {"legacy": "tab:red", "fixed": "tab:blue", "no-stock": "tab:gray",
 
 def plot(results: dict[str, Any], path: str | Path) -> None:
     """Write the PNG to `path`."""
-    from matplotlib.figure import Figure     # imported here: only the plot needs it
+    from matplotlib.figure import Figure  # imported here: only the plot needs it
 
     config = results["config"]
     cpus, groups = config["cpus"], config["cgroups"]
@@ -28,14 +28,14 @@ def plot(results: dict[str, Any], path: str | Path) -> None:
         panels.pop(1)
     fig = Figure(figsize=(5 * len(panels), 4.4), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    for ax, (x_axis, fixed) in zip(axes, panels):
+    for ax, (x_axis, fixed) in zip(axes, panels, strict=True):
         xs = cpus if x_axis == "cpus" else groups
         for design in config["designs"]:
-            cells = [cell(results, design, x, fixed) if x_axis == "cpus"
-                     else cell(results, design, fixed, x) for x in xs]
+            cells = [measured(results, design, x, fixed) if x_axis == "cpus"
+                     else measured(results, design, fixed, x) for x in xs]
             mid = [c["throughput"]["median"] / 1e6 for c in cells]
-            low = [m - c["throughput"]["p25"] / 1e6 for m, c in zip(mid, cells)]
-            high = [c["throughput"]["p75"] / 1e6 - m for m, c in zip(mid, cells)]
+            low = [m - c["throughput"]["p25"] / 1e6 for m, c in zip(mid, cells, strict=True)]
+            high = [c["throughput"]["p75"] / 1e6 - m for m, c in zip(mid, cells, strict=True)]
             ax.errorbar(xs, mid, yerr=[low, high], marker="o", capsize=3, label=design,
                         color=COLOURS.get(design))
         if x_axis == "cpus":

@@ -4,9 +4,10 @@ kills, and the goals. Everything is read from the results document (bench.py),
 so a saved JSON file prints the same report."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-from .bench import BASELINE, cell, paired_ratio
+from .bench import BASELINE, cell, measured, paired_ratio
 
 
 def format_report(results: dict[str, Any]) -> str:
@@ -44,7 +45,7 @@ def _cover_letter_table(results: dict[str, Any], ncpus: int) -> str:
         base = cell(results, BASELINE, ncpus, ncg)
         row = [str(ncg)]
         for d in designs:
-            t = cell(results, d, ncpus, ncg)["ms_per_iteration"]
+            t = measured(results, d, ncpus, ncg)["ms_per_iteration"]
             row += [f"{t['mean']:.3f}", f"{t['stdev']:.3f}"]
             if d != BASELINE and base is not None:
                 before = base["ms_per_iteration"]["mean"]
@@ -62,7 +63,7 @@ def _throughput_table(results: dict[str, Any], ncpus: int) -> str:
         base = cell(results, BASELINE, ncpus, ncg)
         row = [str(ncg)]
         for d in designs:
-            c = cell(results, d, ncpus, ncg)
+            c = measured(results, d, ncpus, ncg)
             value = f"{c['throughput']['median'] / 1e6:.3f}"
             if d != BASELINE and base is not None:
                 value += f" ({paired_ratio(c, base):.2f}x)"
@@ -81,7 +82,7 @@ def _walks_table(results: dict[str, Any]) -> str:
     groups = config["cgroups"]
     rows = []
     for d in config["designs"]:
-        cells = [cell(results, d, ncpus, ncg) for ncg in groups]
+        cells = [measured(results, d, ncpus, ncg) for ncg in groups]
         if cells[0]["walks_per_op"] is None:
             rows.append([d] + ["-"] * (2 * len(groups)))
             continue
@@ -142,5 +143,5 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """Columns right-aligned to their widest cell, the first one left-aligned."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return "\n".join("  ".join(v.ljust(w) if i == 0 else v.rjust(w)
-                               for i, (v, w) in enumerate(zip(r, widths)))
+                               for i, (v, w) in enumerate(zip(r, widths, strict=True)))
                      for r in [header, *rows])

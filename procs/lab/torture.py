@@ -46,14 +46,13 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
+from procs import Machine
 from shmcounter import Arena
 from shmcounter._atomic import Slots
 from shmcounter.invariants import check_invariants
 from shmcounter.memcg import Cgroups, legacy
 from shmcounter.memcg.cgroups import ROOT
 from shmcounter.memcg.legacy import MC_FLUSHING, MC_LOCK, MC_SLOTS, NR_MEMCG_STOCK
-
-from procs import Machine
 
 BATCH = 64                      # the per-counter stock's batch; the legacy slot's max
 
@@ -147,7 +146,9 @@ _ledgers: dict[str, tuple[shared_memory.SharedMemory, Slots, np.ndarray]] = {}
 def _ledger(name: str) -> tuple[Slots, np.ndarray]:
     if name not in _ledgers:
         shm = shared_memory.SharedMemory(name)
-        _ledgers[name] = (shm, Slots(shm.buf), np.ndarray((shm.size // 8,), np.int64, shm.buf))
+        buf = shm.buf
+        assert buf is not None                    # an open SharedMemory is mapped
+        _ledgers[name] = (shm, Slots(buf), np.ndarray((shm.size // 8,), np.int64, buf))
     return _ledgers[name][1:]
 
 
@@ -194,7 +195,8 @@ class _CgroupOps:
         self._tree.drain_all_stock(self._leaves[leaf])
 
 
-_OPERATIONS: dict[str, type[_CounterOps | _CgroupOps]] = {"page_counter": _CounterOps, "legacy": _CgroupOps}
+_OPERATIONS: dict[str, type[_CounterOps | _CgroupOps]] = {
+    "page_counter": _CounterOps, "legacy": _CgroupOps}
 
 
 def torture_loop(arena: Arena, ledger: str, cpu: int, seed: int, design: str) -> int:
@@ -280,7 +282,9 @@ def torture(kills: int, seed: int = 0, ncpus: int = 4, start_method: str = "fork
     started = time.monotonic()
     ledger_shm = shared_memory.SharedMemory(create=True, size=8 * (8 + ncpus * _CPU_WORDS))
     try:
-        ledger_shm.buf[:] = bytes(ledger_shm.size)
+        buf = ledger_shm.buf
+        assert buf is not None                    # an open SharedMemory is mapped
+        buf[:] = bytes(ledger_shm.size)
         with Arena.create(ncpus=ncpus, max_counters=len(TREES[design].nodes)) as arena:
             cgroups = _build(arena, design)
             with Machine(arena, start_method=start_method) as m:
@@ -314,6 +318,7 @@ def _build(arena: Arena, design: str) -> Cgroups | None:
     (_, _, root_max), *children = tree.nodes
     cgroups.root.memory.set_max(root_max)
     for name, parent, limit in children:
+        assert parent is not None                 # only the first node is a root
         cgroups.create(name, cgroups.cgroup(parent), max=limit)
     return cgroups
 

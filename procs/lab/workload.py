@@ -18,7 +18,7 @@ Every function here runs in a separate process (a CPU of a Machine).
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from shmcounter import Arena
 from shmcounter.memcg import Cgroups
@@ -94,7 +94,7 @@ def _timed(charges: list[Charge], uncharges: list[Uncharge], iterations: int, pa
     return start, time.monotonic()
 
 
-def _iteration(faults: list[Charge], uncharges: list[Uncharge], pages: int) -> None:
+def _iteration(faults: Sequence[Charge], uncharges: Sequence[Uncharge], pages: int) -> None:
     """faults: each cgroup's try_charge, `pages` times over, cgroups interleaved."""
     for charge in faults:
         if not charge(1):

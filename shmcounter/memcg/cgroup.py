@@ -4,7 +4,7 @@ own subclass (Design.cgroup_class, legacy_design.py).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .. import hooks
 from .._atomic import CONSUME_HIT
@@ -123,11 +123,11 @@ class MemCgroup:
         """Pages CPU `cpu` holds in stock for this cgroup's memory counter."""
         return self.memory.stock(cpu)
 
-    def stat(self) -> dict[str, object]:
+    def stat(self) -> dict[str, Any]:
         """The cgroup's files as the kernel shows them (bytes; "max" unlimited),
         plus the per-CPU stock in pages."""
         memory = self.memory
-        out: dict[str, object] = {
+        out: dict[str, Any] = {
             "memory.current": memory.usage * PAGE_SIZE,
             "memory.max": _bytes_or_max(memory.max),
             "memory.peak": memory.watermark * PAGE_SIZE,

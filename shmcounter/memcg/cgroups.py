@@ -1,5 +1,6 @@
 """Cgroups: a memcg tree on page counters, calling the stock APIs the way
-mm/memcontrol.c does (docs/stock-design.md §memcg integration; docs/kernel-semantics.md §try_charge_memcg).
+mm/memcontrol.c does (docs/stock-design.md §memcg integration;
+docs/kernel-semantics.md §try_charge_memcg).
 
 The tree lives in the arena (memcg's section: section.py), so any attached process
 opens it with Cgroups(arena) and finds a cgroup by name. A cgroup is a memory
@@ -24,23 +25,37 @@ the memsw and the memory charge of one try_charge leaves the memsw pages charged
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
 from .. import hooks, pidlock
+from .._atomic import CONSUME_HIT
 from ..arena import Arena
 from ..drain import single_drainer
 from ..errors import ArenaError
-from .._atomic import CONSUME_HIT
+from ..page_counter import PAGE_COUNTER_MAX, PageCounter, check_limit
 from ..segment import R_WALKS, check_counter_name
+from ..stock import DEFAULT_BATCH
 from ..stop_machine import repair_before_refusal
 from ..wait import bounded_wait, check_timeout
-from ..page_counter import PAGE_COUNTER_MAX, PageCounter, check_limit
-from ..stock import DEFAULT_BATCH
 from ._legacy import MC_EVICTIONS, MC_FLUSHES, MC_OVERFLOWS
 from .cgroup import ONLINE, MemCgroup, decode
 from .section import (
-    CG_WORDS, M_BATCH, M_EVICTION, M_FIRST_CHILD_DRAIN, M_MEMSW, M_ROOT, M_STATE, M_VARIANT,
-    CG_EVENTS_MAX, CG_EVENTS_MAX_LOCAL, CG_MEMSW, CG_STATE, EVICTIONS,
+    CG_EVENTS_MAX,
+    CG_EVENTS_MAX_LOCAL,
+    CG_MEMSW,
+    CG_STATE,
+    CG_WORDS,
+    EVICTIONS,
+    M_BATCH,
+    M_EVICTION,
+    M_FIRST_CHILD_DRAIN,
+    M_MEMSW,
+    M_ROOT,
+    M_STATE,
+    M_VARIANT,
 )
-from .variants import DESIGNS, Design, check_options
+from .variants import DESIGNS, Design, PerCounter, check_options
 
 ROOT = "root"
 MEMSW = ":memsw"
@@ -100,16 +115,17 @@ class Cgroups:
     # ---- the tree in the arena --------------------------------------------------
 
     @property
-    def options(self) -> dict[str, object]:
+    def options(self) -> dict[str, Any]:
         h = self._arena._memcg.header
         return {"memsw": bool(h[M_MEMSW]),
-                "variant": decode(self._arena, "memcg variant", int(h[M_VARIANT]), tuple(DESIGNS), 1),
+                "variant": decode(self._arena, "memcg variant", int(h[M_VARIANT]),
+                                  tuple(DESIGNS), 1),
                 "eviction": decode(self._arena, "memcg eviction", int(h[M_EVICTION]),
                                    EVICTIONS),
                 "batch": int(h[M_BATCH]),
                 "first_child_drain": bool(h[M_FIRST_CHILD_DRAIN])}
 
-    def _set_up(self, asked: dict[str, object]) -> None:
+    def _set_up(self, asked: dict[str, Any]) -> None:
         """Create the tree and its root cgroup, once per arena: the first process
         to claim the header does it; the others wait for it (or take over from a
         dead one: every step is redone or found done)."""
@@ -132,7 +148,7 @@ class Cgroups:
             raise
         slots.store(state, READY)
 
-    def _write_tree(self, asked: dict[str, object]) -> None:
+    def _write_tree(self, asked: dict[str, Any]) -> None:
         arena = self._arena
         variant = asked["variant"] or "fixed"
         h = arena._memcg.header
@@ -193,7 +209,9 @@ class Cgroups:
                        and not any(g.state == "online" for g in self._children(parent)))
         self._online(memory, memsw, self.batch)
         if first_child:                       # V6: drain the parent's subtree, no mutex
-            self._design.drain_all(self._arena, self._stocked(parent))
+            design = self._design
+            assert isinstance(design, PerCounter)  # check_options: only theirs has V6
+            design.drain_all(self._arena, self._stocked(parent))
         return self._cgroup_at(memory._index)
 
     def cgroup(self, name: str) -> MemCgroup:
@@ -218,7 +236,8 @@ class Cgroups:
         if g is None:
             self._arena._handle(index, field)        # checks index (a word, for the root)
             parent = self._arena._parent(index)
-            g = self._design.cgroup_class(self, index, None if parent < 0 else self._cgroup_at(parent))
+            g = self._design.cgroup_class(
+                self, index, None if parent < 0 else self._cgroup_at(parent))
             self._handles[index] = g
             for counter in g.counters:
                 self._owner[counter._index] = index
@@ -308,14 +327,16 @@ class Cgroups:
             raise TypeError(f"expected a MemCgroup of this tree, got {g!r}")
         return self._design.drain_all_stock(self, g)
 
-    def _drain_all_counters(self, g: MemCgroup) -> bool:
+    def _drain_all_counters(self, g: MemCgroup,
+                            drain_all: Callable[[Arena, Sequence[PageCounter]], None]) -> bool:
         """The per-counter stock's drain_all_stock (Design.drain_all_stock): the
-        single-drainer trylock, then the design's drain of g's stocked counters."""
+        single-drainer trylock, then the design's drain_all of g's stocked
+        counters."""
         with single_drainer(self._arena) as got:
             if got:
                 if hooks.ARMED:
                     hooks.at("drain_all:locked")
-                self._design.drain_all(self._arena, self._stocked(g))
+                drain_all(self._arena, self._stocked(g))
         return got
 
     def wait_flushed(self, timeout: float = 5.0) -> None:

@@ -1,6 +1,6 @@
 """The old per-CPU charge cache, memcg_stock_pcp, that the series replaces
-(docs/stock-design.md §Old design; docs/kernel-semantics.md §memcg stock): 7 slots per CPU, each caching one cgroup and
-up to 64 pages already charged to it.
+(docs/stock-design.md §Old design; docs/kernel-semantics.md §memcg stock): 7
+slots per CPU, each caching one cgroup and up to 64 pages already charged to it.
 
 Each CPU's block (arena._memcg.cpus[cpu], memcg/section.py) holds
 
@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import os
 import random
-from typing import TYPE_CHECKING, Callable, Collection
+from collections.abc import Callable, Collection
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -45,12 +46,25 @@ from ..drain import post_work, single_drainer
 from ..proc import pid_alive
 from ..wait import wait_own_lock
 from . import _legacy
+
 # The block's words and the steps' results: defined by the C steps (_legacy.c),
 # which need them; re-exported here, where the block is documented.
 from ._legacy import (  # noqa: F401
-    CONSUME_HIT, LEGACY_BYPASS, LEGACY_DEPOSITED, LEGACY_EVICTED, LEGACY_OVERFLOW,
-    MC_DRAIN_IDX, MC_EVICTIONS, MC_FLUSHES, MC_FLUSHING, MC_LOCK, MC_OVERFLOWS, MC_SLOTS,
-    MC_WORDS, MEMCG_CHARGE_BATCH, NR_MEMCG_STOCK,
+    CONSUME_HIT,
+    LEGACY_BYPASS,
+    LEGACY_DEPOSITED,
+    LEGACY_EVICTED,
+    LEGACY_OVERFLOW,
+    MC_DRAIN_IDX,
+    MC_EVICTIONS,
+    MC_FLUSHES,
+    MC_FLUSHING,
+    MC_LOCK,
+    MC_OVERFLOWS,
+    MC_SLOTS,
+    MC_WORDS,
+    MEMCG_CHARGE_BATCH,
+    NR_MEMCG_STOCK,
 )
 from .section import CG_STATE, EVICTIONS, M_EVICTION
 

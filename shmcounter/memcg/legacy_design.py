@@ -7,21 +7,22 @@ asynchronous drain_all_stock.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .. import cpuhp, hooks
 from ..errors import Busy
 from ..page_counter import NR_PAGES_LIMIT, check_nr
 from . import legacy
 from ._legacy import CONSUME_HIT, MC_FLUSHING, MC_SLOTS, NR_MEMCG_STOCK
-from ._legacy import consume as legacy_consume     # the inlined hit: a global, no attribute
+from ._legacy import consume as legacy_consume  # the inlined hit: a global, no attribute
 from .cgroup import MemCgroup
 from .section import M_VARIANT
 from .variants import DESIGNS, Design, register_design
 
 if TYPE_CHECKING:
-    from ..arena import Arena
     from ..page_counter import PageCounter
+    from ..segment import Segment as Arena
     from .cgroups import Cgroups
 
 
@@ -70,7 +71,7 @@ class Legacy(Design):
     name = "legacy"
     cgroup_class = LegacyCgroup
 
-    def check_options(self, asked: dict[str, object]) -> None:
+    def check_options(self, asked: dict[str, Any]) -> None:
         if asked["first_child_drain"]:
             raise ValueError("first_child_drain is v2's V6; the legacy design has no "
                              "per-counter stock to drain")

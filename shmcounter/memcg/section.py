@@ -75,7 +75,7 @@ class MemcgSection:
 
 
 def _init(arena: Segment) -> None:
-    arena._memcg = section = MemcgSection(arena)     # type: ignore[attr-defined]
+    arena._memcg = section = MemcgSection(arena)
     set_section(arena._slots, section.cpus_slot, arena.ncpus)   # its C steps check blocks
 
 
@@ -84,7 +84,7 @@ def _release(arena: Segment) -> None:
 
 
 def _fork(arena: Segment) -> None:
-    arena._memcg.block = -1                          # type: ignore[attr-defined]
+    arena._memcg.block = -1
 
 
 segment.register_section("memcg", _words)

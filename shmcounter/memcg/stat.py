@@ -25,5 +25,5 @@ def format_cgroups(cg: Cgroups) -> str:
              f"batch {cg.batch}; {cg.stats()}"]
     for r in rows:
         lines.append("  ".join(v.ljust(w) if i < 2 else v.rjust(w)
-                               for i, (v, w) in enumerate(zip(r, widths))))
+                               for i, (v, w) in enumerate(zip(r, widths, strict=True))))
     return "\n".join(lines)

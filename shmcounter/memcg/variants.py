@@ -22,7 +22,8 @@ import of shmcounter.memcg).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ..drain import drain_stock
 from ..segment import STOCK_NR
@@ -43,7 +44,7 @@ class Design:
     name: str
     cgroup_class: type[MemCgroup] = MemCgroup
 
-    def check_options(self, asked: dict[str, object]) -> None:
+    def check_options(self, asked: dict[str, Any]) -> None:
         """ValueError for tree options this design cannot run with."""
 
     def online(self, counter: PageCounter, batch: int) -> None:
@@ -100,7 +101,7 @@ class PerCounter(Design):
         return tree._charge_counters(g, nr_pages)
 
     def drain_all_stock(self, tree: Cgroups, g: MemCgroup) -> bool:
-        return tree._drain_all_counters(g)
+        return tree._drain_all_counters(g, self.drain_all)
 
     def drain_all(self, arena: Arena, counters: Sequence[PageCounter]) -> None:
         """The draining part of drain_all_stock, single-drainer lock held: one work
@@ -145,7 +146,7 @@ def register_design(design: Design) -> None:
     DESIGNS[design.name] = design
 
 
-def check_options(asked: dict[str, object]) -> None:
+def check_options(asked: dict[str, Any]) -> None:
     """ValueError unless the options given to Cgroups are well formed and the
     chosen design can run with them."""
     checks: dict[str, Callable[[object], bool]] = {

@@ -1,0 +1,38 @@
+"""Type stub of the C extension shmcounter.memcg._legacy (shmcounter/memcg/_legacy.c):
+its Python-visible API exactly. Every function takes a shmcounter._atomic.Slots,
+then int arguments converted with __index__ to C long long, all positional-only."""
+from typing import Final, SupportsIndex, TypeAlias
+
+from shmcounter._atomic import Slots
+
+_Int: TypeAlias = SupportsIndex
+
+# legacy block words (legacy.py)
+MC_FLUSHING: Final[int]
+MC_LOCK: Final[int]
+MC_DRAIN_IDX: Final[int]
+MC_SLOTS: Final[int]
+NR_MEMCG_STOCK: Final[int]
+MC_EVICTIONS: Final[int]
+MC_OVERFLOWS: Final[int]
+MC_FLUSHES: Final[int]
+MC_WORDS: Final[int]
+MEMCG_CHARGE_BATCH: Final[int]
+# refill's action
+LEGACY_DEPOSITED: Final[int]
+LEGACY_OVERFLOW: Final[int]
+LEGACY_EVICTED: Final[int]
+LEGACY_BYPASS: Final[int]
+# consume's result
+CONSUME_HIT: Final[int]
+CONSUME_MISS: Final[int]
+CONSUME_BUSY: Final[int]
+
+def set_section(slots: Slots, first: _Int, count: _Int, /) -> None: ...
+def consume(slots: Slots, row: _Int, block: _Int, tag: _Int, nr: _Int, /) -> int: ...
+# (action, slot index or -1, pages)
+def refill(
+    slots: Slots, row: _Int, block: _Int, tag: _Int, nr: _Int, victim: _Int, /,
+) -> tuple[int, int, int]: ...
+def trylock(slots: Slots, block: _Int, owner: _Int, /) -> bool: ...
+def unlock(slots: Slots, block: _Int, /) -> None: ...
