@@ -101,11 +101,21 @@ class Writer:
         does), the with ends it; if the block raises, the op is rolled back to its
         snapshot (op_abort), the counter's protected usage recomputed along its
         path, and the exception goes on. The op lock is held from op() to the end
-        of the block, so the bracket's own fields are safe from other threads."""
-        if locked:
-            self.enter(counter._index, stock_slot)
-        else:
-            self.begin(counter._index, stock_slot)
+        of the block, so the bracket's own fields are safe from other threads.
+        (The slow paths run here: op() and __exit__ make no call they can inline.)"""
+        if not locked:
+            self._lock.acquire()
+        try:
+            if self.row < 0:
+                self.claim_row()
+            arena = self._arena
+            if not arena._slots.op_begin(self.row_slot, H_STOP, arena._counters_slot,
+                                         self.contrib_slot, counter._index, stock_slot):
+                self._begin_stopped(counter._index, stock_slot)
+        except BaseException:
+            if not locked:
+                self._lock.release()
+            raise
         self._op_counter, self._op_locked = counter, locked
         return self
 
@@ -113,42 +123,20 @@ class Writer:
         return self.contrib_slot
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        counter, locked = self._op_counter, self._op_locked
         if exc_type is None:
-            if locked:
-                self.leave()
-            else:
-                self.end()
+            self._arena._slots.op_end(self.row_slot)
+            if not self._op_locked:
+                self._lock.release()                  # _unlock_and_serve, inlined
+                if self.drain_pending and self.serve_drains is not None:
+                    self.serve_drains()
             return
-        if locked:
-            self.rollback()
-        else:
-            self.abort()
-        counter._propagate_path()
-
-    def begin(self, index: int, stock_slot: int = -1) -> None:
-        """Start an op on counter `index` that may touch stock slot `stock_slot`."""
-        self._lock.acquire()
-        try:
-            if self.row < 0:
-                self.claim_row()
-            self.enter(index, stock_slot)
-        except BaseException:
-            self._lock.release()
-            raise
-
-    def end(self) -> None:
-        self._arena._slots.op_end(self.row_slot)
-        self._unlock_and_serve()
-
-    def abort(self) -> None:
-        """End an op that raised, rolled back to its snapshot (op_abort). The op
-        lock is released even if the rollback raises (ArenaCorrupt: an impossible
-        intent record)."""
+        counter, locked = self._op_counter, self._op_locked
         try:
             self.rollback()
         finally:
-            self._unlock_and_serve()
+            if not locked:
+                self._unlock_and_serve()
+        counter._propagate_path()
 
     def _unlock_and_serve(self) -> None:
         """Release the op lock, then serve a drain that arrived during the op."""
@@ -157,21 +145,25 @@ class Writer:
             self.serve_drains()
 
     def rollback(self) -> None:
-        """op_abort for a caller that keeps the op lock (the drain server)."""
+        """op_abort: put every level and the stock slot back to the op's snapshot
+        and end it. The op lock is the caller's. ArenaCorrupt for an impossible
+        intent record (the op lock is released all the same: __exit__)."""
         arena = self._arena
         arena._slots.op_abort(self.row_slot, arena._counters_slot, self.contrib_slot)
 
-    def enter(self, index: int, stock_slot: int = -1) -> None:
-        """begin() for a caller that holds the op lock already (the drain server)."""
+    def _begin_stopped(self, index: int, stock_slot: int) -> None:
+        """op_begin found a stop_machine in progress: wait for it to end, then begin."""
         arena = self._arena
-        while not arena._slots.op_begin(self.row_slot, H_STOP, arena._counters_slot,
-                                        self.contrib_slot, index, stock_slot):
+        while True:
             # stop names our pid: this very thread would wait for itself (another
             # thread of ours, e.g. procs.Machine's monitor, ends it: wait).
             if arena._slots.load(H_STOP) == os.getpid() and stopper_is_this_thread():
                 raise RuntimeError("an op cannot start in the thread that holds "
                                    "stop_machine")
             wait_for_restart(arena)
+            if arena._slots.op_begin(self.row_slot, H_STOP, arena._counters_slot,
+                                     self.contrib_slot, index, stock_slot):
+                return
 
     @contextmanager
     def held(self) -> Iterator[None]:
@@ -183,9 +175,6 @@ class Writer:
             yield
         finally:
             self._unlock_and_serve()
-
-    def leave(self) -> None:
-        self._arena._slots.op_end(self.row_slot)
 
     def try_lock(self) -> bool:
         """For the drain server: take the op lock without waiting."""
