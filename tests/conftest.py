@@ -66,6 +66,19 @@ def arena(make_arena) -> Arena:
 
 
 @pytest.fixture
+def chain(arena):
+    """root > mid > leaf (indexes 0, 1, 2), leaf with stock (batch 64); hooks
+    cleared after the test."""
+    from shmcounter import hooks
+    root = arena.new_counter("root")
+    mid = arena.new_counter("mid", parent=root)
+    leaf = arena.new_counter("leaf", parent=mid)
+    leaf.enable_stock(64)
+    yield root, mid, leaf
+    hooks.clear()
+
+
+@pytest.fixture
 def cpu0(arena):
     """This test process registered as CPU 0 of `arena`."""
     shmcounter.register_cpu(arena, 0)

@@ -81,17 +81,6 @@ def attach(name: str) -> Arena:
     return arena
 
 
-@pytest.fixture
-def tree(arena):
-    """root > mid > leaf (indexes 0, 1, 2), leaf with stock."""
-    root = arena.new_counter("root")
-    mid = arena.new_counter("mid", parent=root)
-    leaf = arena.new_counter("leaf", parent=mid)
-    leaf.enable_stock(64)
-    yield root, mid, leaf
-    hooks.clear()
-
-
 def record(arena: Arena, index: int, field: int) -> int:
     return arena._counters_slot + index * PC_WORDS + field
 
@@ -118,18 +107,18 @@ def _abort_with_impossible_intent(name: str) -> tuple[str, bool]:
     return error, arena._writer._lock.locked()
 
 
-def test_op_abort_refuses_an_impossible_intent_record_instead_of_crashing(arena, tree):
-    root, mid, leaf = tree
+def test_op_abort_refuses_an_impossible_intent_record_instead_of_crashing(arena, chain):
+    root, mid, leaf = chain
     assert in_child(_abort_with_impossible_intent, arena.name) == ("ok", (
         f"ArenaCorrupt: arena {arena.name!r}: row 2's op depth is 1099511627776, not a "
         f"path length in [1, 10]", False))
     # Nothing rolled back: leaf keeps the op's first level, as contrib[2] says.
-    assert [c.usage for c in tree] == [0, 0, 5] and arena.contrib[2, 2] == 5
+    assert [c.usage for c in chain] == [0, 0, 5] and arena.contrib[2, 2] == 5
     # Put the words right: the repair of the dead writer rolls its op back.
     arena._slots.store(record(arena, 2, PC_PARENT), 1)
     arena._slots.store(arena._row_slot(2) + R_DEPTH, 3)
     arena.hotplug_cpu_dead(1)
-    assert [c.usage for c in tree] == [0, 0, 0]
+    assert [c.usage for c in chain] == [0, 0, 0]
 
 
 def _die_inside_a_charge(name: str) -> None:
@@ -138,10 +127,10 @@ def _die_inside_a_charge(name: str) -> None:
     arena.counter("leaf").charge(5)
 
 
-def test_repair_refuses_a_dead_op_whose_stock_slot_is_the_header(arena, tree):
-    root, mid, leaf = tree
+def test_repair_refuses_a_dead_op_whose_stock_slot_is_the_header(arena, chain):
+    root, mid, leaf = chain
     assert in_child(_die_inside_a_charge, arena.name) == ("exit", 0)
-    assert [c.usage for c in tree] == [0, 0, 5]           # dead inside the op
+    assert [c.usage for c in chain] == [0, 0, 5]           # dead inside the op
     arena._slots.store(arena._row_slot(2) + R_STOCK_SLOT, 0)   # slot 0: the magic word
     before = arena._bytes.tobytes()
     try:
@@ -155,7 +144,7 @@ def test_repair_refuses_a_dead_op_whose_stock_slot_is_the_header(arena, tree):
     Arena.attach(arena.name).close()                       # the header is intact
     arena._slots.store(arena._row_slot(2) + R_STOCK_SLOT, -1)
     arena.hotplug_cpu_dead(1)
-    assert [c.usage for c in tree] == [0, 0, 0]
+    assert [c.usage for c in chain] == [0, 0, 0]
 
 
 # ---- waits: bounded, naming what and who ---------------------------------------------
@@ -172,7 +161,7 @@ def _hotplug(name: str) -> Any:
     return attach(name).hotplug_cpu_dead(1)
 
 
-def test_a_stop_word_naming_a_live_process_times_out_every_op(arena, tree):
+def test_a_stop_word_naming_a_live_process_times_out_every_op(arena, chain):
     arena._slots.store(H_STOP, os.getpid())
     try:
         assert in_child(_charge_leaf, arena.name) == (
@@ -180,10 +169,10 @@ def test_a_stop_word_naming_a_live_process_times_out_every_op(arena, tree):
                                      f"stop_machine, held by pid {os.getpid()}")
     finally:
         arena._slots.store(H_STOP, 0)
-    assert tree[2].usage == 0
+    assert chain[2].usage == 0
 
 
-def test_a_registry_lock_naming_a_live_process_times_out(arena, tree):
+def test_a_registry_lock_naming_a_live_process_times_out(arena, chain):
     arena._slots.store(H_REGISTRY_LOCK, os.getpid())
     try:
         assert in_child(_new_counter, arena.name) == (
@@ -194,9 +183,9 @@ def test_a_registry_lock_naming_a_live_process_times_out(arena, tree):
     assert arena.new_counter("x").name == "x"
 
 
-def test_a_live_row_stuck_in_an_op_times_out_stop_machine(arena, tree):
-    tree[2].charge(1)                       # this process's row: 2
-    tree[2].uncharge(1)
+def test_a_live_row_stuck_in_an_op_times_out_stop_machine(arena, chain):
+    chain[2].charge(1)                       # this process's row: 2
+    chain[2].uncharge(1)
     arena._slots.store(arena._row_slot(2) + R_IN_OP, 1)
     try:
         assert in_child(_hotplug, arena.name) == (
@@ -231,7 +220,7 @@ def _child_pid(result: tuple) -> int | None:
     return result[1][0] if result[0] == "ok" else None
 
 
-def test_a_foreign_pid_in_this_cpus_own_slot_lock_is_corrupt(arena, tree):
+def test_a_foreign_pid_in_this_cpus_own_slot_lock_is_corrupt(arena, chain):
     result = in_child(_drain_with_lock_held_by, arena.name, NOT_A_PID)
     pid = _child_pid(result)
     assert result == ("ok", (pid, f"ArenaCorrupt: arena {arena.name!r}: this CPU's stock lock "
@@ -239,7 +228,7 @@ def test_a_foreign_pid_in_this_cpus_own_slot_lock_is_corrupt(arena, tree):
                                   f"the only process that takes it"))
 
 
-def test_this_cpus_own_pid_in_its_slot_lock_is_waited_for_then_times_out(arena, tree):
+def test_this_cpus_own_pid_in_its_slot_lock_is_waited_for_then_times_out(arena, chain):
     result = in_child(_drain_with_lock_held_by, arena.name, None)
     pid = _child_pid(result)
     assert result == ("ok", (pid, f"WaitTimeout: arena {arena.name!r}: waited {WAIT} s for "
@@ -338,7 +327,7 @@ def _stock_block(arena: Arena) -> int:
      "CPU 0's stock_block is 0, not the first slot of this CPU's stock block"),
 ], ids=["parent-self", "parent-beyond", "name-not-utf8", "name-nul-inside", "name-twice",
         "ncounters-above-max", "ncounters-down", "stock-id-beyond", "stock-block-header"])
-def test_an_impossible_index_word_is_arena_corrupt(arena, tree, cpu, corrupt, act, expected):
+def test_an_impossible_index_word_is_arena_corrupt(arena, chain, cpu, corrupt, act, expected):
     before = arena._bytes.copy()
     result = in_child(_scenario, arena.name, cpu, corrupt, act)
     changed = arena._bytes != before

@@ -13,16 +13,6 @@ from shmcounter import Arena, Busy, hooks
 from shmcounter.invariants import check_invariants
 
 
-@pytest.fixture
-def chain(arena):
-    root = arena.new_counter("root")
-    mid = arena.new_counter("mid", parent=root)
-    leaf = arena.new_counter("leaf", parent=mid)
-    leaf.enable_stock(64)
-    yield root, mid, leaf
-    hooks.clear()
-
-
 def raise_at(point: str) -> None:
     def interrupt(name: str) -> None:
         hooks.clear()
