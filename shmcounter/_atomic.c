@@ -14,7 +14,7 @@
  *
  * Slots also carries the fused steps, each one C call so that the Python hot path
  * pays one call per step. They know the page_counter record layout below and the
- * writer row and stock slot layouts of _slots.h, which shmcounter/layout.py
+ * writer row and stock slot layouts of _slots.h, which shmcounter/segment.py
  * documents and imports from here. This is the core: it knows no layer above it.
  * A layer with C steps of its own (memcg/_legacy.c) includes _slots.h, takes a
  * Slots object as its first argument, and tells the core only which words of its
@@ -40,7 +40,7 @@
 #error "futex_wait waits on the low 32 bits of an int64 slot: little-endian only"
 #endif
 
-/* page_counter record: 24 int64 words, three 64-byte lines (see layout.py). */
+/* page_counter record: 24 int64 words, three 64-byte lines (see segment.py). */
 #define PC_USAGE 0              /* line A: usage alone                        */
 #define PC_WATERMARK 8          /* line B: written by charges                 */
 #define PC_FAILCNT 9

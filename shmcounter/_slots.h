@@ -2,7 +2,7 @@
  * shmcounter/_slots.h: what the core C module (shmcounter/_atomic.c) shares with
  * the C steps of a layer above it (shmcounter/memcg/_legacy.c): the Slots object,
  * its bounds checks and ArenaCorrupt, the argument parsing of the fused steps, the
- * slot lock, and the writer row and stock slot layouts (see layout.py).
+ * slot lock, and the writer row and stock slot layouts (see segment.py).
  *
  * Every atomic here is __ATOMIC_SEQ_CST: each one is a full barrier, which is what
  * the ordering arguments of the Python layers rely on.
@@ -21,7 +21,7 @@
 #define STOCK_WORDS 2
 
 /*
- * writer row: 32 int64 words, four 64-byte lines (see layout.py). Every process
+ * writer row: 32 int64 words, four 64-byte lines (see segment.py). Every process
  * that changes a usage owns one row: CPU k owns row k.
  */
 #define R_PID 0                 /* line 0: owner pid; drains done (CPU rows)    */
@@ -72,7 +72,7 @@ typedef struct {
     PyObject *released_msg;
     /*
      * The arena's sections, set once by set_layout (slot indexes and counts; see
-     * layout.py): the fused steps check every index they derive from a word of
+     * segment.py): the fused steps check every index they derive from a word of
      * the segment against the section it must lie in, and raise ArenaCorrupt
      * naming the arena (name), the word and its value. name == NULL: a bare
      * buffer (tests), checked against its bounds only.

@@ -103,7 +103,7 @@ legacy_block(legacy_state *st, SlotsObject *self, int64_t b)
 
 /*
  * set_section(slots, first, count): the legacy section is `count` per-CPU blocks of
- * MC_WORDS words from slot `first` (layout.py's memcg_cpus). The steps below check
+ * MC_WORDS words from slot `first` (memcg/section.py's per-CPU blocks). The steps below check
  * every block index against it, and the core's op steps accept the slot words of
  * its blocks as an op's stock slot. By Arena.__init__, before any other step.
  */

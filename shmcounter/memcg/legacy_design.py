@@ -59,7 +59,8 @@ class LegacyCgroup(MemCgroup):
             self.memory._uncharge_hierarchy(nr_pages)
 
     def stock(self, cpu: int) -> int:
-        """Pages CPU `cpu`'s slots hold for this cgroup, both halves."""
+        """Pages CPU `cpu`'s slot caching this cgroup holds (its cached half; pages
+        of an eviction in flight, in a pending half, are not counted)."""
         arena = self._tree._arena
         arena._cpu_slot(cpu)                          # validates cpu
         return sum(nr for index, nr in legacy.slots_of(arena, cpu) if index == self._index)
