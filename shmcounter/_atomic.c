@@ -28,8 +28,9 @@
  * Multi-phase init (PEP 489): Slots is a heap type of the module, and the module
  * state holds it and shmcounter.errors.ArenaCorrupt; nothing is a static global.
  */
-#include "_slots.h"
+#include "_op.h"
 #include <errno.h>
+#include <structmember.h>
 #include <limits.h>
 #include <linux/futex.h>
 #include <sys/syscall.h>
@@ -40,34 +41,8 @@
 #error "futex_wait waits on the low 32 bits of an int64 slot: little-endian only"
 #endif
 
-/* page_counter record: 24 int64 words, three 64-byte lines (see segment.py). */
-#define PC_USAGE 0              /* line A: usage alone                        */
-#define PC_WATERMARK 8          /* line B: written by charges                 */
-#define PC_FAILCNT 9
-#define PC_EMIN 10
-#define PC_ELOW 11
-#define PC_MIN_USAGE 12
-#define PC_LOW_USAGE 13
-#define PC_CHILDREN_MIN_USAGE 14
-#define PC_CHILDREN_LOW_USAGE 15
-#define PC_MAX 16               /* line C: read-mostly                        */
-#define PC_MIN 17
-#define PC_LOW 18
-#define PC_HIGH 19
-#define PC_PARENT 20
-#define PC_BATCH 21
-#define PC_STOCK_ID 22
-#define PC_FLAGS 23
-#define PC_WORDS 24
-
 /* What stock_return and stock_take return when the slot lock is held. */
 #define STOCK_BUSY (-1)
-
-/* The module state. */
-typedef struct {
-    PyObject *slots_type;       /* Slots, this module's heap type */
-    PyObject *arena_corrupt;    /* shmcounter.errors.ArenaCorrupt */
-} atomic_state;
 
 /* The state of the module that defined self's type (Slots is not subclassable). */
 static inline atomic_state *
@@ -200,6 +175,8 @@ Slots_init(SlotsObject *self, PyObject *args, PyObject *kwds)
     }
     self->words = (int64_t *)self->view.buf;
     self->nwords = self->view.len / 8;
+    self->row = self->contrib = self->cpu_block = self->stop = -1;
+    self->owner = 0;
     return 0;
 }
 
@@ -253,19 +230,19 @@ is_ext_slot(SlotsObject *self, int64_t s)
 
 /*
  * set_layout(name, rows, counters, max_counters, stocks, stock_block, ncpus,
- * max_stocked): the arena's sections (slot indexes, counts), for the checks of the
- * fused steps. Once, by Arena.__init__.
+ * max_stocked, stop): the arena's sections (slot indexes, counts), for the checks of
+ * the fused steps, and the stop_machine word. Once, by Arena.__init__.
  */
 static PyObject *
 Slots_set_layout(SlotsObject *self, PyObject *args)
 {
     PyObject *name;
-    long long v[7];
-    if (!PyArg_ParseTuple(args, "ULLLLLLL:set_layout", &name, &v[0], &v[1], &v[2], &v[3],
-                          &v[4], &v[5], &v[6]))
+    long long v[8];
+    if (!PyArg_ParseTuple(args, "ULLLLLLLL:set_layout", &name, &v[0], &v[1], &v[2], &v[3],
+                          &v[4], &v[5], &v[6], &v[7]))
         return NULL;
-    for (int k = 0; k < 7; k++) {
-        if (v[k] < 0 || v[k] > self->nwords) {
+    for (int k = 0; k < 8; k++) {
+        if ((v[k] < 0 && !(k == 7 && v[k] == -1)) || v[k] > self->nwords) {
             PyErr_Format(PyExc_ValueError, "set_layout: argument %d is %lld, not in [0, %zd]",
                          k + 2, v[k], self->nwords);
             return NULL;
@@ -284,6 +261,61 @@ Slots_set_layout(SlotsObject *self, PyObject *args)
     self->stock_block = v[4];
     self->ncpus = v[5];
     self->max_stocked = v[6];
+    self->stop = v[7];
+    Py_RETURN_NONE;
+}
+
+/*
+ * set_writer(row, contrib): this process's writer row starts at slot `row`, its
+ * contrib words at slot `contrib`; (-1, -1): none (not claimed, released, or a
+ * forked child). The whole ops of _counter.c write with it.
+ */
+static PyObject *
+Slots_set_writer(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    ARGS("set_writer", 2);
+    int64_t row = a[0], contrib = a[1];
+    if (row == -1 && contrib == -1) {
+        self->row = self->contrib = -1;
+        Py_RETURN_NONE;
+    }
+    if (!word(self, row, ROW_WORDS) || !word(self, contrib, self->max_counters))
+        return NULL;
+    if (self->name && (row < self->rows || row >= self->counters
+                       || (row - self->rows) % ROW_WORDS != 0)) {
+        PyErr_Format(PyExc_ValueError, "set_writer: slot %lld is not a writer row",
+                     (long long)row);
+        return NULL;
+    }
+    self->row = row;
+    self->contrib = contrib;
+    Py_RETURN_NONE;
+}
+
+/*
+ * set_cpu(block, owner): this process is the CPU whose stock block starts at slot
+ * `block` and whose slot locks it takes with token `owner` (its pid); its writer
+ * row is the CPU's row (set_writer). (-1, 0): not a CPU.
+ */
+static PyObject *
+Slots_set_cpu(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    ARGS("set_cpu", 2);
+    int64_t block = a[0], owner = a[1];
+    if (block != -1 || owner != 0) {
+        if (owner <= 0 || !word(self, block, self->stock_block ? self->stock_block : 1))
+            return owner <= 0 ? (PyErr_SetString(PyExc_ValueError, "set_cpu: owner must be "
+                                                 "a pid > 0"), NULL) : NULL;
+        if (self->name && (block < self->stocks
+                           || (block - self->stocks) % self->stock_block != 0
+                           || (block - self->stocks) / self->stock_block >= self->ncpus)) {
+            PyErr_Format(PyExc_ValueError, "set_cpu: slot %lld is not a CPU's stock block",
+                         (long long)block);
+            return NULL;
+        }
+    }
+    self->cpu_block = block;
+    self->owner = owner;
     Py_RETURN_NONE;
 }
 
@@ -363,44 +395,6 @@ Slots_cas(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 
 /* ---- page_counter steps: one level each; the caller walks the hierarchy --- */
 
-/*
- * propagate_protected_usage(c, usage): keep parent->children_{min,low}_usage equal
- * to the sum over children of min(usage, setting). Cheap read first; the exchange
- * makes concurrent propagations of one counter add their deltas exactly once.
- */
-static void
-propagate(int64_t *c, int64_t *parent, int64_t usage)
-{
-    if (parent == NULL)
-        return;
-    int64_t setting = LOAD(&c[PC_MIN]);
-    int64_t protected = usage < setting ? usage : setting;
-    if (protected != LOAD(&c[PC_MIN_USAGE])) {
-        int64_t old = XCHG(&c[PC_MIN_USAGE], protected);
-        if (protected != old)
-            ADD_FETCH(&parent[PC_CHILDREN_MIN_USAGE], protected - old);
-    }
-    setting = LOAD(&c[PC_LOW]);
-    protected = usage < setting ? usage : setting;
-    if (protected != LOAD(&c[PC_LOW_USAGE])) {
-        int64_t old = XCHG(&c[PC_LOW_USAGE], protected);
-        if (protected != old)
-            ADD_FETCH(&parent[PC_CHILDREN_LOW_USAGE], protected - old);
-    }
-}
-
-/*
- * Racy by design, as in the kernel: two chargers can both pass new > watermark and
- * the smaller store can land last. Worst case the watermark misses one concurrent
- * charge; it is a statistic, never a limit.
- */
-static inline void
-bump_watermark(int64_t *c, int64_t usage)
-{
-    if (usage > LOAD(&c[PC_WATERMARK]))
-        STORE(&c[PC_WATERMARK], usage);
-}
-
 /* Resolve (c, p) record indexes; p == -1 means "no parent". */
 static int
 records(SlotsObject *self, Py_ssize_t c, Py_ssize_t p, int64_t **cp, int64_t **pp)
@@ -415,108 +409,53 @@ records(SlotsObject *self, Py_ssize_t c, Py_ssize_t p, int64_t **cp, int64_t **p
 }
 
 /*
- * contrib[row][counter]: what this row's owner has added to the counter's usage, net.
- * Written only by the row's owner (or by the repair once it is dead), so a plain
- * read-modify-write is exact. At quiescence usage == sum of contrib over rows (I7);
- * a kill between a usage change and its contrib update leaves a residue that the
- * repair finds (hotplug.py).
- */
-static inline void
-contrib_add(int64_t *k, int64_t delta)
-{
-    STORE(k, LOAD(k) + delta);
-}
-
-/*
- * A usage that wrapped past INT64_MAX: only forced charges can get there (try_charge
- * stops at max <= PAGE_COUNTER_MAX). The caller has undone the add.
+ * The level steps, one level each, for the stepwise ops (page_counter.py, hooks
+ * armed); the whole ops are _counter.c's. c, p: record of the counter and of its
+ * parent (-1: none); k: the caller's contrib slot for c (_op.h has the contracts).
+ *
+ * pc_try_charge_level(c, p, k, nr) -> new usage, or None when c's max refused nr.
+ * pc_charge_level(c, p, k, nr) -> new usage. Forced: ignores max.
  */
 static PyObject *
-overflow(int64_t nr)
+level_step(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs, const char *name,
+           int check_max)
 {
-    PyErr_Format(PyExc_OverflowError,
-                 "charging %lld pages would take a usage past 2**63 - 1", (long long)nr);
-    return NULL;
+    int64_t *cr, *pr, *k, new;
+    ARGS(name, 4);
+    int64_t nr = a[3];
+    if (records(self, a[0], a[1], &cr, &pr) < 0 || !(k = word(self, a[2], 1)))
+        return NULL;
+    switch (level_charge(cr, pr, k, nr, check_max, &new)) {
+    case LEVEL_OVERFLOW:
+        return overflow(nr);
+    case LEVEL_REFUSED:
+        Py_RETURN_NONE;
+    }
+    return PyLong_FromLongLong(new);
 }
 
-/*
- * pc_try_charge_level(c, p, k, nr) -> new usage, or None when c's max refused nr.
- * c, p: record of the counter and of its parent (-1: none); k: the caller's contrib
- * slot for c. Speculative add, then compare: the add is a full barrier before max is
- * read, so either we see a concurrent set_max's new limit, or set_max re-reads usage
- * after its exchange and sees our add (page_counter.set_max). On refusal the add is
- * undone and failcnt counts it (exactly: one atomic add, unlike the kernel's racy ++).
- */
 static PyObject *
 Slots_pc_try_charge_level(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    int64_t *cr, *pr, *k;
-    ARGS("pc_try_charge_level", 4);
-    int64_t nr = a[3];
-    if (records(self, a[0], a[1], &cr, &pr) < 0 || !(k = word(self, a[2], 1)))
-        return NULL;
-    int64_t new = ADD_FETCH(&cr[PC_USAGE], nr);
-    contrib_add(k, nr);
-    if (new > LOAD(&cr[PC_MAX]) || new < -nr) {
-        ADD_FETCH(&cr[PC_USAGE], -nr);
-        contrib_add(k, -nr);
-        if (new < -nr)
-            return overflow(nr);
-        ADD_FETCH(&cr[PC_FAILCNT], 1);
-        Py_RETURN_NONE;
-    }
-    propagate(cr, pr, new);
-    bump_watermark(cr, new);
-    return PyLong_FromLongLong(new);
+    return level_step(self, args, nargs, "pc_try_charge_level", 1);
 }
 
-/* pc_charge_level(c, p, k, nr) -> new usage. Forced: ignores max (page_counter_charge). */
 static PyObject *
 Slots_pc_charge_level(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    int64_t *cr, *pr, *k;
-    ARGS("pc_charge_level", 4);
-    int64_t nr = a[3];
-    if (records(self, a[0], a[1], &cr, &pr) < 0 || !(k = word(self, a[2], 1)))
-        return NULL;
-    int64_t new = ADD_FETCH(&cr[PC_USAGE], nr);
-    contrib_add(k, nr);
-    if (new < -nr) {
-        ADD_FETCH(&cr[PC_USAGE], -nr);
-        contrib_add(k, -nr);
-        return overflow(nr);
-    }
-    propagate(cr, pr, new);
-    bump_watermark(cr, new);
-    return PyLong_FromLongLong(new);
+    return level_step(self, args, nargs, "pc_charge_level", 0);
 }
 
-/*
- * pc_cancel(c, p, k, nr) -> new usage; negative means an underflow (caller bug) that
- * was clamped. The clamp adds the deficit back instead of storing 0 as the kernel
- * does: a store would also erase a charge that raced in after our subtraction.
- * Concurrent underflows each add back at most their own nr: the sum is exact.
- */
+/* pc_cancel(c, p, k, nr) -> new usage; negative means an underflow (caller bug) that
+ * was clamped (level_cancel). */
 static PyObject *
 Slots_pc_cancel(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     int64_t *cr, *pr, *k;
     ARGS("pc_cancel", 4);
-    int64_t nr = a[3];
     if (records(self, a[0], a[1], &cr, &pr) < 0 || !(k = word(self, a[2], 1)))
         return NULL;
-    int64_t new = ADD_FETCH(&cr[PC_USAGE], -nr);
-    contrib_add(k, -nr);
-    int64_t settled = new;
-    if (new < 0) {
-        /* Our own deficit only: with overlapping underflows each adds back what it
-         * took below 0, never more than its nr. */
-        int64_t deficit = -new < nr ? -new : nr;
-        settled = ADD_FETCH(&cr[PC_USAGE], deficit);
-        contrib_add(k, deficit);
-    }
-    propagate(cr, pr, settled);
-    return PyLong_FromLongLong(new);
+    return PyLong_FromLongLong(level_cancel(cr, pr, k, a[3]));
 }
 
 /* pc_propagate(c, p): re-propagate c's protected usage (after set_min/set_low). */
@@ -971,10 +910,19 @@ PyDoc_STRVAR(release_doc,
 "error_type(message), or ValueError without them.");
 PyDoc_STRVAR(set_layout_doc,
 "set_layout($self, name, rows, counters, max_counters, stocks, stock_block, ncpus,\n"
-"           max_stocked, /)\n--\n\n"
-"The arena's sections (slot indexes and counts), once, by Arena.__init__: from\n"
-"then on the fused steps check every index they derive from a word of the\n"
-"segment against its section, and raise ArenaCorrupt naming arena `name`.");
+"           max_stocked, stop, /)\n--\n\n"
+"The arena's sections (slot indexes and counts) and its stop_machine word, once,\n"
+"by Arena.__init__: from then on the fused steps check every index they derive\n"
+"from a word of the segment against its section, and raise ArenaCorrupt naming\n"
+"arena `name`.");
+PyDoc_STRVAR(set_writer_doc,
+"set_writer($self, row, contrib, /)\n--\n\n"
+"This process's writer row starts at slot `row` and its contrib words at slot\n"
+"`contrib`; (-1, -1): none. The ops of Counter write with it.");
+PyDoc_STRVAR(set_cpu_doc,
+"set_cpu($self, block, owner, /)\n--\n\n"
+"This process is the CPU whose stock block starts at slot `block`, taking slot\n"
+"locks with token `owner` (its pid); (-1, 0): not a CPU.");
 PyDoc_STRVAR(load_doc, "load($self, i, /)\n--\n\nThe value of slot i (seq_cst load).");
 PyDoc_STRVAR(store_doc, "store($self, i, value, /)\n--\n\nStore value in slot i (seq_cst).");
 PyDoc_STRVAR(fetch_add_doc,
@@ -1062,6 +1010,7 @@ PyDoc_STRVAR(futex_wake_doc,
 static PyMethodDef Slots_methods[] = {
     {"release", (PyCFunction)Slots_release, METH_VARARGS, release_doc},
     {"set_layout", (PyCFunction)Slots_set_layout, METH_VARARGS, set_layout_doc},
+    FAST(set_writer), FAST(set_cpu),
     FAST(load), FAST(store), FAST(fetch_add), FAST(exchange), FAST(cas),
     FAST(pc_try_charge_level), FAST(pc_charge_level), FAST(pc_cancel), FAST(pc_propagate),
     FAST(stock_consume), FAST(local_slot), FAST(stock_deposit), FAST(stock_return),
@@ -1075,7 +1024,20 @@ PyDoc_STRVAR(Slots_doc,
 "seq_cst atomics and the fused steps on 8-byte slot indexes of a writable,\n"
 "8-byte aligned buffer, held (exported) until release().");
 
+static PyMemberDef Slots_members[] = {
+    {"row", T_LONGLONG, offsetof(SlotsObject, row), READONLY,
+     "This process's writer row (its first slot), or -1 (set_writer)."},
+    {"contrib", T_LONGLONG, offsetof(SlotsObject, contrib), READONLY,
+     "The first of this process's contrib words, or -1 (set_writer)."},
+    {"cpu_block", T_LONGLONG, offsetof(SlotsObject, cpu_block), READONLY,
+     "This CPU's stock block (its first slot), or -1: not a CPU (set_cpu)."},
+    {"owner", T_LONGLONG, offsetof(SlotsObject, owner), READONLY,
+     "This CPU's slot lock token (its pid), or 0 (set_cpu)."},
+    {NULL}
+};
+
 static PyType_Slot Slots_slots[] = {
+    {Py_tp_members, Slots_members},
     {Py_tp_doc, (void *)Slots_doc},
     {Py_tp_new, PyType_GenericNew},
     {Py_tp_init, Slots_init},
@@ -1111,7 +1073,26 @@ PyDoc_STRVAR(mod_cas_doc,
 "Compare and swap the slot at byte `offset` (strong, seq_cst); return the previous\n"
 "value: the swap happened iff it equals expected.");
 
+/* The Counter and ChargeOr types (_counter.c). */
+extern PyType_Spec Counter_spec, ChargeOr_spec;
+
+PyDoc_STRVAR(set_hooks_armed_doc,
+"set_hooks_armed(armed, /)\n--\n\n"
+"Whether a Python hook is armed in this process (shmcounter.hooks): the ops of\n"
+"Counter then take their stepwise Python paths.");
+
+static PyObject *
+mod_set_hooks_armed(PyObject *m, PyObject *armed)
+{
+    int on = PyObject_IsTrue(armed);
+    if (on < 0)
+        return NULL;
+    ((atomic_state *)PyModule_GetState(m))->hooks_armed = on;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
+    {"set_hooks_armed", mod_set_hooks_armed, METH_O, set_hooks_armed_doc},
     {"load", mod_load, METH_VARARGS, mod_load_doc},
     {"store", mod_store, METH_VARARGS, mod_store_doc},
     {"fetch_add", mod_fetch_add, METH_VARARGS, mod_fetch_add_doc},
@@ -1136,6 +1117,15 @@ atomic_exec(PyObject *m)
     st->slots_type = PyType_FromModuleAndSpec(m, &Slots_spec, NULL);
     if (!st->slots_type || PyModule_AddObjectRef(m, "Slots", st->slots_type) < 0)
         return -1;
+    st->counter_type = PyType_FromModuleAndSpec(m, &Counter_spec, NULL);
+    if (!st->counter_type || PyModule_AddObjectRef(m, "Counter", st->counter_type) < 0)
+        return -1;
+    st->charge_or_type = PyType_FromModuleAndSpec(m, &ChargeOr_spec, NULL);
+    if (!st->charge_or_type || PyModule_AddObjectRef(m, "ChargeOr", st->charge_or_type) < 0)
+        return -1;
+    st->success = Py_BuildValue("(OO)", Py_True, Py_None);
+    if (!st->success)
+        return -1;
 #define CONST(n) if (PyModule_AddIntConstant(m, #n, n) < 0) return -1
     CONST(PC_USAGE); CONST(PC_WATERMARK); CONST(PC_FAILCNT); CONST(PC_EMIN);
     CONST(PC_ELOW); CONST(PC_MIN_USAGE); CONST(PC_LOW_USAGE);
@@ -1145,7 +1135,8 @@ atomic_exec(PyObject *m)
     CONST(STOCK_NR); CONST(STOCK_LOCK); CONST(STOCK_WORDS);
     CONST(R_PID); CONST(R_DONE_SEQ); CONST(R_STOCK_BLOCK); CONST(R_START); CONST(R_REQ_SEQ);
     CONST(R_IN_OP); CONST(R_OP); CONST(R_COUNTER); CONST(R_STOCK_SLOT);
-    CONST(R_STOCK_BEFORE); CONST(R_DEPTH); CONST(R_BASE); CONST(MAX_DEPTH); CONST(ROW_WORDS);
+    CONST(R_STOCK_BEFORE); CONST(R_DEPTH); CONST(R_BASE); CONST(R_WALKS); CONST(MAX_DEPTH);
+    CONST(ROW_WORDS); CONST(PC_FLAG_UNCHARGE_TO_STOCK);
     CONST(CONSUME_HIT); CONST(CONSUME_MISS); CONST(CONSUME_BUSY); CONST(CONSUME_NO_STOCK);
     CONST(STOCK_BUSY);
 #undef CONST
@@ -1157,7 +1148,10 @@ atomic_traverse(PyObject *m, visitproc visit, void *arg)
 {
     atomic_state *st = PyModule_GetState(m);
     Py_VISIT(st->slots_type);
+    Py_VISIT(st->counter_type);
+    Py_VISIT(st->charge_or_type);
     Py_VISIT(st->arena_corrupt);
+    Py_VISIT(st->success);
     return 0;
 }
 
@@ -1166,7 +1160,10 @@ atomic_clear(PyObject *m)
 {
     atomic_state *st = PyModule_GetState(m);
     Py_CLEAR(st->slots_type);
+    Py_CLEAR(st->counter_type);
+    Py_CLEAR(st->charge_or_type);
     Py_CLEAR(st->arena_corrupt);
+    Py_CLEAR(st->success);
     return 0;
 }
 

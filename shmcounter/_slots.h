@@ -15,6 +15,27 @@
 #include <stdarg.h>
 #include <stdint.h>
 
+/* page_counter record: 24 int64 words, three 64-byte lines (see segment.py). */
+#define PC_USAGE 0              /* line A: usage alone                        */
+#define PC_WATERMARK 8          /* line B: written by charges                 */
+#define PC_FAILCNT 9
+#define PC_EMIN 10
+#define PC_ELOW 11
+#define PC_MIN_USAGE 12
+#define PC_LOW_USAGE 13
+#define PC_CHILDREN_MIN_USAGE 14
+#define PC_CHILDREN_LOW_USAGE 15
+#define PC_MAX 16               /* line C: read-mostly                        */
+#define PC_MIN 17
+#define PC_LOW 18
+#define PC_HIGH 19
+#define PC_PARENT 20
+#define PC_BATCH 21
+#define PC_STOCK_ID 22
+#define PC_FLAGS 23
+#define PC_WORDS 24
+#define PC_FLAG_UNCHARGE_TO_STOCK 1
+
 /* stock slot: 2 int64 words, [nr_pages, lock]; lock holds the holder's pid or 0. */
 #define STOCK_NR 0
 #define STOCK_LOCK 1
@@ -36,6 +57,7 @@
 #define R_STOCK_BEFORE 20
 #define R_DEPTH 21
 #define R_BASE 22               /* contrib of each level when the op began      */
+#define R_WALKS 4               /* line 0: walks up the hierarchy (a statistic) */
 #define MAX_DEPTH 10
 #define ROW_WORDS 32
 
@@ -49,6 +71,14 @@ enum {
 
 #define LOAD(p) __atomic_load_n((p), __ATOMIC_SEQ_CST)
 #define STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_SEQ_CST)
+/*
+ * A release store: every load and store before it is visible before it (a plain
+ * mov on x86, where a seq_cst store is an xchg). For the stores whose only readers
+ * run after a lock release, an op's end, or the writer's death: the contrib words,
+ * the intent record but in_op, a stock slot's nr_pages under its lock, unlocks.
+ * in_op, the one side of a Dekker handshake, stays seq_cst (op_enter).
+ */
+#define STORE_REL(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
 #define ADD_FETCH(p, v) __atomic_add_fetch((p), (v), __ATOMIC_SEQ_CST)
 #define XCHG(p, v) __atomic_exchange_n((p), (v), __ATOMIC_SEQ_CST)
 
@@ -87,7 +117,31 @@ typedef struct {
      * rolled back with the op. The layer's own steps interpret the rest.
      */
     int64_t ext_first, ext_blocks, ext_words, ext_lo, ext_hi;
+    /*
+     * This process, set by the Python layers (set_writer, set_cpu) and reset in a
+     * forked child: the first slot of its writer row (-1 until it claims one) and
+     * of the row's contrib words; as a CPU, the first slot of its stock block and
+     * its lock token (its pid), else -1 and 0. A CPU's writer row is its CPU row.
+     * The ops of a Counter (_counter.c) read them instead of taking arguments.
+     */
+    int64_t row, contrib, cpu_block, owner;
+    int64_t stop;               /* the stop_machine word (set_layout)             */
 } SlotsObject;
+
+/*
+ * The state of shmcounter._atomic, which _legacy.c reaches through the Slots type
+ * (PyType_GetModuleState(Py_TYPE(slots))): the types, ArenaCorrupt, the
+ * (True, None) of a successful try_charge, and whether any Python hook is armed
+ * (shmcounter.hooks: the ops then take their stepwise Python paths).
+ */
+typedef struct {
+    PyObject *slots_type;       /* Slots, this module's heap type */
+    PyObject *counter_type;     /* Counter (_counter.c) */
+    PyObject *charge_or_type;   /* ChargeOr (_counter.c) */
+    PyObject *arena_corrupt;    /* shmcounter.errors.ArenaCorrupt */
+    PyObject *success;          /* (True, None) */
+    int hooks_armed;
+} atomic_state;
 
 /* Bounds-checked pointer to slot i, spanning `span` words (a record or a slot). */
 static inline int64_t *
@@ -166,7 +220,7 @@ slot_trylock(int64_t *s, int64_t owner)
 static inline void
 slot_unlock(int64_t *s)
 {
-    STORE(&s[STOCK_LOCK], 0);
+    STORE_REL(&s[STOCK_LOCK], 0);
 }
 
 #endif /* SHMCOUNTER_SLOTS_H */

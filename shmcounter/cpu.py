@@ -57,10 +57,8 @@ def register_cpu(arena: Arena, cpu: int) -> None:
     arena._writer.release_row()
     arena._writer.use_row(cpu)
     arena._writer.serve_drains = lambda: drain.serve(arena)
-    arena._stock_block = arena._stock_slot(cpu, 0)
-    arena._stock_owner = me
-    arena._slots.store(arena._row_slot(cpu) + R_STOCK_BLOCK, arena._stock_block)
-    arena._stock_row = arena._row_slot(cpu)
+    arena._slots.store(arena._row_slot(cpu) + R_STOCK_BLOCK, arena._stock_slot(cpu, 0))
+    arena._slots.set_cpu(arena._stock_slot(cpu, 0), me)
     for s in cpuhp.subsystems:
         if s.online is not None:
             s.online(arena, cpu)
@@ -85,9 +83,7 @@ def unregister_cpu() -> None:
 
 def _forget_arena(arena: Arena) -> None:
     """Drop this process's registration on `arena`, locally (close, fork)."""
-    arena._stock_block = -1
-    arena._stock_owner = 0
-    arena._stock_row = -1
+    arena._slots.set_cpu(-1, 0)
     if cpuhp.registered is not None and cpuhp.registered[0] is arena:
         cpuhp.registered = None
         arena._writer.release_row()

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ._atomic import set_hooks_armed
+
 ARMED = False
 _hooks: dict[str, Callable[[str], None]] = {}
 
@@ -33,12 +35,14 @@ def install(name: str, fn: Callable[[str], None]) -> None:
     global ARMED
     _hooks[name] = fn
     ARMED = True
+    set_hooks_armed(True)
 
 
 def clear() -> None:
     global ARMED
     _hooks.clear()
     ARMED = False
+    set_hooks_armed(False)
 
 
 def at(name: str) -> None:

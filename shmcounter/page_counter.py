@@ -15,11 +15,14 @@ Invariant (quiescent), for every counter C:
 """
 from __future__ import annotations
 
+import os
+import sys
 import warnings
+from types import FrameType
 from typing import TYPE_CHECKING
 
 from . import hooks, segment
-from ._atomic import CONSUME_HIT
+from ._atomic import CONSUME_HIT, Counter
 from .errors import Busy
 from .segment import (
     H_UNDERFLOWS,
@@ -42,10 +45,12 @@ from .segment import (
     R_WALKS,
 )
 from .stock import PageCounterStock
-from .stop_machine import repair_before_refusal
+from .stop_machine import Repair, repair_before_refusal
 
 if TYPE_CHECKING:
     from .segment import Segment as Arena
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 # LONG_MAX / PAGE_SIZE, so that a limit in bytes never overflows (kernel, 64-bit).
 PAGE_COUNTER_MAX = (2**63 - 1) // 4096
@@ -75,12 +80,55 @@ def check_limit(n: object, what: str) -> int:
     return n
 
 
-class PageCounter(PageCounterStock):
+class PageCounter(Counter, PageCounterStock):
     """A handle on one page_counter record of an arena.
 
     Fields read live from shared memory: usage, max, min, low, high, watermark,
     failcnt, emin, elow, batch. The parent never changes after creation, so the
-    handle caches the path to the root as record indexes.
+    handle caches the path to the root as record indexes (here, and in its Counter
+    base, whose C methods are the ops below).
+
+    try_charge(n) -> (True, None), or (False, C) with C the first counter whose
+    max refused the charge; the levels below C are cancelled before it returns, so
+    no level keeps a partial charge. A refusal counts in C.failcnt. Runs in any
+    process; only a CPU process (register_cpu) takes the stock:
+      1. fast path: take n from this CPU's stock of this counter, if the slot's
+         trylock succeeds and it holds n. Nothing else changes: usage, watermark,
+         failcnt and protection stay as they are.
+      2. greedy: charge max(batch, n) up the hierarchy;
+      3. on failure, retry once with exactly n;
+      4. deposit the surplus in this CPU's stock, or uncharge it if the slot is
+         busy (docs/stock-design.md §Try-charge with stock).
+    A greedy failure still counts in failcnt, so one successful request can bump
+    failcnt (as the memcg code always has). Steps 2-4 are one op: a kill anywhere
+    in them rolls all of them back (writer.py).
+
+    Repair on refusal: a writer killed inside an op leaves its part of the op
+    applied until someone repairs it, so a charge under the limit could be refused
+    because of pages nobody holds. Before refusing, once this op has ended,
+    try_charge repairs every dead writer if the op of one is in progress
+    (Arena.repair; a cheap check when none is), and if that took pages off this
+    counter's path, runs steps 2-4 once more (memcg drains its stock before
+    failing a charge in the same way). The first attempt's refusal still counts in
+    failcnt: the counter did refuse, as the kernel counts a page_counter_try_charge
+    failure that memcg's drain-and-retry overcomes. If the retry is refused too,
+    that counts as well, and C is its refuser.
+
+    charge(n): charge n pages to this counter and every ancestor, ignoring max
+    (forced, like page_counter_charge; usage may exceed max afterwards). Never
+    uses the stock. OverflowError, changing nothing, past 2**63 - 1.
+
+    uncharge(n): uncharge n pages from this counter and every ancestor. Plain
+    hierarchical (v2): the stock is filled only by the surplus of greedy charges.
+    With enable_stock(uncharge_to_stock=True) a CPU process returns the pages to
+    its stock instead, keeping at most batch there (the RFC, docs/stock-design.md
+    §Uncharge). An uncharge below 0 is a caller bug: it warns, counts in
+    arena.underflows and clamps usage at 0, at each level where it happens.
+
+    cancel(n): take n pages out of this level only (page_counter_cancel).
+
+    Each is one C call (_counter.c) that checks n exactly (an int, not a bool, in
+    [0, 2**62): TypeError or ValueError, nothing changed) and runs the whole op.
     """
 
     def __init__(self, arena: Arena, index: int) -> None:
@@ -104,6 +152,7 @@ class PageCounter(PageCounterStock):
         self._levels: tuple[PageCounter, ...] = (self,) + (
             self.parent._levels if self.parent is not None else ())
         self.name: str = arena._name(index)
+        self._bind(arena._slots, tuple(i for _, _, i in self._path), self._levels[1:])
 
     # ---- fields -------------------------------------------------------------
 
@@ -163,52 +212,43 @@ class PageCounter(PageCounterStock):
     def children_low_usage(self) -> int:
         return self._load(PC_CHILDREN_LOW_USAGE)
 
-    # ---- charge -------------------------------------------------------------
+    # ---- charge and uncharge: the stepwise ops ----------------------------------
+    #
+    # try_charge, charge, uncharge and cancel are methods of Counter (_counter.c),
+    # each one C call with the whole op inside (the class docstring says what they
+    # do). Python takes over through the methods below where C cannot finish
+    # (_counter.c lists when): the same op in Python steps, one C call per level,
+    # with the named points of hooks.py between the steps, inside the op bracket
+    # of writer.py, which also waits for a stop_machine and claims a writer row.
 
-    def try_charge(self, n: int) -> tuple[bool, PageCounter | None]:
-        """Charge n pages to this counter and every ancestor.
-
-        Returns (True, None), or (False, C) with C the first counter whose max
-        refused the charge; the levels below C are cancelled before it returns, so
-        no level keeps a partial charge. A refusal counts in C.failcnt.
-
-        Runs in any process; only a CPU process (register_cpu) takes the stock:
-          1. fast path: take n from this CPU's stock of this counter, if the slot's
-             trylock succeeds and it holds n. Nothing else changes: usage,
-             watermark, failcnt and protection stay as they are.
-          2. greedy: charge max(batch, n) up the hierarchy;
-          3. on failure, retry once with exactly n;
-          4. deposit the surplus in this CPU's stock, or uncharge it if the slot is
-             busy (docs/stock-design.md §Try-charge with stock).
-        A greedy failure still counts in failcnt, so one successful request can
-        bump failcnt (as the memcg code always has). Steps 2-4 are one op: a kill
-        anywhere in them rolls all of them back (writer.py).
-
-        Repair on refusal: a writer killed inside an op leaves its part of the op
-        applied until someone repairs it, so a charge under the limit could be
-        refused because of pages nobody holds. Before refusing, once this op has
-        ended, try_charge repairs every dead writer if the op of one is in progress
-        (Arena.repair; a cheap check when none is), and if that took pages off
-        this counter's path, runs steps 2-4 once more (memcg drains its stock
-        before failing a charge in the same way). The first attempt's refusal
-        still counts in failcnt: the counter did refuse, as the kernel counts a
-        page_counter_try_charge failure that memcg's drain-and-retry overcomes.
-        If the retry is refused too, that counts as well, and C is its refuser.
-        """
-        if type(n) is not int or not 0 <= n < NR_PAGES_LIMIT:
-            raise bad_nr(n)
+    def _try_charge_stepwise(self, nr_pages: int) -> tuple[bool, PageCounter | None]:
         row = self._arena._stock_row
-        if row >= 0 and self._slots.stock_consume(self._c, row, n) == CONSUME_HIT:
+        if row >= 0 and self._slots.stock_consume(self._c, row, nr_pages) == CONSUME_HIT:
             return _SUCCESS
-        return self._try_charge_slow(n)
+        return self._try_charge_slow(nr_pages)
 
-    def _try_charge_slow(self, nr_pages: int) -> tuple[bool, PageCounter | None]:
-        """Steps 2-4 of try_charge as one op, and its repair on refusal: at most
-        one more op, after a repair that took pages off this counter's path."""
+    def _refused(self, nr_pages: int, fail: PageCounter) -> tuple[bool, PageCounter | None]:
+        """The C op's steps 2-4 were refused by `fail`, a level of this counter's
+        path, and the op has ended: repair on refusal (the class docstring), then at
+        most one more attempt, stepwise."""
+        repaired = repair_before_refusal(self._arena)
+        if not self._repaired_path(repaired):
+            return False, fail
+        return self._try_charge_slow(nr_pages, repaired)
+
+    def _repaired_path(self, repaired: Repair) -> bool:
+        """Did a repair take pages off this counter's path?"""
+        return bool(repaired) and any(repaired.pages.get(level.name, 0) > 0
+                                      for level in self._levels)
+
+    def _try_charge_slow(self, nr_pages: int,
+                         repaired: Repair | None = None) -> tuple[bool, PageCounter | None]:
+        """Steps 2-4 of try_charge as one op, and its repair on refusal: at most one
+        more op, after a repair that took pages off this counter's path (none more
+        if `repaired` says one happened already)."""
         slots, writer = self._slots, self._arena._writer
         if hooks.ARMED:
             hooks.at("charge:slow")
-        repaired = None
         while True:
             # READ_ONCE(batch): one snapshot; a concurrent disable_stock (batch = 0)
             # is seen by the next charge. Not a CPU process: exact charges only.
@@ -231,8 +271,7 @@ class PageCounter(PageCounterStock):
             if repaired is not None:
                 return False, fail
             repaired = repair_before_refusal(self._arena)      # the op has ended
-            if not (repaired and any(repaired.pages.get(level.name, 0) > 0
-                                     for level in self._levels)):
+            if not self._repaired_path(repaired):
                 return False, fail
 
     def _try_charge_path(self, nr_pages: int, kbase: int) -> PageCounter | None:
@@ -249,13 +288,7 @@ class PageCounter(PageCounterStock):
                 hooks.at("charge:level")
         return None
 
-    def charge(self, n: int) -> None:
-        """Charge n pages to this counter and every ancestor, ignoring max.
-
-        NOTE: forced, like page_counter_charge; usage may exceed max afterwards.
-        Never uses the stock.
-        """
-        nr_pages = check_nr(n)
+    def _charge_stepwise(self, nr_pages: int) -> None:
         slots = self._slots
         with self._arena._writer.op(self) as kbase:
             self._count_walk()
@@ -264,35 +297,22 @@ class PageCounter(PageCounterStock):
                 if hooks.ARMED:
                     hooks.at("charge:level")
 
-    # ---- uncharge -----------------------------------------------------------
-
-    def uncharge(self, n: int) -> None:
-        """Uncharge n pages from this counter and every ancestor.
-
-        Plain hierarchical (v2): the stock is filled only by the surplus of greedy
-        charges. With enable_stock(uncharge_to_stock=True) a CPU process returns the
-        pages to its stock instead (the RFC, docs/stock-design.md §Uncharge).
-        An uncharge below 0 is a caller bug: it warns, counts in arena.underflows
-        and clamps usage at 0, at each level where it happens.
-        """
-        nr_pages = check_nr(n)
+    def _uncharge_stepwise(self, nr_pages: int) -> None:
         slot = -1
         if self._slots.load(self._c + PC_FLAGS) & PC_FLAG_UNCHARGE_TO_STOCK:
             slot = self._local_slot()
-        self._uncharge_hierarchy(nr_pages, slot)
-
-    def _uncharge_hierarchy(self, nr_pages: int, return_slot: int = -1) -> None:
-        """An op that uncharges nr_pages at every level (the RFC's
-        page_counter_cancel_hierarchy), after returning what fits to stock slot
-        `return_slot` when there is one."""
-        with self._arena._writer.op(self, return_slot) as kbase:
-            if return_slot >= 0:
-                nr_pages = self._return_to_stock(return_slot, nr_pages)
+        with self._arena._writer.op(self, slot) as kbase:
+            if slot >= 0:
+                nr_pages = self._return_to_stock(slot, nr_pages)
             self._cancel_path(nr_pages, kbase)
 
-    def cancel(self, n: int) -> None:
-        """Take n pages out of this level only (page_counter_cancel)."""
-        nr_pages = check_nr(n)
+    def _uncharge_hierarchy(self, nr_pages: int) -> None:
+        """An op that uncharges nr_pages at every level, never to the stock (the
+        RFC's page_counter_cancel_hierarchy, whatever the counter's flags)."""
+        with self._arena._writer.op(self) as kbase:
+            self._cancel_path(nr_pages, kbase)
+
+    def _cancel_stepwise(self, nr_pages: int) -> None:
         with self._arena._writer.op(self) as kbase:
             self._cancel_path(nr_pages, kbase, 1)
 
@@ -310,10 +330,10 @@ class PageCounter(PageCounterStock):
         slots = self._slots
         if depth is None:
             self._count_walk()
-        for c, p, i in self._path[:depth]:
+        for level, (c, p, i) in enumerate(self._path[:depth]):
             new = slots.pc_cancel(c, p, kbase + i, nr_pages)
             if new < 0:
-                self._underflow(c, new, nr_pages)
+                self._underflow(level, new, nr_pages)
             if hooks.ARMED:
                 hooks.at("uncharge:level")
 
@@ -324,12 +344,14 @@ class PageCounter(PageCounterStock):
         if row_slot >= 0:
             self._slots.fetch_add(row_slot + R_WALKS, 1)
 
-    def _underflow(self, c: int, new: int, nr_pages: int) -> None:
-        name = next(level.name for level in self._levels if level._c == c)
+    def _underflow(self, level: int, new: int, nr_pages: int) -> None:
+        """An uncharge of nr_pages took path level `level` to usage `new` < 0 (the
+        level step clamped it): count it, and warn the caller's frame."""
         count = self._slots.fetch_add(H_UNDERFLOWS, 1) + 1
-        warnings.warn(f"page_counter underflow on {name!r}: usage {new + nr_pages}, "
-                      f"uncharge {nr_pages}; clamped to 0 (arena.underflows = {count})",
-                      RuntimeWarning, stacklevel=4)
+        warnings.warn(f"page_counter underflow on {self._levels[level].name!r}: usage "
+                      f"{new + nr_pages}, uncharge {nr_pages}; clamped to 0 "
+                      f"(arena.underflows = {count})", RuntimeWarning,
+                      stacklevel=_caller_stacklevel())
 
     # ---- limits -------------------------------------------------------------
 
@@ -388,6 +410,16 @@ class PageCounter(PageCounterStock):
         stock = [self.stock(cpu) for cpu in range(self._arena.ncpus)]
         return (f"<PageCounter {self.name!r} usage={self.usage}/{shown} "
                 f"stock={stock} failcnt={self.failcnt}>")
+
+
+def _caller_stacklevel() -> int:
+    """The stacklevel, for a warning of _underflow, of the first frame outside this
+    package: the caller of the public method (a C op has no frame of its own)."""
+    frame: FrameType | None = sys._getframe(2)
+    level = 2
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def calculate_protection(root: PageCounter, counter: PageCounter, *,

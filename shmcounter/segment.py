@@ -120,8 +120,6 @@ H_MAGIC, H_VERSION, H_NCPUS, H_MAX_COUNTERS, H_MAX_STOCKED, H_CREATOR_PID, \
 H_NCOUNTERS, H_REGISTRY_LOCK, H_UNDERFLOWS, H_MAX_WRITERS, H_DRAIN_LOCK = 8, 9, 10, 11, 12
 H_STOP = 16
 HEADER_WORDS = 24
-# writer row word used by Python only (the others come from _atomic.c below)
-R_WALKS = 4
 
 # page_counter record, stock slot and writer row words: defined by the C module,
 # whose fused steps need them; re-exported here, where the layout is documented.
@@ -133,6 +131,7 @@ from ._atomic import (  # noqa: E402, F401
     PC_ELOW,
     PC_EMIN,
     PC_FAILCNT,
+    PC_FLAG_UNCHARGE_TO_STOCK,
     PC_FLAGS,
     PC_HIGH,
     PC_LOW,
@@ -157,15 +156,15 @@ from ._atomic import (  # noqa: E402, F401
     R_STOCK_BEFORE,
     R_STOCK_BLOCK,
     R_STOCK_SLOT,
+    R_WALKS,
     ROW_WORDS,
     STOCK_LOCK,
     STOCK_NR,
     STOCK_WORDS,
 )
 
-# flags word of a counter
-# the RFC's stock-returning uncharge (docs/stock-design.md §Uncharge)
-PC_FLAG_UNCHARGE_TO_STOCK = 1
+# flags word of a counter: PC_FLAG_UNCHARGE_TO_STOCK, the RFC's stock-returning
+# uncharge (docs/stock-design.md §Uncharge)
 
 # line assertions: usage alone on line A, the read-mostly fields on line C
 assert PC_USAGE == 0 and PC_WATERMARK == 8 and PC_MAX == 16 and PC_WORDS == 24
@@ -481,11 +480,6 @@ class Segment:
     _unlinked = False
     _closed = True
     _opens = 1                        # create or attach calls that close() has not undone
-    # This process's CPU, set by register_cpu: first slot of its stock block, and
-    # the lock owner token (its pid). -1 means "not a CPU of this arena".
-    _stock_block = -1
-    _stock_owner = 0
-    _stock_row = -1                   # this CPU's row slot: the fast path's key
     _drain_timeout: float = 5.0      # see drain_timeout
     _wait_timeout: float = 10.0      # see wait_timeout
 
@@ -939,7 +933,22 @@ class Segment:
         sec = self._sec
         self._slots.set_layout(self._shm.name, sec.rows // WORD, sec.counters // WORD,
                                self.max_counters, sec.stocks // WORD, sec.stock_block // WORD,
-                               self.ncpus, self.max_stocked)
+                               self.ncpus, self.max_stocked, H_STOP)
+
+    # This process's CPU, set by register_cpu (Slots.set_cpu), where the ops of
+    # _counter.c read it: the first slot of its stock block, its lock owner token
+    # (its pid), and its row's first slot. -1, 0, -1: not a CPU of this arena.
+    @property
+    def _stock_block(self) -> int:
+        return -1 if self._slots is None else self._slots.cpu_block
+
+    @property
+    def _stock_owner(self) -> int:
+        return 0 if self._slots is None else self._slots.owner
+
+    @property
+    def _stock_row(self) -> int:
+        return -1 if self._slots is None or self._slots.cpu_block < 0 else self._slots.row
 
     def section(self, name: str) -> np.ndarray:
         """The int64 words of section `name` (register_section), for its owner."""

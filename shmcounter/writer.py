@@ -47,19 +47,26 @@ class Writer:
     def __init__(self, arena: Arena) -> None:
         self._arena = arena
         self.row = -1                    # this process's row, -1 until claimed
-        self.row_slot = -1               # first slot of the row
-        self.contrib_slot = -1           # contrib[row][0]
         self._lock = threading.Lock()    # one op at a time in this process
         self.drain_pending = False
         self.serve_drains: Callable[[], None] | None = None   # set by drain.py
 
     # ---- rows ---------------------------------------------------------------
 
+    # The row's first slot and that of its contrib words live in the Slots object
+    # (set_writer), where the whole ops of _counter.c read them.
+    @property
+    def row_slot(self) -> int:
+        return self._arena._slots.row
+
+    @property
+    def contrib_slot(self) -> int:
+        return self._arena._slots.contrib
+
     def use_row(self, row: int) -> None:
         arena = self._arena
         self.row = row
-        self.row_slot = arena._row_slot(row)
-        self.contrib_slot = arena._contrib_slot(row, 0)
+        arena._slots.set_writer(arena._row_slot(row), arena._contrib_slot(row, 0))
 
     def claim_row(self) -> None:
         """Claim a free non-CPU row for this process; repair and reuse the rows of
@@ -84,10 +91,14 @@ class Writer:
         if self.row >= arena.ncpus and arena._slots.load(self.row_slot + R_PID) == os.getpid():
             arena._set_row_owner(self.row, 0)
             arena._slots.cas(self.row_slot + R_PID, os.getpid(), 0)
-        self.row = self.row_slot = self.contrib_slot = -1
+        self._forget_row()
+
+    def _forget_row(self) -> None:
+        self.row = -1
+        self._arena._slots.set_writer(-1, -1)
 
     def after_fork(self) -> None:
-        self.row = self.row_slot = self.contrib_slot = -1
+        self._forget_row()
         self._lock = threading.Lock()
         self.drain_pending = False
 

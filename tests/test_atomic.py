@@ -129,7 +129,7 @@ def test_legacy_refill_and_consume_steps():
 def _corrupt_in(slots: Slots) -> ArenaCorrupt:
     """The ArenaCorrupt that slots raises for a lock slot outside its stocks section
     (a layout with one CPU and one stock slot at words 0-1, arena "t")."""
-    slots.set_layout("t", 0, 0, 0, 0, 2, 1, 1)
+    slots.set_layout("t", 0, 0, 0, 0, 2, 1, 1, -1)
     with pytest.raises(ArenaCorrupt) as raised:
         slots.stock_trylock(4, 1)
     return raised.value
@@ -174,7 +174,7 @@ def test_the_legacy_section_is_set_by_the_legacy_module():
     legacy steps take block 64 or 80 only, and op_begin takes their slot words
     (MC_SLOTS..MC_SLOTS + 6) as an op's stock slot once set_section told it."""
     s = Slots(bytearray(8 * 96))
-    s.set_layout("t", 0, 32, 1, 0, 2, 2, 0)        # row 0; counter record at word 32
+    s.set_layout("t", 0, 32, 1, 0, 2, 2, 0, -1)    # row 0; counter record at word 32
     s.store(32 + PC_PARENT, -1)                    # a root
     s.store(32 + PC_STOCK_ID, -1)                  # without stock; contrib at word 56
     with pytest.raises(ArenaCorrupt, match=r"the stock slot of an op on counter 0 is 67"):

@@ -4,11 +4,10 @@ own subclass (Design.cgroup_class, legacy_design.py).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .. import hooks
-from .._atomic import CONSUME_HIT
-from ..page_counter import NR_PAGES_LIMIT, PAGE_COUNTER_MAX, PageCounter, check_nr
+from ..page_counter import PAGE_COUNTER_MAX, PageCounter, check_nr
 from .section import CG_EVENTS_MAX, CG_EVENTS_MAX_LOCAL, CG_MEMSW, CG_STATE, CG_WORDS
 
 if TYPE_CHECKING:
@@ -21,7 +20,16 @@ ONLINE, OFFLINE, FREED = 1, 2, 3
 
 
 class MemCgroup:
-    """A handle on one cgroup of a tree. memory and memsw are its counters."""
+    """A handle on one cgroup of a tree. memory and memsw are its counters.
+
+    try_charge(n) -> bool: try_charge_memcg for n pages. A live CPU that does not
+    serve the drain in time raises DrainTimeout (drain_stock). Its first attempt,
+    the stock hit or the walk of one op, is one C call from the caller's frame
+    (_fast_try_charge); what follows a refusal (memory.events, the repair of dead
+    writers, drain_all_stock, the retry) is Python (cgroups.py).
+    """
+
+    try_charge: Callable[[int], bool]
 
     def __init__(self, tree: Cgroups, index: int, parent: MemCgroup | None) -> None:
         self._tree = tree
@@ -33,28 +41,33 @@ class MemCgroup:
             memsw, f"cgroup {index}'s memsw counter") if memsw != -1 else None
         self.parent = parent
         self.name = self.memory.name
-        self._tag = index + 1                         # its tag in legacy slots
+        self.try_charge = self._fast_try_charge()
 
     # ---- charging -------------------------------------------------------------
 
-    def try_charge(self, n: int) -> bool:
-        """try_charge_memcg for n pages (see the module docstring). A live CPU that
-        does not serve the drain in time raises DrainTimeout (drain_stock).
+    def _fast_try_charge(self) -> Callable[[int], bool]:
+        """The per-counter stock's try_charge: with memory alone, the C charge of
+        the memory counter (Counter._charge_or: the stock hit, else one op of
+        page_counter_try_charge, the walk refused for a freed cgroup), then
+        _after_refusal; with memsw, Python throughout."""
+        if self.memsw is not None:
+            return self._try_charge
+        return self.memory._charge_or(self._after_refusal, self._record + CG_STATE, FREED)
 
-        The stock hit is inlined here (one C call), as the kernel's
-        consume_stock / page_counter fast path comes first: a cgroup with memsw,
-        armed hooks or no CPU take the general path."""
-        tree = self._tree
-        arena = tree._arena
-        row = arena._stock_row
-        if row >= 0 and self.memsw is None and type(n) is int and 0 <= n < NR_PAGES_LIMIT \
-                and not hooks.ARMED:
-            slots = arena._slots
-            if slots.stock_consume(self.memory._c, row, n) == CONSUME_HIT:
-                return True                 # a freed cgroup has no stock: never here
+    def _after_refusal(self, nr_pages: int, refused: PageCounter | None) -> bool:
+        """try_charge_memcg after its first attempt in C was refused by counter
+        `refused`, or did not run (None: hooks armed, a freed cgroup, or the op
+        must wait in Python)."""
+        if refused is None:
+            return self._try_charge(nr_pages)
+        ok, refused = self.memory._refused(nr_pages, refused)   # PageCounter's repair
+        return ok or self._tree._try_charge(self, nr_pages, refused)
+
+    def _try_charge(self, n: int) -> bool:
+        """try_charge_memcg, all of it in Python."""
         nr_pages = check_nr(n)
         self._check_alive()
-        return tree._try_charge(self, nr_pages)
+        return self._tree._try_charge(self, nr_pages)
 
     def uncharge(self, n: int, *, kmem: bool = False) -> None:
         """Uncharge n pages from memory (and memsw). kmem=True is the kmem and

@@ -29,7 +29,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .. import hooks, pidlock
-from .._atomic import CONSUME_HIT
 from ..arena import Arena
 from ..drain import single_drainer
 from ..errors import ArenaError
@@ -259,11 +258,15 @@ class Cgroups:
 
     # ---- try_charge_memcg ---------------------------------------------------------
 
-    def _try_charge(self, g: MemCgroup, nr_pages: int) -> bool:
+    def _try_charge(self, g: MemCgroup, nr_pages: int,
+                    refused: PageCounter | None = None) -> bool:
+        """try_charge_memcg of g, after a first attempt that `refused` refused
+        (None: from the first attempt)."""
         drained = False
         greedy = True
         while True:
-            refused = self._charge_once(g, nr_pages, greedy)
+            if refused is None:
+                refused = self._charge_once(g, nr_pages, greedy)
             if refused is None:
                 return True
             over = self._cgroup_at(self._owner[refused._index])
@@ -274,7 +277,7 @@ class Cgroups:
             # refuse (PageCounter.try_charge); a design's own charge may not.
             repair_before_refusal(self._arena)
             self.drain_all_stock(over)
-            drained, greedy = True, False
+            drained, greedy, refused = True, False, None
 
     def _charge_once(self, g: MemCgroup, nr_pages: int, greedy: bool) -> PageCounter | None:
         """One attempt: memsw then memory. Returns the counter that refused, or None."""
@@ -295,15 +298,11 @@ class Cgroups:
     def _page_counter_try_charge(self, counter: PageCounter, nr_pages: int) -> PageCounter | None:
         """PageCounter.try_charge; with hooks armed, the stock hit runs stepwise so
         that a test can stop it between its read and its write (stock.py)."""
-        arena = self._arena
-        row = arena._stock_row
-        if row >= 0:
-            if hooks.ARMED:
-                if counter._consume_stepwise(nr_pages):
-                    return None
-            elif arena._slots.stock_consume(counter._c, row, nr_pages) == CONSUME_HIT:
+        if hooks.ARMED:
+            if self._arena._stock_row >= 0 and counter._consume_stepwise(nr_pages):
                 return None
-        return counter._try_charge_slow(nr_pages)[1]
+            return counter._try_charge_slow(nr_pages)[1]
+        return counter.try_charge(nr_pages)[1]
 
     def _memory_event_max(self, over: MemCgroup) -> None:
         """memcg_memory_event(over, MEMCG_MAX): the local count of `over`, and the

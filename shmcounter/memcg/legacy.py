@@ -151,7 +151,7 @@ def uncharge_to_stock(arena: Arena, memory: PageCounter, nr_pages: int) -> None:
     this CPU's slot of the cgroup (still charged) instead of up the hierarchy.
     More than 64 pages, or not a CPU process: a plain hierarchical uncharge."""
     if arena._memcg.block < 0 or nr_pages > MEMCG_CHARGE_BATCH:
-        memory._uncharge_hierarchy(nr_pages)
+        memory.uncharge(nr_pages)
         return
     _refill_op(arena, memory, lambda kbase: (None, _refill(arena, memory, nr_pages, kbase)))
 

@@ -33,7 +33,10 @@ class LegacyCgroup(MemCgroup):
         super().__init__(tree, index, parent)
         self._tag = index + 1                         # its tag in the legacy slots
 
-    def try_charge(self, n: int) -> bool:
+    def _fast_try_charge(self) -> Callable[[int], bool]:
+        return self._try_charge
+
+    def _try_charge(self, n: int) -> bool:
         """try_charge_memcg; the consume_stock hit is inlined (one C call)."""
         tree = self._tree
         arena = tree._arena
@@ -56,7 +59,7 @@ class LegacyCgroup(MemCgroup):
         if kmem:
             legacy.uncharge_to_stock(self._tree._arena, self.memory, nr_pages)
         else:
-            self.memory._uncharge_hierarchy(nr_pages)
+            self.memory.uncharge(nr_pages)
 
     def stock(self, cpu: int) -> int:
         """Pages CPU `cpu`'s slot caching this cgroup holds (its cached half; pages
