@@ -721,8 +721,31 @@ Slots_op_begin(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
     STORE(&r[R_DEPTH], depth);
     STORE(&r[R_STOCK_SLOT], stock_slot);
     STORE(&r[R_STOCK_BEFORE], stock ? LOAD(&stock[STOCK_NR]) : 0);
+    STORE(&r[R_FWD_LEVELS], 0);
     STORE(&r[R_OP], 1);
     Py_RETURN_TRUE;
+}
+
+/*
+ * op_forward(row, delta, levels, stock_after): mark row's op forward (_op.h): from
+ * now a kill completes it to delta at each of its first `levels` levels, and its
+ * stock word to stock_after. ValueError unless an op is in progress and levels is
+ * in [1, its depth].
+ */
+static PyObject *
+Slots_op_forward(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    ARGS("op_forward", 4);
+    int64_t *r = word(self, a[0], ROW_WORDS);
+    if (!r)
+        return NULL;
+    if (!LOAD(&r[R_OP]) || a[2] < 1 || a[2] > LOAD(&r[R_DEPTH])) {
+        PyErr_Format(PyExc_ValueError, "op_forward: no op in progress, or %lld levels "
+                     "not in [1, its depth]", (long long)a[2]);
+        return NULL;
+    }
+    op_forward(r, a[1], a[2], a[3]);
+    Py_RETURN_NONE;
 }
 
 /*
@@ -770,15 +793,22 @@ check_intent(SlotsObject *self, int64_t row, int64_t *r, int64_t counters)
                 "row %lld's op stock_slot", rowno);
         return -1;
     }
+    int64_t levels = LOAD(&r[R_FWD_LEVELS]);
+    if (levels < 0 || levels > depth) {
+        CORRUPT(self, levels, "not a level count in [0, its op's depth]",
+                "row %lld's op fwd_levels", rowno);
+        return -1;
+    }
     return 0;
 }
 
 /*
  * op_abort(row, counters, contrib) -> None. The op of this (live) row raised: put
  * every level of its path back to the snapshot taken by op_begin, and the stock
- * slot too, then end it. Exact, because an exception comes only between two fused
- * steps, when contrib[row] agrees with what the op did to usage. (A dead row is
- * repaired under stop_machine instead, residues included: hotplug.py.)
+ * slot too, then end it; or, if the op was marked forward (op_forward, _op.h),
+ * complete it to its plan. Exact, because an exception comes only between two
+ * fused steps, when contrib[row] agrees with what the op did to usage. (A dead row
+ * is repaired under stop_machine instead, residues included: stop_machine.py.)
  * An intent record that names no possible op (check_intent) rolls nothing back: it
  * raises ArenaCorrupt, having only left the quiesce section (in_op = 0, so that no
  * stop_machine waits for it); op stays set, the record as found.
@@ -797,15 +827,17 @@ Slots_op_abort(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
             return NULL;
         }
         int64_t i = LOAD(&r[R_COUNTER]), depth = LOAD(&r[R_DEPTH]);
+        int64_t levels = LOAD(&r[R_FWD_LEVELS]), delta = LOAD(&r[R_FWD_DELTA]);
         for (int64_t level = 0; level < depth && i >= 0; level++) {
             int64_t *rec = word(self, counters + i * PC_WORDS, PC_WORDS);
             int64_t *k = word(self, contrib + i, 1);
             if (!rec || !k)
                 return NULL;
-            int64_t applied = LOAD(k) - LOAD(&r[R_BASE + level]);
-            if (applied) {
-                ADD_FETCH(&rec[PC_USAGE], -applied);
-                STORE(k, LOAD(k) - applied);
+            int64_t target = level < levels ? delta : 0;
+            int64_t change = LOAD(&r[R_BASE + level]) + target - LOAD(k);
+            if (change) {
+                ADD_FETCH(&rec[PC_USAGE], change);
+                STORE(k, LOAD(k) + change);
             }
             i = LOAD(&rec[PC_PARENT]);
         }
@@ -814,7 +846,7 @@ Slots_op_abort(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
         if (stock_slot >= 0 && !stock)
             return NULL;
         if (stock)
-            STORE(&stock[STOCK_NR], LOAD(&r[R_STOCK_BEFORE]));
+            STORE(&stock[STOCK_NR], LOAD(&r[levels ? R_STOCK_AFTER : R_STOCK_BEFORE]));
     }
     STORE(&r[R_OP], 0);
     STORE(&r[R_IN_OP], 0);
@@ -990,6 +1022,11 @@ PyDoc_STRVAR(op_begin_doc,
 "quiesce section, snapshot the path's contrib and the stock slot, set op = 1.\n"
 "Return True; False when a stop_machine holds slot `stop` (nothing written: wait\n"
 "and retry). stop = -1: no handshake (the stop_machine holder, for a dead row).");
+PyDoc_STRVAR(op_forward_doc,
+"op_forward($self, row, delta, levels, stock_after, /)\n--\n\n"
+"Mark row's op forward: its plan is final (delta at each of its first `levels`\n"
+"levels, its stock word ending at stock_after), and a kill from now on completes\n"
+"it instead of rolling it back. Before the op's first decrease of a usage.");
 PyDoc_STRVAR(op_end_doc,
 "op_end($self, row, /)\n--\n\nEnd row's op (op = 0), then leave the quiesce section.");
 PyDoc_STRVAR(op_abort_doc,
@@ -1015,7 +1052,7 @@ static PyMethodDef Slots_methods[] = {
     FAST(pc_try_charge_level), FAST(pc_charge_level), FAST(pc_cancel), FAST(pc_propagate),
     FAST(stock_consume), FAST(local_slot), FAST(stock_deposit), FAST(stock_return),
     FAST(stock_take), FAST(stock_trylock), FAST(stock_unlock),
-    FAST(op_begin), FAST(op_end), FAST(op_abort), FAST(futex_wait), FAST(futex_wake),
+    FAST(op_begin), FAST(op_forward), FAST(op_end), FAST(op_abort), FAST(futex_wait), FAST(futex_wake),
     {NULL}
 };
 
@@ -1135,7 +1172,8 @@ atomic_exec(PyObject *m)
     CONST(STOCK_NR); CONST(STOCK_LOCK); CONST(STOCK_WORDS);
     CONST(R_PID); CONST(R_DONE_SEQ); CONST(R_STOCK_BLOCK); CONST(R_START); CONST(R_REQ_SEQ);
     CONST(R_IN_OP); CONST(R_OP); CONST(R_COUNTER); CONST(R_STOCK_SLOT);
-    CONST(R_STOCK_BEFORE); CONST(R_DEPTH); CONST(R_BASE); CONST(R_WALKS); CONST(MAX_DEPTH);
+    CONST(R_STOCK_BEFORE); CONST(R_DEPTH); CONST(R_BASE); CONST(R_WALKS); CONST(R_FWD_LEVELS);
+    CONST(R_FWD_DELTA); CONST(R_STOCK_AFTER); CONST(MAX_DEPTH);
     CONST(ROW_WORDS); CONST(PC_FLAG_UNCHARGE_TO_STOCK);
     CONST(CONSUME_HIT); CONST(CONSUME_MISS); CONST(CONSUME_BUSY); CONST(CONSUME_NO_STOCK);
     CONST(STOCK_BUSY);

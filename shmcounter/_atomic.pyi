@@ -48,6 +48,9 @@ R_STOCK_BEFORE: Final[int]
 R_DEPTH: Final[int]
 R_BASE: Final[int]
 R_WALKS: Final[int]
+R_FWD_LEVELS: Final[int]
+R_FWD_DELTA: Final[int]
+R_STOCK_AFTER: Final[int]
 MAX_DEPTH: Final[int]
 ROW_WORDS: Final[int]
 # results of stock_consume
@@ -114,6 +117,7 @@ class Slots:
         self, row: _Int, stop: _Int, counters: _Int, contrib: _Int, index: _Int,
         stock_slot: _Int, /,
     ) -> bool: ...
+    def op_forward(self, row: _Int, delta: _Int, levels: _Int, stock_after: _Int, /) -> None: ...
     def op_end(self, row: _Int, /) -> None: ...
     def op_abort(self, row: _Int, counters: _Int, contrib: _Int, /) -> None: ...
     # futex

@@ -324,8 +324,11 @@ Counter_uncharge(CounterObject *co, PyObject *const *args, Py_ssize_t nargs,
         /* the RFC: return the pages to the stock, keep at most batch there */
         int64_t stocked = LOAD(&stock[STOCK_NR]) + nr, keep = LOAD(&cr[PC_BATCH]);
         excess = stocked > keep ? stocked - keep : 0;
+        op_forward(r, -excess, co->depth, stocked - excess);
         STORE_REL(&stock[STOCK_NR], stocked - excess);
         slot_unlock(stock);
+    } else {
+        op_forward(r, -nr, co->depth, stock ? LOAD(&stock[STOCK_NR]) : 0);
     }
     int level[MAX_DEPTH];
     int64_t new[MAX_DEPTH];
@@ -349,6 +352,7 @@ Counter_cancel(CounterObject *co, PyObject *const *args, Py_ssize_t nargs,
     if (counter_state(co)->hooks_armed || !(r = writer_row(s)) || !op_enter(r, stop_word(s)))
         return python_op(co, "_cancel_stepwise", nr);
     op_intent(s, r, co, -1, NULL);
+    op_forward(r, -nr, 1, 0);
     int level[MAX_DEPTH];
     int64_t new[MAX_DEPTH];
     int under = path_cancel(s, co, nr, 1, level, new);

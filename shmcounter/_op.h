@@ -11,9 +11,22 @@
  *     op_intent    snapshot contrib[row] along the path and the stock slot the op
  *                  may touch, then op = 1: from here a kill is rolled back
  *     ... level steps, each a usage change, then its contrib change ...
+ *     op_forward   (an op that uncharges) its plan is final: from here a kill is
+ *                  rolled forward, to the plan
+ *     ... level steps ...
  *     op_leave     op = 0, then in_op = 0
  *
  * Nothing shared is written before op_intent has set op = 1, in every caller.
+ *
+ * Back or forward: rolling back an op that took pages out of usage would put them
+ * back, and another CPU may have charged into the room meanwhile: usage could end
+ * above max. So an op that uncharges marks itself forward, once it knows exactly
+ * what it will do and before its first decrease: with delta the net change at
+ * each of the first `levels` levels of its path (0 above them) and stock_after
+ * the value its stock word ends at. A repair then completes it instead: each
+ * level and the stock word end as the plan says, counted wholly. An op that only
+ * charges (or cancels its own charge) stays a rollback op: undoing it only takes
+ * pages out.
  */
 #ifndef SHMCOUNTER_OP_H
 #define SHMCOUNTER_OP_H
@@ -185,7 +198,24 @@ op_intent(SlotsObject *s, int64_t *r, CounterObject *co, int64_t stock_slot,
     STORE_REL(&r[R_DEPTH], co->depth);
     STORE_REL(&r[R_STOCK_SLOT], stock_slot);
     STORE_REL(&r[R_STOCK_BEFORE], stock ? LOAD(&stock[STOCK_NR]) : 0);
+    STORE_REL(&r[R_FWD_LEVELS], 0);
     STORE_REL(&r[R_OP], 1);
+}
+
+/*
+ * Mark the op of row r forward (see the top): its plan is delta at each of its
+ * first `levels` levels, and its stock word (if it names one) ending at
+ * stock_after. The plan's words first, the level count last: a kill before it
+ * leaves a rollback op. Call it before the op's first decrease of a usage, once
+ * the stock word holds stock_after or will hold it whatever happens (its lock
+ * held, or its CPU this process or dead).
+ */
+static inline void
+op_forward(int64_t *r, int64_t delta, int64_t levels, int64_t stock_after)
+{
+    STORE_REL(&r[R_FWD_DELTA], delta);
+    STORE_REL(&r[R_STOCK_AFTER], stock_after);
+    STORE_REL(&r[R_FWD_LEVELS], levels);
 }
 
 /* The op is complete (op = 0), then leave the quiesce section (in_op = 0). */

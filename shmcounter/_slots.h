@@ -58,6 +58,10 @@
 #define R_DEPTH 21
 #define R_BASE 22               /* contrib of each level when the op began      */
 #define R_WALKS 4               /* line 0: walks up the hierarchy (a statistic) */
+#define R_FWD_LEVELS 5          /* line 0: the op's forward plan (op_forward):  */
+#define R_FWD_DELTA 6           /*   0 levels: roll back; else roll forward to  */
+#define R_STOCK_AFTER 7         /*   delta at each of the first levels, and the */
+                                /*   stock word to stock_after                  */
 #define MAX_DEPTH 10
 #define ROW_WORDS 32
 

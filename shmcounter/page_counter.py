@@ -43,6 +43,7 @@ from .segment import (
     PC_WATERMARK,
     PC_WORDS,
     R_WALKS,
+    STOCK_NR,
 )
 from .stock import PageCounterStock
 from .stop_machine import Repair, repair_before_refusal
@@ -301,19 +302,26 @@ class PageCounter(Counter, PageCounterStock):
         slot = -1
         if self._slots.load(self._c + PC_FLAGS) & PC_FLAG_UNCHARGE_TO_STOCK:
             slot = self._local_slot()
-        with self._arena._writer.op(self, slot) as kbase:
+        writer = self._arena._writer
+        with writer.op(self, slot) as kbase:
             if slot >= 0:
                 nr_pages = self._return_to_stock(slot, nr_pages)
+            writer.forward(-nr_pages, len(self._path),
+                           self._slots.load(slot + STOCK_NR) if slot >= 0 else 0)
             self._cancel_path(nr_pages, kbase)
 
     def _uncharge_hierarchy(self, nr_pages: int) -> None:
         """An op that uncharges nr_pages at every level, never to the stock (the
         RFC's page_counter_cancel_hierarchy, whatever the counter's flags)."""
-        with self._arena._writer.op(self) as kbase:
+        writer = self._arena._writer
+        with writer.op(self) as kbase:
+            writer.forward(-nr_pages, len(self._path))
             self._cancel_path(nr_pages, kbase)
 
     def _cancel_stepwise(self, nr_pages: int) -> None:
-        with self._arena._writer.op(self) as kbase:
+        writer = self._arena._writer
+        with writer.op(self) as kbase:
+            writer.forward(-nr_pages, 1)
             self._cancel_path(nr_pages, kbase, 1)
 
     def _propagate_path(self) -> None:

@@ -18,11 +18,14 @@ Bump LAYOUT_VERSION whenever a line below changes.
                        processes that change a usage. Every writer owns one row:
                        line 0  pid (0: free; for CPU k: the process registered as
                                CPU k), done_seq (drains served, written by CPU k),
-                               stock_block (CPU k's first stock slot, for the fast path),
+                               stock_block (CPU k's first stock slot, for the
+                               stepwise fast path; the C ops keep it in the process),
                                start (the owner's start time, 0 until written: a
                                pid reused by another process does not match it),
                                walks (hierarchy walks made through this row, a
-                               statistic written by the owner)
+                               statistic written by the owner), and the forward
+                               plan of the op in progress: fwd_levels, fwd_delta,
+                               stock_after (_op.h: op_forward)
                        line 1  req_seq (drain tickets, fetch_add by requesters)
                        line 2-3 in_op, op, counter, stock_slot, stock_before,
                                depth, base[MAX_DEPTH]: the intent record of the op
@@ -148,11 +151,14 @@ from ._atomic import (  # noqa: E402, F401
     R_COUNTER,
     R_DEPTH,
     R_DONE_SEQ,
+    R_FWD_DELTA,
+    R_FWD_LEVELS,
     R_IN_OP,
     R_OP,
     R_PID,
     R_REQ_SEQ,
     R_START,
+    R_STOCK_AFTER,
     R_STOCK_BEFORE,
     R_STOCK_BLOCK,
     R_STOCK_SLOT,

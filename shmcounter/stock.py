@@ -66,6 +66,7 @@ class PageCounterStock:
     _arena: Arena
     _slots: Slots
     _c: int
+    _path: tuple[tuple[int, int, int], ...]
     _index: int
     name: str
     _cancel_path: Callable[[int, int], None]      # PageCounter's
@@ -154,8 +155,10 @@ class PageCounterStock:
         """Take stock slot `slot` without its lock and uncharge it, in one op."""
         if self._slots.load(slot + STOCK_NR) == 0:
             return 0
-        with self._arena._writer.op(self, slot) as kbase:
+        writer = self._arena._writer
+        with writer.op(self, slot) as kbase:
             taken = self._slots.exchange(slot + STOCK_NR, 0)
+            writer.forward(-taken, len(self._path))
             self._cancel_path(taken, kbase)
         return taken
 
@@ -258,6 +261,7 @@ class PageCounterStock:
             wait_own_lock(arena, slot + STOCK_LOCK,
                           f"this CPU's stock lock of counter {self._index}", take)
             taken = took[0]
+        arena._writer.forward(-taken, len(self._path))
         if hooks.ARMED:
             hooks.at("drain:taken")
         self._cancel_path(taken, kbase)
@@ -309,6 +313,7 @@ def _drain_stopped(counter: Any, cpu: int) -> int:
     row_slot, kbase = arena._row_slot(cpu), arena._contrib_slot(cpu, 0)
     slots.op_begin(row_slot, -1, arena._counters_slot, kbase, counter._index, slot)
     taken = slots.exchange(slot + STOCK_NR, 0)
+    slots.op_forward(row_slot, -taken, len(counter._path), 0)
     counter._cancel_path(taken, kbase)
     slots.op_end(row_slot)
     return int(taken)

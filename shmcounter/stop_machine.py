@@ -13,15 +13,22 @@ Repair runs under stop_machine, the analogue of the kernel taking a CPU down und
 stop_machine: no live writer is inside an op, so every residue belongs to a dead
 one. For each counter c on the path of a dead row's op,
 
-    rollback[c] = residue[c] + sum over dead rows d of (contrib[d][c] - base_d[c])
+    rollback[c] = residue[c] + sum over dead rows d of (contrib[d][c] - base_d[c]
+                                                        - target_d[c])
 
-is exactly what the dead ops applied to usage[c]; we subtract it, set each dead
-contrib back to its base, and put each dead op's stock slot back to its value at
-begin. The op counts not at all, at every level. Two CPUs killed at once need no
-attribution of a shared residue: only the sum matters. Repair is restartable: it
-changes usage, then contrib, then the stock, and clears the intent last, and each
-step is computed from what is in the segment; a repairer killed halfway leaves a
-state the next repair (of the same dead rows) finishes.
+is what the dead ops applied to usage[c] beyond their targets; we subtract it, set
+each dead contrib to its base plus its target, and put each dead op's stock slot
+to its value at begin, or at the end of its plan. The target of an op is 0 at
+every level, so that it counts not at all, unless the op marked itself forward
+(op_forward, _op.h: an op that uncharges, once its plan is final): then it is the
+plan's delta at the plan's levels, and the op counts wholly. (Putting back pages
+an uncharge took out could take a usage above max: another CPU may have charged
+into the room.) Two CPUs killed at once need no attribution of a shared residue:
+only the sum matters. A completed uncharge that would take a usage below 0 is
+clamped, as a live one is, and counts in arena.underflows. Repair is restartable:
+it changes usage, then contrib, then the stock, and clears the intent last, and
+each step is computed from what is in the segment; a repairer killed halfway
+leaves a state the next repair (of the same dead rows) finishes.
 
 The hotplug-dead path of a CPU (hotplug.py) runs the repair first, then lets
 each subsystem reclaim the dead CPU's state.
@@ -65,6 +72,7 @@ from . import pidlock, segment
 from .errors import WaitTimeout
 from .segment import (
     H_STOP,
+    H_UNDERFLOWS,
     MAX_DEPTH,
     PC_CHILDREN_LOW_USAGE,
     PC_CHILDREN_MIN_USAGE,
@@ -77,9 +85,12 @@ from .segment import (
     R_BASE,
     R_COUNTER,
     R_DEPTH,
+    R_FWD_DELTA,
+    R_FWD_LEVELS,
     R_IN_OP,
     R_OP,
     R_PID,
+    R_STOCK_AFTER,
     R_STOCK_BEFORE,
     R_STOCK_SLOT,
     STOCK_NR,
@@ -191,18 +202,21 @@ class Repair:
     pids   the owner of each of those rows, in the same order.
     ops    the rows among them whose op was in progress: it was rolled back, so it
            counts not at all, at every level (and its stock slot, a CPU's, holds
-           what it held when the op began).
-    pages  by counter name, the pages the rollback took out of usage: positive
-           where a charge was undone, negative where an uncharge was; counters
-           left unchanged are left out.
+           what it held when the op began); or, for the rows also in `forward`,
+           completed: it counts wholly (an uncharge or a drain, see above).
+    pages  by counter name, the net pages the repair took out of usage: a charge
+           undone, or the rest of an uncharge completed (negative: pages put
+           back); counters left unchanged are left out.
+    forward  the rows among `ops` whose op was completed rather than rolled back.
 
     A Repair is true when it found a dead writer. Example:
-        Repair(rows=(3,), pids=(4711,), ops=(3,), pages={'leaf': 10})
+        Repair(rows=(3,), pids=(4711,), ops=(3,), pages={'leaf': 10}, forward=())
     """
     rows: tuple[int, ...] = ()
     pids: tuple[int, ...] = ()
     ops: tuple[int, ...] = ()
     pages: dict[str, int] = field(default_factory=dict)
+    forward: tuple[int, ...] = ()
 
     def __bool__(self) -> bool:
         return bool(self.rows)
@@ -265,15 +279,25 @@ def _repair(arena: Arena) -> Repair:
     residue = arena.records[:n, PC_USAGE] - arena.contrib[:, :n].sum(axis=0)
     rollback = [int(r) for r in residue]
     covered = np.zeros(n, bool)
-    resets: list[tuple[int, int, int]] = []             # (row, counter, base)
-    for row, (counter, depth, _) in ops.items():
+    resets: dict[tuple[int, int], int] = {}             # (row, counter): contrib after
+    for row, (counter, depth, _, levels) in ops.items():
+        delta = int(rows[row, R_FWD_DELTA]) if levels else 0
         index = counter                                 # walks up to the root
         for level in range(depth):
-            base = int(rows[row, R_BASE + level])
-            rollback[index] = _int64(rollback[index] + int(arena.contrib[row, index]) - base)
+            target = int(rows[row, R_BASE + level]) + (delta if level < levels else 0)
+            rollback[index] = _int64(rollback[index] + int(arena.contrib[row, index]) - target)
             covered[index] = True
-            resets.append((row, index, base))
+            resets[row, index] = target
             index = int(parents[index])
+    forward = tuple(row for row, (_, _, _, levels) in ops.items() if levels)
+    for index in np.flatnonzero(covered).tolist():      # a completed uncharge below 0
+        deficit = int(rollback[index]) - int(arena.records[index, PC_USAGE])
+        if deficit > 0:
+            completer = next((r for r in forward if (r, index) in resets), None)
+            if completer is not None:                   # clamped at 0, as a live one is
+                rollback[index] -= deficit
+                resets[completer, index] += deficit
+                slots.fetch_add(H_UNDERFLOWS, 1)
     stray = np.flatnonzero(~covered & (residue != 0))
     if len(stray):
         warnings.warn(f"repair: usage differs from the writers' contributions at counters "
@@ -285,14 +309,15 @@ def _repair(arena: Arena) -> Repair:
             slots.fetch_add(arena._counters_slot + index * PC_WORDS + PC_USAGE,
                             _int64(-rollback[index]))
             pages[arena._name(index)] = rollback[index]
-    for row, index, base in resets:
-        slots.store(arena._contrib_slot(row, index), base)
+    for (row, index), contrib in resets.items():
+        slots.store(arena._contrib_slot(row, index), contrib)
     for row in dead:
         base_slot = arena._row_slot(row)
         if row in ops:
             stock_slot = ops[row][2]
             if stock_slot >= 0:
-                slots.store(stock_slot + STOCK_NR, int(rows[row, R_STOCK_BEFORE]))
+                end = R_STOCK_AFTER if row in forward else R_STOCK_BEFORE
+                slots.store(stock_slot + STOCK_NR, int(rows[row, end]))
             slots.store(base_slot + R_OP, 0)
         slots.store(base_slot + R_IN_OP, 0)
         if row >= arena.ncpus:                          # a non-CPU row: free again
@@ -300,7 +325,7 @@ def _repair(arena: Arena) -> Repair:
             slots.store(base_slot + R_PID, 0)
     if resets:
         _propagate_all(arena, parents)
-    return Repair(tuple(dead), tuple(pid for _, pid in found), tuple(ops), pages)
+    return Repair(tuple(dead), tuple(pid for _, pid in found), tuple(ops), pages, forward)
 
 
 def _int64(x: int) -> int:
@@ -309,14 +334,15 @@ def _int64(x: int) -> int:
     return (x + 2**63) % 2**64 - 2**63
 
 
-def _intent(arena: Arena, row: int, parents: np.ndarray) -> tuple[int, int, int]:
-    """(counter, depth, stock slot) of dead row `row`'s op, each word checked: the
-    counter published, the depth the length of its path, the stock slot -1 or the
-    first word of a stock slot, or for a CPU's row, a word a subsystem owns (such
-    as memcg's legacy slot words: owns_slot)."""
+def _intent(arena: Arena, row: int, parents: np.ndarray) -> tuple[int, int, int, int]:
+    """(counter, depth, stock slot, forward levels) of dead row `row`'s op, each
+    word checked: the counter published, the depth the length of its path, the
+    stock slot -1 or the first word of a stock slot, or for a CPU's row, a word a
+    subsystem owns (such as memcg's legacy slot words: owns_slot), the forward
+    levels in [0, depth]."""
     words = arena.rows[row]
-    index, depth, stock_slot = (int(words[R_COUNTER]), int(words[R_DEPTH]),
-                                int(words[R_STOCK_SLOT]))
+    index, depth, stock_slot, levels = (int(words[R_COUNTER]), int(words[R_DEPTH]),
+                                        int(words[R_STOCK_SLOT]), int(words[R_FWD_LEVELS]))
     if not 0 <= index < len(parents):
         raise arena._corrupt(f"row {row}'s op counter", index,
                              f"not a counter index below ncounters = {len(parents)}")
@@ -335,7 +361,10 @@ def _intent(arena: Arena, row: int, parents: np.ndarray) -> tuple[int, int, int]
         raise arena._corrupt(f"row {row}'s op stock_slot", stock_slot,
                              "not -1 or a stock slot" + (" or a stock word its CPU owns"
                                                          if row < arena.ncpus else ""))
-    return index, depth, stock_slot
+    if not 0 <= levels <= depth:
+        raise arena._corrupt(f"row {row}'s op fwd_levels", levels,
+                             f"not a level count in [0, {depth}], its op's depth")
+    return index, depth, stock_slot, levels
 
 
 def _propagate_all(arena: Arena, parents: np.ndarray) -> None:

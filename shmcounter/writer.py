@@ -130,6 +130,12 @@ class Writer:
         self._op_counter, self._op_locked = counter, locked
         return self
 
+    def forward(self, delta: int, levels: int, stock_after: int = 0) -> None:
+        """Mark this process's op forward (op_forward, _op.h): its plan is final,
+        and a kill from now on completes it: delta at each of its first `levels`
+        levels, its stock word ending at stock_after. Before its first decrease."""
+        self._arena._slots.op_forward(self.row_slot, delta, levels, stock_after)
+
     def __enter__(self) -> int:
         return self.contrib_slot
 

@@ -187,7 +187,7 @@ def test_scenario9_variant_kill_during_a_drain(make_machine, tree, arena):
     while x.usage != 65:                   # CPU 0 serves its part concurrently
         threading.Event().wait(0.001)
     assert (x.stock(0), x.stock(1)) == (0, 0)   # CPU 1 took its 63, did not uncharge
-    assert m.kill(1) == {"x": 63}                      # rolled back, then reclaimed
+    assert m.kill(1) == {}                # the drain completed by the repair: nothing left
     drainer.join(30)
     assert result == [True]
     assert (stocks(x), x.usage, root.usage, arena.underflows) == ([0, 0, 0], 2, 2, 0)
@@ -195,7 +195,8 @@ def test_scenario9_variant_kill_during_a_drain(make_machine, tree, arena):
     x.uncharge(2)
 
 
-# ---- SIGKILL at named instants: the op counts not at all, at every level ----
+# ---- SIGKILL at named instants: the op counts not at all (a charge) or wholly (an
+# uncharge), at every level ----
 
 @pytest.mark.parametrize("point, skip, task, args, real_after", [
     # mid try_charge slow path: after level 0 (x) and after level 1 (mid) of 3
@@ -203,11 +204,11 @@ def test_scenario9_variant_kill_during_a_drain(make_machine, tree, arena):
     ("charge:level", 1, tasks.try_charge, ("x", 1), 0),
     # the greedy charge is complete at every level, the surplus not yet deposited
     ("charge:deposit", 0, tasks.try_charge, ("x", 1), 0),
-    # mid uncharge walk: x done, mid and root not
-    ("uncharge:level", 0, tasks.uncharge, ("x", 5), 5),
+    # mid uncharge walk: x done, mid and root not; the repair completes it
+    ("uncharge:level", 0, tasks.uncharge, ("x", 5), 0),
 ])
-def test_sigkill_mid_op_rolls_it_back_at_every_level(make_machine, tree, arena,
-                                                     point, skip, task, args, real_after):
+def test_sigkill_mid_op_counts_it_wholly_or_not_at_all(make_machine, tree, arena,
+                                                       point, skip, task, args, real_after):
     root, mid, x, y = tree
     m = make_machine(2)
     m.run_on(1, tasks.try_charge, arena, "y", 5)        # CPU 1 also holds y's stock

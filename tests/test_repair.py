@@ -61,7 +61,8 @@ def test_arena_repair_rolls_back_a_dead_writers_half_charge(tree, cpus, arena):
         check_invariants(arena, {"leaf": 1})
     report = arena.repair()
     assert report == Repair(rows=(3,), pids=(pid,), ops=(3,), pages={"leaf": 10})
-    assert repr(report) == f"Repair(rows=(3,), pids=({pid},), ops=(3,), pages={{'leaf': 10}})"
+    assert repr(report) == (f"Repair(rows=(3,), pids=({pid},), ops=(3,), pages={{'leaf': 10}}, "
+                            f"forward=())")
     assert usages(leaf, mid, root) == (1, 1, 1)
     assert (arena.rows[3, R_PID], arena.rows[3, R_IN_OP]) == (0, 0)       # row free again
     check_invariants(arena, {"leaf": 1})
@@ -89,6 +90,31 @@ def test_a_charge_refused_because_of_a_dead_op_repairs_then_succeeds(tree, cpus,
     assert (arena.rows[3, R_PID], arena.repair()) == (0, Repair())        # done already
     check_invariants(arena, {"leaf": 3})
     leaf.uncharge(3)
+
+
+def test_a_dead_uncharge_is_completed_so_a_charge_into_its_room_stays_under_max(tree, cpus,
+                                                                              arena):
+    """leaf (max 12) holds 1 page here and 11 charged by a writer, which then
+    uncharges its 11 and is SIGKILLed after leaf's level (mid and root still
+    count them). This process charges 11 into the room at leaf: 12, at max.
+    Rolled back, the dead uncharge would put its 11 back into leaf: 23 > 12.
+    The repair completes it instead, at mid and root: 12 everywhere, forward."""
+    root, mid, leaf = tree
+    w = cpus(None)
+    assert w.call(tasks.try_charge, arena, "leaf", 11) == (True, None)
+    w.call(tasks.park_at, "uncharge:level")
+    w.start(tasks.uncharge, arena, "leaf", 11)
+    tasks.wait_stopped(w.pid)
+    assert usages(leaf, mid, root) == (1, 12, 12)
+    assert leaf.try_charge(11) == (True, None)
+    assert usages(leaf, mid, root) == (12, 23, 23)
+    os.kill(w.pid, signal.SIGKILL)
+    w.process.join(30)
+    assert arena.repair() == Repair(rows=(3,), pids=(w.pid,), ops=(3,),
+                                    pages={"mid": 11, "root": 11}, forward=(3,))
+    assert usages(leaf, mid, root) == (12, 12, 12) and leaf.max == 12
+    check_invariants(arena, {"leaf": 12})
+    leaf.uncharge(12)
 
 
 @pytest.mark.parametrize("variant, events", [
@@ -119,13 +145,13 @@ def test_the_machine_repairs_a_dead_writer_that_is_not_its_cpu(tree, cpus, arena
     assert usages(leaf, mid, root) == (0, 1, 1)        # uncharged from leaf only
     os.kill(w.pid, signal.SIGKILL)
     w.process.join(30)
-    # nobody asks: the monitor sees the writer die (its pidfd, or a rescan) and repairs
-    assert m.wait_repaired(w.pid, timeout=30) == Repair(rows=(3,), pids=(w.pid,), ops=(3,),
-                                                         pages={"leaf": -1})
-    assert usages(leaf, mid, root) == (1, 1, 1)
+    # nobody asks: the monitor sees the writer die (its pidfd, or a rescan) and
+    # repairs; an uncharge is completed (rolled forward), at mid and root too
+    assert m.wait_repaired(w.pid, timeout=30) == Repair(
+        rows=(3,), pids=(w.pid,), ops=(3,), pages={"mid": 1, "root": 1}, forward=(3,))
+    assert usages(leaf, mid, root) == (0, 0, 0)
     assert arena.rows[3, R_PID] == 0
-    check_invariants(arena, {"leaf": 1})
-    leaf.uncharge(1)
+    check_invariants(arena, {"leaf": 0})
 
 
 # ---- SIGKILL at random instants, with a ledger ---------------------------------
@@ -210,8 +236,8 @@ def test_random_kills_of_a_writer_count_its_op_wholly_or_not_at_all(arena, make_
     mid, max 45, where this process holds 5 pages of `other`). After each kill,
     one path repairs: Arena.repair(), a refused charge, or the Machine's monitor.
     Then leaf's usage is the ledger's pages plus the op in flight, wholly or not
-    at all (not at all when the repair rolled it back), and every invariant holds
-    with that ledger."""
+    at all (not at all when the repair rolled a charge back, wholly when it
+    completed an uncharge), and every invariant holds with that ledger."""
     root = arena.new_counter("root")
     mid = arena.new_counter("mid", parent=root, max=45)
     leaf = arena.new_counter("leaf", parent=mid, max=40)
@@ -220,7 +246,7 @@ def test_random_kills_of_a_writer_count_its_op_wholly_or_not_at_all(arena, make_
     m = make_machine(1) if path == "machine" else None
     ledger = mp.get_context("fork").RawArray("q", 2)
     rng = random.Random(f"{path}-7")
-    rolled_back = caught_in_op = 0
+    rolled_back = completed = caught_in_op = 0
     for kill in range(KILLS):
         pid, row, caught = _kill_at_random(arena, ledger, rng, aim=kill % 2 == 0)
         caught_in_op += caught
@@ -245,7 +271,10 @@ def test_random_kills_of_a_writer_count_its_op_wholly_or_not_at_all(arena, make_
                                         if before[name] != c.usage}
             ops = report.ops
         unexplained = leaf.usage - held
-        if row in ops:
+        if row in ops and report is not None and row in report.forward:
+            assert delta < 0 and unexplained == delta, (held, delta, report)   # wholly
+            completed += 1
+        elif row in ops:
             assert unexplained == 0, (held, delta, report)    # rolled back: not at all
             rolled_back += 1
         else:
@@ -254,7 +283,7 @@ def test_random_kills_of_a_writer_count_its_op_wholly_or_not_at_all(arena, make_
         check_invariants(arena, {"leaf": real, "other": 5})
         ledger[0] = _pack(real, 0)
     assert caught_in_op >= KILLS // 4             # the aimed kills land inside ops
-    if path != "refusal":
-        assert rolled_back >= KILLS // 4
+    if path != "refusal":                 # charges rolled back, uncharges completed
+        assert rolled_back + completed >= KILLS // 4 and rolled_back and completed
     leaf.uncharge(_unpack(ledger[0])[0])
     other.uncharge(5)

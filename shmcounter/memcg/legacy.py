@@ -141,7 +141,7 @@ def try_charge(arena: Arena, memory: PageCounter, nr_pages: int,
             charge = nr_pages
             fail = memory._try_charge_path(charge, kbase)
         if fail is None and charge > nr_pages:
-            return None, _refill(arena, memory, charge - nr_pages, kbase)
+            return None, _refill(arena, memory, charge - nr_pages, kbase, charge)
         return fail, -1
     return _refill_op(arena, memory, charge_and_refill)
 
@@ -153,7 +153,7 @@ def uncharge_to_stock(arena: Arena, memory: PageCounter, nr_pages: int) -> None:
     if arena._memcg.block < 0 or nr_pages > MEMCG_CHARGE_BATCH:
         memory.uncharge(nr_pages)
         return
-    _refill_op(arena, memory, lambda kbase: (None, _refill(arena, memory, nr_pages, kbase)))
+    _refill_op(arena, memory, lambda kbase: (None, _refill(arena, memory, nr_pages, kbase, 0)))
 
 
 def _refill_op(arena: Arena, memory: PageCounter,
@@ -175,47 +175,55 @@ def _uncharge_evicted(arena: Arena, slot: int) -> None:
         _drain_half(arena, slot, True, _locked_op)
 
 
-def _refill(arena: Arena, memory: PageCounter, nr_pages: int, kbase: int) -> int:
+def _refill(arena: Arena, memory: PageCounter, nr_pages: int, kbase: int,
+            applied: int) -> int:
     """refill_stock(memory's cgroup, nr_pages) inside an op on memory's path, whose
-    pages are charged (the slot steps are one C call, _legacy.refill). Returns the
-    slot whose old cgroup was evicted to the pending half (the caller uncharges it
-    in an op of its own), or -1. Pages the stock does not take (an overflow past
-    64 empties the slot; a busy lock bypasses it) are uncharged here."""
+    pages are charged (the slot steps are one C call, _legacy.refill); the op has
+    charged `applied` pages at each level so far. Returns the slot whose old
+    cgroup was evicted to the pending half (the caller uncharges it in an op of
+    its own), or -1. Pages the stock does not take (an overflow past 64 empties
+    the slot; a busy lock bypasses it) are uncharged here, the op marked forward
+    first (the slot word holds its end value already)."""
+    slots, writer, block = arena._slots, arena._writer, arena._memcg.block
     victim = -1
-    if arena._slots.load(arena._memcg.slot + M_EVICTION) == EVICTIONS.index("random"):
+    if slots.load(arena._memcg.slot + M_EVICTION) == EVICTIONS.index("random"):
         victim = random.randrange(NR_MEMCG_STOCK)
-    action, i, pages = _legacy.refill(arena._slots, arena._writer.row_slot,
-                                      arena._memcg.block, memory._index + 1, nr_pages, victim)
+    action, i, pages = _legacy.refill(slots, writer.row_slot, block, memory._index + 1,
+                                      nr_pages, victim)
     if action == LEGACY_BYPASS:
-        memory._cancel_path(nr_pages, kbase)
-    elif action == LEGACY_OVERFLOW:
+        pages = nr_pages
+    if action in (LEGACY_BYPASS, LEGACY_OVERFLOW):
+        after = slots.load(block + MC_SLOTS + i) if i >= 0 else 0
+        writer.forward(applied - pages, len(memory._path), after)
         memory._cancel_path(pages, kbase)
     return i if action == LEGACY_EVICTED else -1
 
 
 # ---- drains ----------------------------------------------------------------------
 
-# An op runner: run body(kbase) as an op on counter's path that may change word
-# `slot`, in the right context (this CPU, op lock held; or a dead CPU's row).
-OpRunner = Callable[["Arena", "PageCounter", int, Callable[[int], None]], None]
+# An op runner: run body(row, kbase) as an op of the writer row starting at slot
+# `row` on counter's path that may change word `slot`, in the right context (this
+# CPU, op lock held; or a dead CPU's row).
+OpRunner = Callable[["Arena", "PageCounter", int, Callable[[int, int], None]], None]
 
 
 def _locked_op(arena: Arena, counter: PageCounter, slot: int,
-               body: Callable[[int], None]) -> None:
+               body: Callable[[int, int], None]) -> None:
     """For a caller that holds the op lock (Writer.held, or the drain server)."""
-    with arena._writer.op(counter, slot, locked=True) as kbase:
-        body(kbase)
+    writer = arena._writer
+    with writer.op(counter, slot, locked=True) as kbase:
+        body(writer.row_slot, kbase)
 
 
 def _dead_op(cpu: int) -> OpRunner:
     """For hotplug under stop_machine: an op in the dead CPU's own row, so that a
     repairer killed inside it is repaired the same way (hotplug._drain_stopped)."""
     def run(arena: Arena, counter: PageCounter, slot: int,
-            body: Callable[[int], None]) -> None:
+            body: Callable[[int, int], None]) -> None:
         slots, row = arena._slots, arena._row_slot(cpu)
         kbase = arena._contrib_slot(cpu, 0)
         slots.op_begin(row, -1, arena._counters_slot, kbase, counter._index, slot)
-        body(kbase)
+        body(row, kbase)
         slots.op_end(row)
     return run
 
@@ -235,11 +243,12 @@ def _drain_half(arena: Arena, slot: int, pending: bool, run: OpRunner) -> int:
     mask = CUR_MASK if pending else ~CUR_MASK
     taken = [0]
 
-    def body(kbase: int) -> None:
+    def body(row: int, kbase: int) -> None:
         word = slots.load(slot)
         now_tag, nr_pages = _half(word, pending)
         if now_tag == tag:
             slots.store(slot, word & mask)
+            slots.op_forward(row, -nr_pages, len(counter._path), word & mask)
             counter._cancel_path(nr_pages, kbase)
             taken[0] = nr_pages
     run(arena, counter, slot, body)
