@@ -85,7 +85,6 @@ def test_wrapped_empty_call(benchmark: Any) -> None:
     assert result is None
 
 
-
 @pytest.fixture
 def stocked_leaf(chain3: Chain, cpu0: int) -> PageCounter:
     """The leaf of a depth-3 chain, with a stock on CPU 0 (this process) holding
