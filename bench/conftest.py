@@ -18,12 +18,16 @@ SEGMENT_PREFIX = "shmcounter_"
 
 
 def _our_segments() -> set[str]:
-    return {n for n in os.listdir("/dev/shm") if n.startswith(SEGMENT_PREFIX)}
+    """The shmcounter segments this process created (their names carry its pid):
+    other processes' segments, e.g. of a test suite running meanwhile, are not ours
+    to judge or remove."""
+    prefix = f"{SEGMENT_PREFIX}{os.getpid()}_"
+    return {n for n in os.listdir("/dev/shm") if n.startswith(prefix)}
 
 
 @pytest.fixture(autouse=True, scope="session")
 def no_leaked_segments() -> Iterator[None]:
-    """Fail the session if any benchmark left a shmcounter segment in /dev/shm
+    """Fail the session if any benchmark left a segment of this process in /dev/shm
     (and remove it, so a failed run does not leak either)."""
     before = _our_segments()
     yield

@@ -1,5 +1,6 @@
-"""Per-operation benchmarks: try_charge (stock hit, slow path), uncharge, and
-multiprocessing peers."""
+"""Per-operation benchmarks: try_charge (stock hit, slow path), the slow-path
+pair (try_charge then uncharge), uncharge, multiprocessing peers, and the floors
+they are measured against: an empty Python call and the bare C call of a hit."""
 from __future__ import annotations
 
 import multiprocessing
@@ -10,6 +11,8 @@ import pytest
 
 from procs.lab.peer import value_peer
 from shmcounter import PAGE_COUNTER_MAX, Arena, PageCounter, this_cpu
+from shmcounter._atomic import CONSUME_HIT
+from shmcounter.segment import R_WALKS
 from shmcounter.stock import BATCH_LIMIT
 
 # root -> ... -> leaf, as built by the chain fixtures of conftest.py
@@ -29,16 +32,21 @@ ITERATIONS = 1000
 WARMUP_ROUNDS = 10
 
 
-def run(benchmark: Any, op: Callable[[int], Any], n: int = 1) -> tuple[Any, int]:
-    """Benchmark op(n) in ROUNDS rounds of ITERATIONS back-to-back calls (after
-    WARMUP_ROUNDS unmeasured rounds). Returns (op's result, calls made in all).
+def run(benchmark: Any, op: Callable[..., Any],
+        args: tuple[Any, ...] = (1,)) -> tuple[Any, int]:
+    """Benchmark op(*args) (by default op(1)) in ROUNDS rounds of ITERATIONS
+    back-to-back calls (after WARMUP_ROUNDS unmeasured rounds). Returns (op's
+    result, calls made in all).
+
+    Each call is pytest-benchmark's `op(*args, **kwargs)` in a `for` loop: every
+    row pays the same loop step and call, the "empty call" row's time.
 
     Fixed iterations rather than pytest-benchmark's calibration: calibration times
     the cold first call, which alone passes its 5 us target, so it settles on one
     call per round and every sample then includes the timer's own overhead.
     With --benchmark-disable, op runs once.
     """
-    result = benchmark.pedantic(op, args=(n,), rounds=ROUNDS, iterations=ITERATIONS,
+    result = benchmark.pedantic(op, args=args, rounds=ROUNDS, iterations=ITERATIONS,
                                 warmup_rounds=WARMUP_ROUNDS)
     if benchmark.disabled:
         return result, 1
@@ -46,7 +54,36 @@ def run(benchmark: Any, op: Callable[[int], Any], n: int = 1) -> tuple[Any, int]
     return result, (WARMUP_ROUNDS + ROUNDS) * ITERATIONS + 1
 
 
-# ---- group "charge": stock hit vs. the multiprocessing peers -------------------
+# ---- group "charge": the floors, the stock hit, the slow-path pair, the peers ----
+#
+# One table for every ratio of the per-call goals (scripts/ratios.py computes
+# them from --benchmark-json): the stock hit against an empty Python call and
+# against the bare C call it makes, and the slow-path pair against the hit.
+
+def empty(n: int) -> None:
+    """The floor: a Python function that does nothing."""
+
+
+def wrapped_empty(n: int) -> None:
+    """One Python frame that makes one call, as the pair's frame does: this row
+    minus the empty call's is what the pair's own frame adds."""
+    empty(n)
+
+
+@pytest.mark.benchmark(group="charge")
+def test_empty_call(benchmark: Any) -> None:
+    """An empty Python function, called as every row calls its op: the cost of
+    the harness's loop step and of one Python call, the floor of every row."""
+    result, _ = run(benchmark, empty)
+    assert result is None
+
+
+@pytest.mark.benchmark(group="charge")
+def test_wrapped_empty_call(benchmark: Any) -> None:
+    """A Python function whose body calls the empty one: the pair's frame."""
+    result, _ = run(benchmark, wrapped_empty)
+    assert result is None
+
 
 @pytest.fixture
 def stocked_leaf(chain3: Chain, cpu0: int) -> PageCounter:
@@ -74,6 +111,52 @@ def test_try_charge_stock_hit(benchmark: Any, stocked_leaf: PageCounter, chain3:
     # a whole batch, changing usage at every level; each hit takes one page.
     assert [c.usage for c in chain3] == usage_before
     assert stock_before - stocked_leaf.stock(cpu0) == calls
+
+
+@pytest.mark.benchmark(group="charge")
+def test_stock_consume_bare(benchmark: Any, arena: Arena, stocked_leaf: PageCounter,
+                            chain3: Chain, cpu0: int) -> None:
+    """The C call a stock hit makes, issued bare: stock_consume(counter, this CPU's
+    row, 1) on the stocked depth-3 leaf, without try_charge's Python around it."""
+    usage_before = [c.usage for c in chain3]
+    stock_before = stocked_leaf.stock(cpu0)
+    row = arena._stock_row
+    assert row >= 0                                      # this process is CPU 0
+
+    result, calls = run(benchmark, arena._slots.stock_consume,
+                        (stocked_leaf._c, row, 1))
+
+    assert result == CONSUME_HIT
+    # as for try_charge: every call took one page from the stock, and nothing else
+    assert [c.usage for c in chain3] == usage_before
+    assert stock_before - stocked_leaf.stock(cpu0) == calls
+
+
+@pytest.mark.benchmark(group="charge")
+def test_slow_path_pair(benchmark: Any, arena: Arena, chain: Chain) -> None:
+    """try_charge(1) then uncharge(1) on the leaf of a chain of depth 1, 3 and 5,
+    from a process that is not a CPU (no stock): the slow path of a charge and
+    its release, both walking to the root. Measured as one op, so it pays one
+    more Python frame than the two calls issued by hand: test_wrapped_empty_call
+    minus test_empty_call."""
+    assert this_cpu() is None, "the slow-path pair must not run as a CPU"
+    leaf = chain[-1]
+    assert not leaf.has_stock
+    charge, uncharge = leaf.try_charge, leaf.uncharge
+
+    def pair(n: int) -> None:
+        charge(n)
+        uncharge(n)
+
+    walks_before = int(arena.rows[:, R_WALKS].sum())
+
+    result, calls = run(benchmark, pair)
+
+    assert result is None
+    # every call charged one page at every level and gave it back: two walks a
+    # call, never more than one page charged, nothing refused
+    assert int(arena.rows[:, R_WALKS].sum()) - walks_before == 2 * calls
+    assert [(c.usage, c.watermark, c.failcnt) for c in chain] == [(0, 1, 0)] * len(chain)
 
 
 def lock_rawvalue_peer() -> tuple[Callable[[int], bool], Callable[[], int]]:

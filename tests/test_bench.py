@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from procs.lab.bench import QUICK
+from procs.lab.bench import QUICK, goals
 from procs.lab.report import format_report
 
 DESIGNS = ["legacy", "fixed", "no-stock", "mp-value"]
@@ -61,8 +61,13 @@ def test_quick_run_writes_the_results_document(quick):
     assert [g["goal"] for g in results["goals"]] == [
         "32 cgroups: fixed >= 2x legacy throughput (2 CPUs)",
         "stock hits: 2 CPUs >= 1.7x 1 CPU (fixed, 1 cgroup)",
-        "fixed on 2 CPUs >= 8x mp-value on 2 processes (1 cgroup)"]
-    assert all(g["met"] == (g["ratio"] >= g["target"]) for g in results["goals"])
+        "fixed on 2 CPUs >= 8x mp-value on 2 processes (1 cgroup)",
+        "no-stock >= 2x mp-value throughput (1 CPU, 1 cgroup)",
+        "32 cgroups: a legacy charge costs <= 2.5x a no-stock walk (1 CPU)"]
+    # the last goal is a cost: met at or below its target
+    *gains, cost = results["goals"]
+    assert all(g["met"] == (g["ratio"] >= g["target"]) for g in gains)
+    assert cost["met"] == (cost["ratio"] <= cost["target"])
 
 
 def test_walks_and_evictions_follow_from_the_workload(quick):
@@ -102,10 +107,104 @@ def test_quick_run_prints_the_report_of_its_json(quick):
                              "better)") + 1].split() == [
         "#cgroups", "legacy", "stddev", "fixed", "stddev", "delta", "%", "no-stock",
         "stddev", "delta", "%", "mp-value", "stddev", "delta", "%"]
-    assert lines[-5] == ("Goals (throughput ratios measured side by side, median of "
+    assert lines[-7] == ("Goals (throughput ratios measured side by side, median of "
                          "per-trial ratios):")
     assert lines[-1].startswith("Ceiling: a pure-Python loop that shares nothing, on the "
                                 "same CPU processes, gives ")
+
+
+def synthetic_cell(design: str, cpus: int, cgroups: int, walls: list[float]) -> dict:
+    """A cell as summarise() makes it, with what paired_ratio reads: 1000 pages
+    per trial, in walls[i] seconds in trial i."""
+    return {"design": design, "cpus": cpus, "cgroups": cgroups, "pages": 1000,
+            "trials": [{"wall_s": w} for w in walls]}
+
+
+@pytest.mark.parametrize("mp_value_walls, no_stock_gain, legacy_walls, legacy_cost, met", [
+    # per-trial ratios 2, 4, 1 and 2.5, 3, 2: medians on the targets, both met
+    ([2.0, 2.0, 0.25], 2.0, [2.5, 3.0, 2.0], 2.5, True),
+    # per-trial ratios 2, 1.5, 1 and 3, 3, 2: neither met
+    ([2.0, 0.75, 0.25], 1.5, [3.0, 3.0, 2.0], 3.0, False),
+])
+def test_goals_are_medians_of_per_trial_ratios_and_a_cost_is_met_at_most(
+        mp_value_walls, no_stock_gain, legacy_walls, legacy_cost, met):
+    """No-stock's throughput over mp-value's (1 CPU, 1 cgroup) must reach 2; at
+    32 cgroups, legacy's cost per page over no-stock's (no-stock's throughput over
+    legacy's, 1 CPU) must not pass 2.5. Goals whose cells the run lacks are not
+    measured."""
+    results = {"cells": [
+        synthetic_cell("no-stock", 1, 1, [1.0, 0.5, 0.25]),
+        synthetic_cell("mp-value", 1, 1, mp_value_walls),
+        synthetic_cell("no-stock", 1, 32, [1.0, 1.0, 1.0]),
+        synthetic_cell("legacy", 1, 32, legacy_walls),
+    ]}
+    assert goals(results) == [
+        {"goal": "32 cgroups: fixed >= 2x legacy throughput (2 CPUs)", "target": 2.0,
+         "ratio": None, "met": None},
+        {"goal": "stock hits: 2 CPUs >= 1.7x 1 CPU (fixed, 1 cgroup)", "target": 1.7,
+         "ratio": None, "met": None},
+        {"goal": "fixed on 2 CPUs >= 8x mp-value on 2 processes (1 cgroup)", "target": 8.0,
+         "ratio": None, "met": None},
+        {"goal": "no-stock >= 2x mp-value throughput (1 CPU, 1 cgroup)", "target": 2.0,
+         "ratio": no_stock_gain, "met": met},
+        {"goal": "32 cgroups: a legacy charge costs <= 2.5x a no-stock walk (1 CPU)",
+         "target": 2.5, "ratio": legacy_cost, "met": met},
+    ]
+
+
+RATIOS_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "ratios.py"
+
+
+def per_call_run(ns: dict[str, tuple[float, float]]) -> dict:
+    """A pytest-benchmark JSON document with what scripts/ratios.py reads: each
+    row's median and min, given in ns, stored in seconds."""
+    return {"datetime": "2026-01-02T03:04:05", "benchmarks": [
+        {"name": name, "stats": {"median": med * 1e-9, "min": lo * 1e-9}}
+        for name, (med, lo) in ns.items()]}
+
+
+def test_ratios_script_prints_the_per_call_goals_of_one_run(tmp_path):
+    """scripts/ratios.py on a saved run: hit / empty call, bare C / empty call,
+    the depth-3 pair less its frame (wrapped - empty: 20 ns) / hit, and the pair's
+    slope over depths 1 to 5, each from the medians and from the minima."""
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps(per_call_run({
+        "test_empty_call": (50, 40),
+        "test_wrapped_empty_call": (70, 60),
+        "test_stock_consume_bare": (45, 36),
+        "test_try_charge_stock_hit": (95, 84),
+        "test_slow_path_pair[depth1]": (400, 300),
+        "test_slow_path_pair[depth3]": (520, 420),
+        "test_slow_path_pair[depth5]": (640, 400),
+        "test_uncharge": (1000, 900),
+    })))
+    done = subprocess.run([sys.executable, str(RATIOS_SCRIPT), "--load", str(run)],
+                          check=False, capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout.splitlines()[-6:] == [
+        "| ratio | goal | median | min | met (median / min) |",
+        "|---|---|---:|---:|---|",
+        "| `try_charge(1)` stock hit / empty call | <= 2x | 1.90x | 2.10x | yes / no |",
+        "| bare C call of the hit (`stock_consume`) / empty call |  | 0.90x | 0.90x |  |",
+        # (520 - 20) / 95 and (420 - 20) / 84
+        "| slow-path pair at depth 3, less its frame / stock hit | <= 5x | 5.26x | 4.76x "
+        "| no / yes |",
+        # (640 - 400) / 4 and (400 - 300) / 4
+        "| slow-path pair: cost per level, depth 1 to 5 | <= 30 ns | 60 ns | 25 ns "
+        "| no / yes |"]
+    assert "| the pair's frame: wrapped - empty | 20.0 | 20.0 |" in done.stdout.splitlines()
+
+
+def test_ratios_script_names_the_rows_a_run_lacks(tmp_path):
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps(per_call_run({"test_empty_call": (50, 40),
+                                            "test_try_charge_stock_hit": (95, 84)})))
+    done = subprocess.run([sys.executable, str(RATIOS_SCRIPT), "--load", str(run)],
+                          check=False, capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == ("ratios: the run has no row test_wrapped_empty_call, "
+                           "test_stock_consume_bare, test_slow_path_pair[depth1], "
+                           "test_slow_path_pair[depth3], test_slow_path_pair[depth5]\n")
 
 
 @pytest.mark.parametrize("args, message", [
