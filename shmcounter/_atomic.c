@@ -739,11 +739,17 @@ Slots_op_forward(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
     int64_t *r = word(self, a[0], ROW_WORDS);
     if (!r)
         return NULL;
-    if (!LOAD(&r[R_OP]) || a[2] < 1 || a[2] > LOAD(&r[R_DEPTH])) {
+    if (!LOAD(&r[R_OP]) || a[2] < 1) {
         PyErr_Format(PyExc_ValueError, "op_forward: no op in progress, or %lld levels "
-                     "not in [1, its depth]", (long long)a[2]);
+                     "not at least 1", (long long)a[2]);
         return NULL;
     }
+    int64_t depth = LOAD(&r[R_DEPTH]);
+    if (a[2] > depth)       /* op_begin walked the parent words: one changed since */
+        return CORRUPT(self, depth, "not the number of levels of its counter's path: a "
+                       "parent word is wrong", "the depth of row %lld's op",
+                       self->name ? (long long)((a[0] - self->rows) / ROW_WORDS)
+                                  : (long long)a[0]);
     op_forward(r, a[1], a[2], a[3]);
     Py_RETURN_NONE;
 }

@@ -284,19 +284,19 @@ def _repair(arena: Arena) -> Repair:
         delta = int(rows[row, R_FWD_DELTA]) if levels else 0
         index = counter                                 # walks up to the root
         for level in range(depth):
-            target = int(rows[row, R_BASE + level]) + (delta if level < levels else 0)
+            target = _int64(int(rows[row, R_BASE + level]) + (delta if level < levels else 0))
             rollback[index] = _int64(rollback[index] + int(arena.contrib[row, index]) - target)
             covered[index] = True
             resets[row, index] = target
             index = int(parents[index])
     forward = tuple(row for row, (_, _, _, levels) in ops.items() if levels)
     for index in np.flatnonzero(covered).tolist():      # a completed uncharge below 0
-        deficit = int(rollback[index]) - int(arena.records[index, PC_USAGE])
+        deficit = -_int64(int(arena.records[index, PC_USAGE]) - rollback[index])
         if deficit > 0:
             completer = next((r for r in forward if (r, index) in resets), None)
             if completer is not None:                   # clamped at 0, as a live one is
-                rollback[index] -= deficit
-                resets[completer, index] += deficit
+                rollback[index] = _int64(rollback[index] - deficit)
+                resets[completer, index] = _int64(resets[completer, index] + deficit)
                 slots.fetch_add(H_UNDERFLOWS, 1)
     stray = np.flatnonzero(~covered & (residue != 0))
     if len(stray):
