@@ -735,13 +735,25 @@ Slots_op_begin(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 Slots_op_forward(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    ARGS("op_forward", 4);
+    long long a[4];
+    if (nargs != 4) {
+        PyErr_Format(PyExc_TypeError, "op_forward() takes 4 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    /* delta modulo 2**64, as the usage words wrap: minus a corrupt INT64_MIN taken
+     * from a stock word is a plan too, not an OverflowError */
+    if (parse_ints("op_forward", args, 1, 1, a) < 0
+        || parse_ints("op_forward", args + 2, 2, 2, a + 2) < 0)
+        return NULL;
+    a[1] = (long long)PyLong_AsUnsignedLongLongMask(args[1]);
+    if (a[1] == -1 && PyErr_Occurred())
+        return NULL;
     int64_t *r = word(self, a[0], ROW_WORDS);
     if (!r)
         return NULL;
     if (!LOAD(&r[R_OP]) || a[2] < 1) {
-        PyErr_Format(PyExc_ValueError, "op_forward: no op in progress, or %lld levels "
-                     "not at least 1", (long long)a[2]);
+        PyErr_Format(PyExc_ValueError, LOAD(&r[R_OP]) ? "op_forward: %lld levels, not at "
+                     "least 1" : "op_forward: no op in progress", (long long)a[2]);
         return NULL;
     }
     int64_t depth = LOAD(&r[R_DEPTH]);

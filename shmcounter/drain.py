@@ -51,6 +51,10 @@ from .proc import pid_alive
 from .segment import H_DRAIN_LOCK, H_STOP, R_DONE_SEQ, R_PID, R_REQ_SEQ, R_START
 from .wait import check_timeout
 
+# Linux's largest possible pid (PID_MAX_LIMIT, 64-bit): a pid word above it names
+# no process, whatever it holds.
+PID_MAX_LIMIT = 4 * 1024 * 1024
+
 if TYPE_CHECKING:
     from .segment import Segment as Arena
     from .stock import PageCounterStock
@@ -134,7 +138,8 @@ def post_work(arena: Arena, cpu: int, indexes: Sequence[int] = ()) -> tuple[int,
     for: its stock, if any, is the hotplug path's.
 
     The only sender of SIGDRAIN. The row's pid is read once, and signalled only if
-    it is > 1 (0 is the caller's process group), the row's start word is not 0,
+    it is > 1 (0 is the caller's process group) and at most PID_MAX_LIMIT, the
+    row's start word is not 0,
     and, with a pidfd of that pid held, the row still holds that pid and a start
     word equal to the start time of the process at that pid. A row's start word is
     written after its pid and cleared before it (register_cpu, unregister_cpu,
@@ -149,7 +154,7 @@ def post_work(arena: Arena, cpu: int, indexes: Sequence[int] = ()) -> tuple[int,
     """
     slots, row = arena._slots, arena._row_slot(cpu)
     pid = slots.load(row + R_PID)
-    if pid <= 1 or slots.load(row + R_START) == 0:
+    if not 1 < pid <= PID_MAX_LIMIT or slots.load(row + R_START) == 0:
         return 0, 0
     try:
         pidfd = os.pidfd_open(pid)
