@@ -4,8 +4,9 @@
  * are. The memcg layer's own module: the core (shmcounter/_atomic.c) knows
  * nothing of the legacy block below. It shares the Slots object, its bounds
  * checks, the slot lock and the writer row layout through shmcounter/_slots.h;
- * every function takes a Slots object of shmcounter._atomic as its first argument
- * (a TypeError otherwise).
+ * every step takes a Slots object of shmcounter._atomic as its first argument
+ * (a TypeError otherwise); cgroup_ops takes a Counter of shmcounter._atomic, whose
+ * Slots it uses.
  *
  * The legacy section: one block of MC_WORDS words per CPU, from the slot given to
  * set_section, which also tells the core (the extension section of _slots.h) that
@@ -15,6 +16,10 @@
  * CgroupOps: a legacy cgroup's try_charge and uncharge, each one C call from the
  * caller's frame with its ops inside it (memcg/legacy_design.py binds them), on the
  * op kernel of the core (shmcounter/_op.h) and the memory counter's cached path.
+ * Its ops write their intent records exactly as the stepwise path's do
+ * (legacy.py), so stop_machine.py repairs both alike. The C call holds the GIL
+ * from its first store to its last: no signal handler and no other thread of this
+ * process runs inside it.
  *
  * Multi-phase init (PEP 489); the module state holds the Slots type,
  * shmcounter.errors.ArenaCorrupt, the CgroupOps type and this process's random

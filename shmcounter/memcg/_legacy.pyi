@@ -1,6 +1,8 @@
 """Type stub of the C extension shmcounter.memcg._legacy (shmcounter/memcg/_legacy.c):
-its Python-visible API exactly. Every function takes a shmcounter._atomic.Slots,
-then int arguments converted with __index__ to C long long, all positional-only."""
+its Python-visible API exactly. Every step takes a shmcounter._atomic.Slots, then
+int arguments converted with __index__ to C long long, all positional-only;
+cgroup_ops takes a bound shmcounter._atomic.Counter and returns the C ops of one
+cgroup."""
 from collections.abc import Callable
 from typing import Any, Final, SupportsIndex, TypeAlias, final
 
