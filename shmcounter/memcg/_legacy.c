@@ -494,16 +494,18 @@ report(cancelled *c)
 
 /*
  * refill_stock(this cgroup, nr) inside the op of row r on the memory counter's path,
- * whose nr pages are charged: the slot step (refill_slots; the victim drawn first
- * in the random eviction order, as legacy._refill does), then, in the same op, the
- * uncharge of the pages the stock did not take (a bypass: nr; an overflow drain:
- * the slot's pages). Returns the slot word whose cgroup was evicted to its pending
- * half (the caller uncharges it in an op of its own, after this one), -1, or -2
- * with ArenaCorrupt, the op rolled back and ended.
+ * whose nr pages are charged, and which has charged `applied` pages at each level
+ * so far (a charge op: the charge; a kmem uncharge: 0): the slot step
+ * (refill_slots; the victim drawn first in the random eviction order, as
+ * legacy._refill does), then, in the same op, the uncharge of the pages the stock
+ * did not take (a bypass: nr; an overflow drain: the slot's pages). Returns the
+ * slot word whose cgroup was evicted to its pending half (the caller uncharges it
+ * in an op of its own, after this one), -1, or -2 with ArenaCorrupt, the op rolled
+ * back and ended.
  */
 static int64_t
 refill_op(OpsObject *o, SlotsObject *s, int64_t *r, int64_t block, int64_t nr,
-          cancelled *c)
+          int64_t applied, cancelled *c)
 {
     CounterObject *co = o->memory;
     int64_t victim = -1, pages;
@@ -512,20 +514,21 @@ refill_op(OpsObject *o, SlotsObject *s, int64_t *r, int64_t block, int64_t nr,
     int i, action = refill_slots(o->st, s, r, s->words + block, block, co->index + 1, nr,
                                  victim, s->owner, &i, &pages);
     if (action < 0) {
-        /* The op charged nr at every level and changed nothing else: take them back,
-         * as op_abort (_atomic.c) would, and end it. */
-        for (int l = 0; l < co->depth; l++)
+        /* The op charged `applied` at every level and changed nothing else: take
+         * them back, as op_abort (_atomic.c) would, and end it. */
+        for (int l = 0; l < co->depth && applied; l++)
             level_cancel(s->words + co->rec[l],
                          l + 1 < co->depth ? s->words + co->rec[l + 1] : NULL,
-                         s->words + s->contrib + co->idx[l], nr);
+                         s->words + s->contrib + co->idx[l], applied);
         op_leave(r);
         return -2;
     }
     if (action == LEGACY_BYPASS || action == LEGACY_OVERFLOW) {
-        /* op_forward: the plan is final; from here the op only takes pages back
-         * (delta -(bypass ? nr : pages) at every level; the slot word as
-         * refill_slots left it). */
-        cancel_path(s, co, action == LEGACY_BYPASS ? nr : pages, c);
+        int64_t take = action == LEGACY_BYPASS ? nr : pages;
+        /* op_forward: the plan is final and the slot word holds its end value:
+         * op_forward(r, applied - take, co->depth,
+         *            i >= 0 ? LOAD(&s->words[block + MC_SLOTS + i]) : 0) */
+        cancel_path(s, co, take, c);
     }
     return action == LEGACY_EVICTED ? block + MC_SLOTS + i : -1;
 }
@@ -577,9 +580,9 @@ uncharge_evicted(OpsObject *o, SlotsObject *s, int64_t slot)
     op_intent(s, r, victim, slot, sw);
     int64_t w = LOAD(sw);
     if ((w >> (HALF + 8) & TAG_MASK) == tag) {
-        /* op_forward: the plan is final; from here the op only takes pages back
-         * (delta -(w >> HALF & NR_MASK) at every level; the slot word w & CUR_MASK). */
         STORE(sw, w & CUR_MASK);
+        /* op_forward: the plan is final and the slot word holds its end value:
+         * op_forward(r, -(w >> HALF & NR_MASK), victim->depth, w & CUR_MASK) */
         cancel_path(s, victim, w >> HALF & NR_MASK, &c);
     }
     op_leave(r);
@@ -636,7 +639,8 @@ charge_attempt(OpsObject *o, SlotsObject *s, int64_t nr)
     int64_t evicted = -1;
     cancelled c;
     c.counter = NULL;
-    if (fail < 0 && charge > nr && (evicted = refill_op(o, s, r, block, charge - nr, &c)) == -2)
+    if (fail < 0 && charge > nr
+        && (evicted = refill_op(o, s, r, block, charge - nr, charge, &c)) == -2)
         return TC_ERROR;
     op_leave(r);
     if (after_refill(o, s, evicted, &c) < 0)
@@ -694,7 +698,7 @@ Ops_uncharge(OpsObject *o, PyObject *const *args, Py_ssize_t nargs, PyObject *kw
     cancelled c;
     c.counter = NULL;
     op_intent(s, r, o->memory, -1, NULL);
-    int64_t evicted = refill_op(o, s, r, block, nr, &c);
+    int64_t evicted = refill_op(o, s, r, block, nr, 0, &c);
     if (evicted == -2)
         return NULL;
     op_leave(r);
