@@ -15,6 +15,7 @@ import sys
 import pytest
 
 from shmcounter import hooks
+from shmcounter.errors import ArenaCorrupt
 from shmcounter.invariants import check_invariants
 from shmcounter.memcg import Cgroups
 from shmcounter.memcg.legacy import MC_DRAIN_IDX, MC_SLOTS, NR_MEMCG_STOCK
@@ -175,12 +176,35 @@ def test_a_freed_cgroups_ops_are_handed_to_python_which_raises(arena, tree):
 
 
 def _raised(fn, *args, **kw) -> str:
-    """fn(*args, **kw)'s ValueError, as a string."""
+    """fn(*args, **kw)'s ValueError or ArenaCorrupt, as a string."""
     try:
         fn(*args, **kw)
-    except ValueError as exc:
+    except (ValueError, ArenaCorrupt) as exc:
         return str(exc)
-    raise AssertionError("no ValueError")
+    raise AssertionError("nothing raised")
+
+
+def test_a_corrupt_drain_idx_raises_from_the_c_op_which_changes_nothing(arena, tree):
+    """Round-robin eviction reads drain_idx under the CPU's lock, inside the charge
+    op: out of range, the C op takes its 64 pages back at every level and raises
+    ArenaCorrupt itself (no Python step runs but the exception's constructor)."""
+    fill_7(tree)
+    a8, drain_idx = tree.cgroup("A8"), arena._memcg.cpu_slot(0) + MC_DRAIN_IDX
+    arena._slots.store(drain_idx, 2**40)
+    words, walks = slots(arena), tree.stats()["walks"]
+    error, entered = python_calls(_raised, a8.try_charge, 1)
+    assert error == (f"arena {arena.name!r}: memcg_cpu 0's drain_idx is 1099511627776, "
+                     f"not a slot number in [0, 7)")
+    assert set(entered) == {"_raised", "__init__"}          # ArenaCorrupt's
+    assert (a8.memory.usage, tree.root.memory.usage, slots(arena)) == (0, 7 * 64, words)
+    assert tree.stats()["walks"] - walks == 1               # the charge, taken back
+    assert [arena._slots.load(arena._slots.row + w) for w in (R_OP, R_IN_OP)] == [0, 0]
+    arena._slots.store(drain_idx, 0)
+    assert in_c(a8.try_charge, 1) is True
+    assert (a8.memory.usage, slots(arena)[0]) == (64, half(9, 63))
+    check_invariants(arena, {f"A{k}": 1 for k in range(1, 9)})
+    for k in range(1, 9):
+        tree.cgroup(f"A{k}").uncharge(1)
 
 
 def test_armed_hooks_take_the_stepwise_path_and_stop_at_legacy_evicted(arena, tree):
