@@ -1,9 +1,12 @@
 """Type stub of the C extension shmcounter.memcg._legacy (shmcounter/memcg/_legacy.c):
-its Python-visible API exactly. Every function takes a shmcounter._atomic.Slots,
-then int arguments converted with __index__ to C long long, all positional-only."""
-from typing import Final, SupportsIndex, TypeAlias
+its Python-visible API exactly. Every step takes a shmcounter._atomic.Slots, then
+int arguments converted with __index__ to C long long, all positional-only;
+cgroup_ops takes a bound shmcounter._atomic.Counter and returns the C ops of one
+cgroup."""
+from collections.abc import Callable
+from typing import Any, Final, SupportsIndex, TypeAlias, final
 
-from shmcounter._atomic import Slots
+from shmcounter._atomic import Counter, Slots
 
 _Int: TypeAlias = SupportsIndex
 
@@ -36,3 +39,16 @@ def refill(
 ) -> tuple[int, int, int]: ...
 def trylock(slots: Slots, block: _Int, owner: _Int, /) -> bool: ...
 def unlock(slots: Slots, block: _Int, /) -> None: ...
+
+@final
+class CgroupOps:
+    """The legacy ops of one cgroup, each one C call (cgroup_ops)."""
+    def try_charge(self, n: int) -> bool: ...
+    def uncharge(self, n: int, *, kmem: bool = False) -> None: ...
+
+def cgroup_ops(
+    memory: Counter, otherwise: Callable[[int, Any], bool],
+    stepwise: Callable[[int, bool], None], evicted: Callable[[int], None],
+    handles: list[Any], guard: _Int, bad: _Int, states: _Int, cg_words: _Int,
+    eviction: _Int, random: _Int, /,
+) -> CgroupOps: ...

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, Protocol
 
-from .. import cpuhp, hooks
+from .. import cpuhp
 from ..errors import Busy
-from ..page_counter import NR_PAGES_LIMIT, check_nr
+from ..page_counter import check_nr
 from . import legacy
-from ._legacy import CONSUME_HIT, MC_FLUSHING, MC_SLOTS, NR_MEMCG_STOCK
-from ._legacy import consume as legacy_consume  # the inlined hit: a global, no attribute
-from .cgroup import MemCgroup
-from .section import M_VARIANT
+from ._legacy import MC_FLUSHING, MC_SLOTS, NR_MEMCG_STOCK, cgroup_ops
+from .cgroup import FREED, MemCgroup
+from .section import CG_STATE, CG_WORDS, EVICTIONS, M_EVICTION, M_VARIANT
 from .variants import DESIGNS, Design, register_design
 
 if TYPE_CHECKING:
@@ -26,32 +26,47 @@ if TYPE_CHECKING:
     from .cgroups import Cgroups
 
 
-class LegacyCgroup(MemCgroup):
-    """A cgroup of the legacy design: its stock is the CPU's slot that caches it."""
+class _Uncharge(Protocol):
+    def __call__(self, n: int, *, kmem: bool = False) -> None: ...
 
-    def __init__(self, tree: Cgroups, index: int, parent: MemCgroup | None) -> None:
-        super().__init__(tree, index, parent)
-        self._tag = index + 1                         # its tag in the legacy slots
+
+class LegacyCgroup(MemCgroup):
+    """A cgroup of the legacy design: its stock is the CPU's slot that caches it.
+
+    try_charge(n) and uncharge(n, kmem=False) are each one C call from the
+    caller's frame (_legacy.cgroup_ops): the consume_stock hit, or the op on the
+    memory counter's path that charges and refills, then the eviction's second
+    op; the refill_stock of a kmem uncharge likewise. Python takes over where C
+    cannot finish (_after_refusal, _uncharge_stepwise; the C module says when).
+    """
+
+    uncharge: _Uncharge
 
     def _fast_try_charge(self) -> Callable[[int], bool]:
-        return self._try_charge
+        """The C ops of this cgroup, built once (by MemCgroup.__init__): binds
+        uncharge, returns try_charge. Its tag in the legacy slots is its memory
+        counter's index + 1."""
+        arena = self._tree._arena
+        memcg = arena._memcg
+        ops = cgroup_ops(self.memory, self._after_refusal, self._uncharge_stepwise,
+                         partial(legacy._uncharge_evicted, arena), arena._handles,
+                         self._record + CG_STATE, FREED, memcg.cgroups_slot + CG_STATE,
+                         CG_WORDS, memcg.slot + M_EVICTION, EVICTIONS.index("random"))
+        self.uncharge = ops.uncharge
+        return ops.try_charge
 
-    def _try_charge(self, n: int) -> bool:
-        """try_charge_memcg; the consume_stock hit is inlined (one C call)."""
-        tree = self._tree
-        arena = tree._arena
-        row = arena._stock_row
-        if row >= 0 and type(n) is int and 0 <= n < NR_PAGES_LIMIT and not hooks.ARMED \
-                and legacy_consume(arena._slots, row, arena._memcg.block, self._tag,
-                                   n) == CONSUME_HIT:
-            return True                     # a freed cgroup is in no slot: never here
-        nr_pages = check_nr(n)
-        self._check_alive()
-        return tree._try_charge(self, nr_pages)
+    def _after_refusal(self, nr_pages: int, refused: PageCounter | None) -> bool:
+        """try_charge_memcg after its first attempt in C was refused by counter
+        `refused` (memory.events, the repair of dead writers, drain_all_stock, the
+        retry: cgroups.py), or did not run (None: all of it in Python)."""
+        if refused is None:
+            return self._try_charge(nr_pages)
+        return self._tree._try_charge(self, nr_pages, refused)
 
-    def uncharge(self, n: int, *, kmem: bool = False) -> None:
-        """A folio uncharge goes through the hierarchy; kmem=True (kmem and socket
-        pages) returns the pages to this CPU's slot (refill_stock)."""
+    def _uncharge_stepwise(self, n: int, kmem: bool = False) -> None:
+        """uncharge in Python steps: a folio uncharge goes through the hierarchy;
+        kmem=True (kmem and socket pages) returns the pages to this CPU's slot
+        (refill_stock)."""
         nr_pages = check_nr(n)
         if not isinstance(kmem, bool):
             raise TypeError(f"kmem must be a bool, got {kmem!r}")
