@@ -525,9 +525,9 @@ refill_op(OpsObject *o, SlotsObject *s, int64_t *r, int64_t block, int64_t nr,
     }
     if (action == LEGACY_BYPASS || action == LEGACY_OVERFLOW) {
         int64_t take = action == LEGACY_BYPASS ? nr : pages;
-        /* op_forward: the plan is final and the slot word holds its end value:
-         * op_forward(r, applied - take, co->depth,
-         *            i >= 0 ? LOAD(&s->words[block + MC_SLOTS + i]) : 0) */
+        /* the plan is final and the slot word holds its end value */
+        op_forward(r, applied - take, co->depth,
+                   i >= 0 ? LOAD(&s->words[block + MC_SLOTS + i]) : 0);
         cancel_path(s, co, take, c);
     }
     return action == LEGACY_EVICTED ? block + MC_SLOTS + i : -1;
@@ -581,8 +581,8 @@ uncharge_evicted(OpsObject *o, SlotsObject *s, int64_t slot)
     int64_t w = LOAD(sw);
     if ((w >> (HALF + 8) & TAG_MASK) == tag) {
         STORE(sw, w & CUR_MASK);
-        /* op_forward: the plan is final and the slot word holds its end value:
-         * op_forward(r, -(w >> HALF & NR_MASK), victim->depth, w & CUR_MASK) */
+        /* the plan is final and the slot word holds its end value */
+        op_forward(r, -(w >> HALF & NR_MASK), victim->depth, w & CUR_MASK);
         cancel_path(s, victim, w >> HALF & NR_MASK, &c);
     }
     op_leave(r);
