@@ -231,6 +231,7 @@ def _after_fork_in_child() -> None:
     for reset in _fork_resets:
         reset()
     for arena in list(_open_arenas):
+        arena._children_lock = threading.Lock()
         for hook in _handle_hooks["fork"]:
             hook(arena)
         arena._opens = 1      # the child holds one open of each handle it inherits
@@ -555,6 +556,9 @@ class Segment:
         self._handles: list[PageCounter | None] = [None] * self.max_counters
         self._index: dict[str, int] = {}
         self._known = 0
+        self._children: dict[int, list[int]] = {}
+        self._children_known = 0
+        self._children_lock = threading.Lock()
         self._closed = False
         for init in _handle_hooks["init"]:
             init(self)
@@ -836,6 +840,24 @@ class Segment:
             raise self._corrupt(f"counter {index}'s parent", parent,
                                 "not -1 or an earlier counter")
         return parent
+
+    def _child_counters(self, index: int) -> list[int]:
+        """The indexes of counter `index`'s children, in creation order, whoever
+        created them. This handle keeps the index of children and extends it with
+        the counters published since its last call: a counter's parent never
+        changes and ncounters only grows, so a call costs one load of ncounters
+        when no counter was created since, and the cost of a walk of a subtree
+        does not grow with the rest of the tree. The caller must not modify the
+        list."""
+        n = self._published()
+        if self._children_known < n:
+            with self._children_lock:
+                for i in range(self._children_known, n):
+                    parent = self._parent(i)
+                    if parent >= 0:
+                        self._children.setdefault(parent, []).append(i)
+                    self._children_known = i + 1
+        return self._children.get(index, [])
 
     def _parents(self, n: int) -> np.ndarray:
         """The parents of counters 0..n-1, each checked as by _parent."""
