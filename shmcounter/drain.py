@@ -7,18 +7,26 @@ then waits for all, so the latency is one round trip:
   requester (any attached process)            CPU k (a registered process)
   -----------------------------------         --------------------------------------
   requests[k][c] = 1                  (1)
+  summary[k] |= bit of c's group      (1')
   t = ++req_seq[k]                    (2)
   signal CPU k's process (post_work) ------>  handler, between two bytecodes:
   (own part inline, if a CPU)                   s = req_seq[k]          (3)
-                                                for c with requests[k][c]:
+                                                for each group g whose bit it
+                                                takes (exchange the summary word):
+                                                  for c of g with requests[k][c]:
                                                     requests[k][c] = 0
                                                     drain_stock_local(c)
   futex_wait(done_seq[k]) <----------------     done_seq[k] = max(done_seq[k], s);
   until done_seq[k] >= t                        futex_wake(done_seq[k])
 
-Correctness: (1) comes before (2), and CPU k reads req_seq (3) before it scans the
-flags, so when done_seq[k] >= t our flag was seen by that scan, or cleared by an
-earlier one that drained after (1).
+Correctness: (1) comes before (1') before (2), and CPU k reads req_seq (3) before
+it takes the summary bits, and takes a bit before it reads its group's flags; so
+when done_seq[k] >= t, our bit was taken by that serve, or by an earlier one after
+(1'), and the serve that took it read our flag after (1): it drained c, or found
+the flag cleared by an earlier serve that drained c after (1). A serve reads the
+flags of the groups asked (64 counters each) and the summary (one word per 4096
+counters), not every flag: a drain costs the CPU what it asks, whatever the number
+of counters in the arena.
 
 A signal is the closest thing to an interrupt: the handler runs at the next
 bytecode even in a tight charge loop, and interrupts a blocking wait (EINTR). If
@@ -40,15 +48,17 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from . import cpuhp, pidlock
 from .cpuhp import this_cpu_of
 from .errors import DrainTimeout
 from .proc import pid_alive
-from .segment import H_DRAIN_LOCK, H_STOP, R_DONE_SEQ, R_PID, R_REQ_SEQ, R_START
+from .segment import H_DRAIN_LOCK, H_STOP, R_DONE_SEQ, R_PID, R_REQ_SEQ, R_START, REQUEST_GROUP
 from .wait import check_timeout
 
 # Linux's largest possible pid (PID_MAX_LIMIT, 64-bit): a pid word above it names
@@ -56,6 +66,7 @@ from .wait import check_timeout
 PID_MAX_LIMIT = 4 * 1024 * 1024
 
 if TYPE_CHECKING:
+    from ._atomic import Slots
     from .segment import Segment as Arena
     from .stock import PageCounterStock
 
@@ -169,8 +180,7 @@ def post_work(arena: Arena, cpu: int, indexes: Sequence[int] = ()) -> tuple[int,
         # so it serves this ticket. If the send fails (the process exited since
         # the check) nobody waits on the ticket; the CPU's next serve, or
         # hotplug.cpu_dead, moves done_seq past it.
-        for index in indexes:
-            slots.store(arena._request_slot(cpu, index), 1)
+        ask(arena, cpu, indexes)
         ticket = slots.fetch_add(row + R_REQ_SEQ, 1) + 1
         try:
             signal.pidfd_send_signal(pidfd, SIGDRAIN)
@@ -179,6 +189,73 @@ def post_work(arena: Arena, cpu: int, indexes: Sequence[int] = ()) -> tuple[int,
         return pid, ticket
     finally:
         os.close(pidfd)
+
+
+WORD_BITS = 64
+_WORD_MASK = (1 << WORD_BITS) - 1
+
+
+def ask(arena: Arena, cpu: int, indexes: Iterable[int]) -> None:
+    """Set CPU `cpu`'s request flag of each counter in `indexes`, then the summary
+    bit of each one's group: (1) and (1') of the module docstring."""
+    slots = arena._slots
+    groups = set()
+    for index in indexes:
+        slots.store(arena._request_slot(cpu, index), 1)
+        groups.add(index // REQUEST_GROUP)
+    for group in groups:
+        word, bit = divmod(group, WORD_BITS)
+        _or(slots, arena._summary_slot(cpu, word), 1 << bit)
+
+
+def take_requests(arena: Arena, cpu: int, drain: Callable[[int], object]) -> None:
+    """CPU `cpu`'s half, after it read req_seq: take each summary bit set, and for
+    each flag set in that group, clear it and call drain(index). O(the groups
+    asked + the summary words), whatever the number of counters. Flags of
+    counters not published (a hostile word) are left alone. If drain raises, its
+    flag and the bits not served yet are set again before the error propagates,
+    so that the next serve does them."""
+    slots = arena._slots
+    for word in np.flatnonzero(arena.request_summary[cpu]).tolist():
+        summary = arena._summary_slot(cpu, word)
+        bits = slots.exchange(summary, 0) & _WORD_MASK
+        try:
+            while bits:
+                low = bits & -bits
+                _take_group(arena, cpu, word * WORD_BITS + low.bit_length() - 1, drain)
+                bits ^= low
+        except BaseException:
+            _or(slots, summary, bits)
+            raise
+
+
+def _take_group(arena: Arena, cpu: int, group: int, drain: Callable[[int], object]) -> None:
+    slots = arena._slots
+    start = group * REQUEST_GROUP
+    flags = arena.requests[cpu, start:start + REQUEST_GROUP].copy()     # others write it
+    n = arena._published()
+    for index in (start + np.flatnonzero(flags)).tolist():
+        if index >= n and index >= (n := arena._published()):
+            continue                                # not a counter (yet): not ours to clear
+        flag = arena._request_slot(cpu, index)
+        if slots.exchange(flag, 0):
+            try:
+                drain(index)
+            except BaseException:
+                slots.store(flag, 1)
+                raise
+
+
+def _or(slots: Slots, slot: int, bits: int) -> None:
+    """Atomically set `bits` (a mask of 64 bits, unsigned) in word `slot`."""
+    if bits >> (WORD_BITS - 1):
+        bits -= 1 << WORD_BITS                       # the word is a signed int64
+    old = slots.load(slot)
+    while old | bits != old:
+        seen = slots.cas(slot, old, old | bits)
+        if seen == old:
+            return
+        old = seen
 
 
 def _timeout(arena: Arena, cpu: int, pid: int, counters: Sequence[PageCounterStock],

@@ -44,6 +44,7 @@ def cpu_dead(arena: Arena, cpu: int) -> dict[str, int]:
         # freed since and reused would be busy forever on this CPU.
         arena.stocks[cpu, :, STOCK_LOCK] = 0
         arena.requests[cpu, :] = 0
+        arena.request_summary[cpu, :] = 0
         slots.store(row + R_DONE_SEQ, slots.load(row + R_REQ_SEQ))
         arena._set_row_owner(cpu, 0)
         slots.cas(slot, pid, 0)

@@ -52,9 +52,14 @@ Bump LAYOUT_VERSION whenever a line below changes.
                        Written by the owner only (or by hotplug under
                        stop_machine). Invariant (quiescent, I7):
                            usage[c] == contrib[:, c].sum()
-  requests   one line-padded block per CPU of max_counters words: requests[k][c]
-                       is 1 while a drain of c on CPU k is asked for (any process
-                       sets it; CPU k clears it when it drains).
+  requests   one line-padded block per CPU: max_counters words, then the
+                       summary, ceil(max_counters / 4096) words (a line at least).
+                       requests[k][c] is 1 while a drain of c on CPU k is asked
+                       for (any process sets it; CPU k clears it when it drains).
+                       Summary bit b of word w is set (after the flag) when a
+                       flag of counters [64 (64 w + b), 64 (64 w + b) + 64) is
+                       set, and taken by CPU k before it reads them (drain.py):
+                       CPU k reads the flags of the groups asked, not all.
   names      max_counters x 64 bytes: UTF-8 name, NUL padded.
   sections   the sections of higher layers (register_section), each on its own
                        lines, in registration order; opaque here. shmcounter.memcg
@@ -112,7 +117,7 @@ if TYPE_CHECKING:
 LINE = 64
 WORD = 8
 MAGIC = int.from_bytes(b"SHMCNTR\0", "little")
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4
 NAME_PREFIX = "shmcounter_"
 NAME_BYTES = 64
 GEOMETRY_LIMIT = 1 << 20          # ncpus, max_counters, max_stocked, max_writers
@@ -123,6 +128,8 @@ H_MAGIC, H_VERSION, H_NCPUS, H_MAX_COUNTERS, H_MAX_STOCKED, H_CREATOR_PID, \
 H_NCOUNTERS, H_REGISTRY_LOCK, H_UNDERFLOWS, H_MAX_WRITERS, H_DRAIN_LOCK = 8, 9, 10, 11, 12
 H_STOP = 16
 HEADER_WORDS = 24
+# Request flags per bit of a CPU's request summary (see requests below).
+REQUEST_GROUP = 64
 
 # page_counter record, stock slot and writer row words: defined by the C module,
 # whose fused steps need them; re-exported here, where the layout is documented.
@@ -189,7 +196,7 @@ _by_name: weakref.WeakValueDictionary[str, Segment] = weakref.WeakValueDictionar
 _opens_lock = threading.Lock()
 # What close() drops: the numpy views of the segment (their buffer exports).
 _VIEWS = ("_bytes", "header", "rows", "records", "stock_owner", "stocks", "contrib",
-          "requests", "names")
+          "requests", "request_summary", "names")
 
 
 # What higher layers do with each handle of this process (register_handle_hook):
@@ -231,6 +238,7 @@ def _after_fork_in_child() -> None:
     for reset in _fork_resets:
         reset()
     for arena in list(_open_arenas):
+        arena._children_lock = threading.Lock()
         for hook in _handle_hooks["fork"]:
             hook(arena)
         arena._opens = 1      # the child holds one open of each handle it inherits
@@ -284,8 +292,10 @@ class _Sections:
         self.stock_block = _round_up(max(max_stocked, 1) * STOCK_WORDS * WORD)
         self.contrib = self.stocks + ncpus * self.stock_block
         self.counter_block = _round_up(max_counters * WORD)
+        self.summary_words = -(-max_counters // (REQUEST_GROUP * 64))
+        self.request_block = self.counter_block + _round_up(self.summary_words * WORD)
         self.requests = self.contrib + nrows * self.counter_block
-        self.names = self.requests + ncpus * self.counter_block
+        self.names = self.requests + ncpus * self.request_block
         # The sections of higher layers (register_section), in registration order,
         # each on its own lines: opaque to this module.
         at = _round_up(self.names + max_counters * NAME_BYTES)
@@ -473,6 +483,7 @@ class Segment:
         stocks: NDArray[np.int64]
         contrib: NDArray[np.int64]
         requests: NDArray[np.int64]
+        request_summary: NDArray[np.int64]
         names: NDArray[np.uint8]
         # Per-handle state of higher layers, set by their init hooks
         # (register_handle_attribute): writer.py's and memcg/section.py's.
@@ -481,7 +492,7 @@ class Segment:
     else:
         _shm = _slots = None
         _bytes = header = rows = records = stock_owner = stocks = contrib = requests = \
-            names = _View()
+            request_summary = names = _View()
     _creator = False
     _unlinked = False
     _closed = True
@@ -538,7 +549,10 @@ class Segment:
         self.contrib = np.ndarray((self.nrows, self.max_counters), np.int64, buf,
                                   sec.contrib, strides=(sec.counter_block, WORD))
         self.requests = np.ndarray((self.ncpus, self.max_counters), np.int64, buf,
-                                   sec.requests, strides=(sec.counter_block, WORD))
+                                   sec.requests, strides=(sec.request_block, WORD))
+        self.request_summary = np.ndarray(
+            (self.ncpus, sec.summary_words), np.int64, buf, sec.requests + sec.counter_block,
+            strides=(sec.request_block, WORD))
         self.names = np.ndarray((self.max_counters, NAME_BYTES), np.uint8, buf, sec.names)
         self._extra = sec.extra
         self._slots = Slots(mapped)
@@ -552,9 +566,13 @@ class Segment:
         self._contrib_slot0 = sec.contrib // WORD
         self._requests_slot0 = sec.requests // WORD
         self._counter_block_words = sec.counter_block // WORD
+        self._request_block_words = sec.request_block // WORD
         self._handles: list[PageCounter | None] = [None] * self.max_counters
         self._index: dict[str, int] = {}
         self._known = 0
+        self._children: dict[int, list[int]] = {}
+        self._children_known = 0
+        self._children_lock = threading.Lock()
         self._closed = False
         for init in _handle_hooks["init"]:
             init(self)
@@ -837,6 +855,24 @@ class Segment:
                                 "not -1 or an earlier counter")
         return parent
 
+    def _child_counters(self, index: int) -> list[int]:
+        """The indexes of counter `index`'s children, in creation order, whoever
+        created them. This handle keeps the index of children and extends it with
+        the counters published since its last call: a counter's parent never
+        changes and ncounters only grows, so a call costs one load of ncounters
+        when no counter was created since, and the cost of a walk of a subtree
+        does not grow with the rest of the tree. The caller must not modify the
+        list."""
+        n = self._published()
+        if self._children_known < n:
+            with self._children_lock:
+                for i in range(self._children_known, n):
+                    parent = self._parent(i)
+                    if parent >= 0:
+                        self._children.setdefault(parent, []).append(i)
+                    self._children_known = i + 1
+        return self._children.get(index, [])
+
     def _parents(self, n: int) -> np.ndarray:
         """The parents of counters 0..n-1, each checked as by _parent."""
         parents = self.records[:n, PC_PARENT].copy()
@@ -930,7 +966,12 @@ class Segment:
         return self._contrib_slot0 + row * self._counter_block_words + index
 
     def _request_slot(self, cpu: int, index: int) -> int:
-        return self._requests_slot0 + cpu * self._counter_block_words + index
+        return self._requests_slot0 + cpu * self._request_block_words + index
+
+    def _summary_slot(self, cpu: int, word: int) -> int:
+        """Word `word` of CPU `cpu`'s summary of its request flags."""
+        return (self._requests_slot0 + cpu * self._request_block_words
+                + self._counter_block_words + word)
 
     def _stock_slot(self, cpu: int, sid: int) -> int:
         return self._stocks_slot + cpu * self._stock_block_words + sid * STOCK_WORDS

@@ -36,7 +36,7 @@ import numpy as np
 
 from . import cpuhp, hooks
 from ._atomic import STOCK_BUSY
-from .drain import drain_stock
+from .drain import drain_stock, take_requests
 from .errors import ArenaError
 from .hotplug import check_dead
 from .segment import (
@@ -342,16 +342,16 @@ def _dead(arena: Arena, cpu: int) -> dict[str, int]:
 
 def _serve(arena: Arena, cpu: int) -> None:
     """The drain work item on this CPU (drain.serve, op lock held): drain the
-    stock of each counter whose request flag is set, in an op of its own."""
-    writer, slots = arena._writer, arena._slots
-    asked = arena.requests[cpu, :arena._published()].copy()   # others write it
-    for index in np.flatnonzero(asked).tolist():
-        if slots.exchange(arena._request_slot(cpu, index), 0):
-            counter = arena._handle(index)
-            slot = counter._local_slot()
-            if slot >= 0:
-                with writer.op(counter, slot, locked=True) as kbase:
-                    counter._drain_local_in_op(slot, kbase)
+    stock of each counter asked (drain.take_requests), in an op of its own."""
+    writer = arena._writer
+
+    def drain(index: int) -> None:
+        counter = arena._handle(index)
+        slot = counter._local_slot()
+        if slot >= 0:
+            with writer.op(counter, slot, locked=True) as kbase:
+                counter._drain_local_in_op(slot, kbase)
+    take_requests(arena, cpu, drain)
 
 
 def _stock_pages(arena: Arena, n: int) -> np.ndarray:

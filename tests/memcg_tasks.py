@@ -45,3 +45,10 @@ def stock(arena: Arena, name: str) -> int:
 
 def disarm() -> None:
     hooks.clear()
+
+
+def create(arena: Arena, cgroups: list[tuple[str, str | None]]) -> None:
+    """mkdir each (name, parent name or None for root), in order."""
+    cg = Cgroups(arena)
+    for name, parent in cgroups:
+        cg.create(name, None if parent is None else cg.cgroup(parent))

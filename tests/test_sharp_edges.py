@@ -225,7 +225,7 @@ ARENA_CALLS: dict[str, Callable[[Arena, PageCounter], object]] = {
     "calculate_protection": lambda a, c: a.calculate_protection(c.parent, c),  # type: ignore[arg-type]
     **{view: (lambda v: lambda a, c: getattr(a, v))(view) for view in (
         "header", "rows", "records", "stock_owner", "stocks", "contrib", "requests",
-        "names")},
+        "request_summary", "names")},
 }
 COUNTER_OPEN_ANYWAY = {"name", "parent"}
 COUNTER_CALLS: dict[str, Callable[[PageCounter], object]] = {

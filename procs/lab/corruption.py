@@ -15,9 +15,10 @@ The world, built once and snapshotted (the whole segment):
 
 A try restores the snapshot, writes one hostile value into one live word (header,
 writer rows with their intent records, counter records, stock owners and slots,
-contributions, drain requests, name bytes, memcg header, cgroup records, legacy
-per-CPU blocks), then runs the driver in a fresh process with a hard timeout. The
-driver is forked by a zygote that imported the library but never opened an arena.
+contributions, drain requests and their summary, name bytes, memcg header, cgroup
+records, legacy per-CPU blocks), then runs the driver in a fresh process with a
+hard timeout. The driver is forked by a zygote that imported the library but
+never opened an arena.
 Its steps: attach; look every counter up; charge and uncharge as a plain writer;
 register as CPU 3 and charge from its stock, drain it; hotplug_cpu_dead(2);
 drain_stock; the memcg tree (charge, kmem uncharge, drain_all_stock,
@@ -230,6 +231,8 @@ def targets(arena: Arena, pids: dict[str, int]) -> list[Target]:
     for cpu in range(arena.ncpus):
         for index in range(n):
             add(f"requests[{cpu}][{index}]", arena._request_slot(cpu, index), index)
+        for word in range(arena.request_summary.shape[1]):
+            add(f"request_summary[{cpu}][{word}]", arena._summary_slot(cpu, word), word)
     names_offset = arena.names.ctypes.data - arena._bytes.ctypes.data
     for index, name in enumerate(names):
         size = len(name.encode())

@@ -243,14 +243,21 @@ class Cgroups:
         return g
 
     def _children(self, g: MemCgroup) -> list[MemCgroup]:
-        return [c for c in self.cgroups() if c.parent is not None and c.parent._index == g._index]
+        """g's child cgroups, whoever created them, in creation order: O(g's
+        children), whatever the size of the rest of the tree."""
+        states = self._arena._memcg.cgroups[:, CG_STATE]
+        return [self._cgroup_at(i) for i in self._arena._child_counters(g._index) if states[i]]
 
     def _subtree(self, g: MemCgroup) -> list[MemCgroup]:
-        """g and its descendants (one pass: parents come before children)."""
-        inside = {g._index}
-        for c in self.cgroups():
-            if c.parent is not None and c.parent._index in inside:
-                inside.add(c._index)
+        """g and its descendants, in creation order (parents before children): a
+        walk down the counter tree's index of children (Segment._child_counters)
+        through the counters that are cgroups, O(the subtree) whatever the size
+        of the rest of the tree. (A cgroup's children are memory counters; its
+        memsw counter's children are memsw counters, which are no cgroups.)"""
+        states = self._arena._memcg.cgroups[:, CG_STATE]
+        inside = [g._index]
+        for index in inside:                      # grows while we walk it
+            inside.extend(i for i in self._arena._child_counters(index) if states[i])
         return [self._cgroup_at(i) for i in sorted(inside)]
 
     def _stocked(self, g: MemCgroup) -> list[PageCounter]:
