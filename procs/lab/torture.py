@@ -113,8 +113,9 @@ AIMS = ("flight", "op", "alternate")     # where aimed kills land (see above)
 AIM_TIMEOUT = 60.0                       # seconds to catch a victim where aimed
 AIM_DELAY = 50e-6                        # at most this long running between two stops
 STOP_TIMEOUT = 10.0                      # seconds for a SIGSTOP to stop its process
-# Waiting for a stop sleeps this long between two looks: not much shorter, or a CPU
-# process on the SCHED_FIFO controller's core gets no time to stop in (_realtime).
+# Waiting for a stop sleeps this long between two looks at first, twice as long each
+# time after (up to 1 ms): a CPU process on the SCHED_FIFO controller's core runs only
+# while it sleeps (_realtime), and polls of 2 us left it no time to stop in at all.
 STOP_POLL = 50e-6
 RUN_TIMEOUT = 60.0                       # seconds for a victim to run its loop
 
@@ -548,13 +549,15 @@ def _sigstop(pids: dict[int, int]) -> None:
     for pid in pids.values():
         os.kill(pid, signal.SIGSTOP)
     deadline = time.monotonic() + STOP_TIMEOUT
+    poll = STOP_POLL
     for cpu, pid in pids.items():
         stat = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
         try:
             while (line := os.pread(stat, 512, 0))[line.rindex(b")") + 2] != ord("T"):
                 if time.monotonic() > deadline:
                     raise AssertionError(f"CPU {cpu} (pid {pid}) did not stop")
-                time.sleep(STOP_POLL)
+                time.sleep(poll)
+                poll = min(2 * poll, 1e-3)
         finally:
             os.close(stat)
 
