@@ -489,7 +489,7 @@ def _catch(m: Machine, arena: Arena, words: np.ndarray, how: str,
             rng.shuffle(cpus)
             _sigstop({cpu: pids[cpu] for cpu in cpus})
             stops += len(cpus)
-            caught = [cpu for cpu in cpus if _inside_op(words, cpu)
+            caught = [cpu for cpu in cpus if _in_flight(words, cpu)
                       and (how == IN_FLIGHT or arena.rows[cpu, R_OP])]
             for cpu in cpus:
                 if not caught or cpu != caught[0]:
@@ -502,7 +502,8 @@ def _catch(m: Machine, arena: Arena, words: np.ndarray, how: str,
             time.sleep(rng.uniform(0, AIM_DELAY))
 
 
-def _inside_op(words: np.ndarray, cpu: int) -> bool:
+def _in_flight(words: np.ndarray, cpu: int) -> bool:
+    """CPU `cpu`'s ledger: an operation in flight, its count not yet updated."""
     base = _cpu_base(cpu)
     leaf = int(words[base + _LEAF])
     return bool(words[base + _INFLIGHT] == _OP
@@ -520,13 +521,13 @@ def _realtime() -> Iterator[None]:
     policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
     try:
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
-        raised = True
+        realtime = True
     except PermissionError:
-        raised = False
+        realtime = False
     try:
         yield
     finally:
-        if raised:
+        if realtime:
             os.sched_setscheduler(0, policy, param)
 
 
