@@ -1,4 +1,5 @@
-"""drain_stock: a work message to every online CPU, answered by each in parallel.
+"""drain_stock: a work message to every online CPU, answered by each in parallel;
+a lockless (v4) stock is drained by the requester itself, remotely (drain_lock).
 
 The kernel's page_counter_drain_stock runs work_on_cpu(cpu, drain_one) for each
 online CPU in turn, N round trips. Here the requester posts to every CPU first,
@@ -59,6 +60,7 @@ from .cpuhp import this_cpu_of
 from .errors import DrainTimeout
 from .proc import pid_alive
 from .segment import H_DRAIN_LOCK, H_STOP, R_DONE_SEQ, R_PID, R_REQ_SEQ, R_START, REQUEST_GROUP
+from .stop_machine import repair_dead_rows
 from .wait import check_timeout
 
 # Linux's largest possible pid (PID_MAX_LIMIT, 64-bit): a pid word above it names
@@ -104,13 +106,46 @@ def drain_stock(arena: Arena, counters: Sequence[PageCounterStock],
 def single_drainer(arena: Arena) -> Iterator[bool]:
     """mutex_trylock(percpu_charge_mutex): yield True holding the arena's drain
     lock, or False at once if another process (or thread of this one) holds it.
-    The lock word holds the holder's pid; a dead holder's lock is taken over."""
+    The lock word holds the holder's pid; a dead holder's lock is taken over, and
+    dead writers repaired (drain_lock says why)."""
     slots, me = arena._slots, os.getpid()
-    if not pidlock.trylock(slots, H_DRAIN_LOCK, me)[0]:
+    taken, holder = pidlock.trylock(slots, H_DRAIN_LOCK, me)
+    if not taken:
         yield False
         return
     try:
+        if holder:
+            repair_dead_rows(arena)     # its drain op first (lockless stock, below)
         yield True
+    finally:
+        pidlock.unlock(slots, H_DRAIN_LOCK, me)
+
+
+@contextmanager
+def drain_lock(arena: Arena, timeout: float | None = None) -> Iterator[None]:
+    """Hold the arena's drain lock, waiting for a live holder at most `timeout`
+    seconds (default arena.wait_timeout; then WaitTimeout). Held by this process
+    already (single_drainer, or an outer drain_lock): held, nothing to do; the
+    threads of one process never drain at once anyway, since a drain is an op and
+    a process runs one op at a time (writer.py).
+
+    The lock every drain of a lockless (v4) stock holds: it serialises the CASes
+    that bump a word's seq, which is what lets a repair tell from the word whether
+    a dead drain's CAS happened (_op.h, v4_outcome). Taken over from a dead holder,
+    it repairs dead writers first: the dead drainer's op is decided before any
+    other drain moves seq on."""
+    slots, me = arena._slots, os.getpid()
+    if slots.load(H_DRAIN_LOCK) == me:
+        yield
+        return
+    if pidlock.lock(arena, H_DRAIN_LOCK, me, "the drain lock", timeout=timeout):
+        try:
+            repair_dead_rows(arena)
+        except BaseException:
+            pidlock.unlock(slots, H_DRAIN_LOCK, me)
+            raise
+    try:
+        yield
     finally:
         pidlock.unlock(slots, H_DRAIN_LOCK, me)
 
@@ -118,6 +153,15 @@ def single_drainer(arena: Arena) -> Iterator[bool]:
 def _drain(arena: Arena, counters: Sequence[PageCounterStock], timeout: float | None) -> None:
     timeout = arena.drain_timeout if timeout is None else timeout
     slots = arena._slots
+    # A lockless (v4) stock needs no CPU: the caller drains every CPU's word itself.
+    lockless = [counter for counter in counters if counter._lockless()]
+    if lockless:
+        with drain_lock(arena, timeout):
+            for counter in lockless:
+                counter._drain_lockless()
+        counters = [counter for counter in counters if not counter._lockless()]
+        if not counters:
+            return
     me = this_cpu_of(arena)
     indexes = [counter._index for counter in counters]
     sent: list[tuple[int, int, int]] = []                  # (cpu, pid, ticket)
