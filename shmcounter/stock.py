@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import cpuhp, hooks
-from ._atomic import STOCK_BUSY
+from ._atomic import CONSUME_HIT, STOCK_BUSY
 from .drain import drain_lock, drain_stock, take_requests
 from .errors import ArenaError
 from .hotplug import check_dead
@@ -282,11 +282,14 @@ class PageCounterStock:
         the kernel's `stock->nr_pages -= n` under the local lock is such a plain
         read-modify-write, and a remote writer that ignores the lock (v2's nolock
         drain, series E5) can land in between. Used by memcg while hooks are armed;
-        same result as stock_consume otherwise. A CPU process only."""
+        same result as stock_consume otherwise. A CPU process only. A lockless
+        word has no read-modify-write to land in: its CAS, one step."""
         arena, slots = self._arena, self._slots
         slot = self._local_slot()
         if slot < 0:
             return False
+        if self._lockless():
+            return slots.stock_consume(self._c, arena._stock_row, nr_pages) == CONSUME_HIT
         with arena._writer.held():
             if not slots.stock_trylock(slot, arena._stock_owner):
                 return False
