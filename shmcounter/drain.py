@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -55,9 +56,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import cpuhp, pidlock
+from . import cpuhp, pidlock, segment
 from .cpuhp import this_cpu_of
-from .errors import DrainTimeout
+from .errors import DrainTimeout, WaitTimeout
 from .proc import pid_alive
 from .segment import H_DRAIN_LOCK, H_STOP, R_DONE_SEQ, R_PID, R_REQ_SEQ, R_START, REQUEST_GROUP
 from .stop_machine import repair_dead_rows
@@ -102,6 +103,19 @@ def drain_stock(arena: Arena, counters: Sequence[PageCounterStock],
     return got
 
 
+# The threads of this process hold the drain lock one at a time (its word holds
+# only a pid); reentrant, for a drain_lock nested in single_drainer.
+_drain_threads = threading.RLock()
+
+
+def _after_fork_in_child() -> None:
+    global _drain_threads
+    _drain_threads = threading.RLock()
+
+
+segment.register_at_fork(_after_fork_in_child)
+
+
 @contextmanager
 def single_drainer(arena: Arena) -> Iterator[bool]:
     """mutex_trylock(percpu_charge_mutex): yield True holding the arena's drain
@@ -109,25 +123,31 @@ def single_drainer(arena: Arena) -> Iterator[bool]:
     The lock word holds the holder's pid; a dead holder's lock is taken over, and
     dead writers repaired (drain_lock says why)."""
     slots, me = arena._slots, os.getpid()
-    taken, holder = pidlock.trylock(slots, H_DRAIN_LOCK, me)
-    if not taken:
-        yield False
+    if not _drain_threads.acquire(blocking=False):
+        yield False                     # another thread of ours holds it
         return
     try:
-        if holder:
-            repair_dead_rows(arena)     # its drain op first (lockless stock, below)
-        yield True
+        taken, holder = pidlock.trylock(slots, H_DRAIN_LOCK, me)
+        if not taken:
+            yield False
+            return
+        try:
+            if holder:
+                repair_dead_rows(arena)     # its drain op first (lockless stock, below)
+            yield True
+        finally:
+            pidlock.unlock(slots, H_DRAIN_LOCK, me)
     finally:
-        pidlock.unlock(slots, H_DRAIN_LOCK, me)
+        _drain_threads.release()
 
 
 @contextmanager
 def drain_lock(arena: Arena, timeout: float | None = None) -> Iterator[None]:
     """Hold the arena's drain lock, waiting for a live holder at most `timeout`
-    seconds (default arena.wait_timeout; then WaitTimeout). Held by this process
-    already (single_drainer, or an outer drain_lock): held, nothing to do; the
-    threads of one process never drain at once anyway, since a drain is an op and
-    a process runs one op at a time (writer.py).
+    seconds (default arena.wait_timeout; then WaitTimeout). The lock word holds a
+    pid, so the threads of this process take turns on _drain_threads first: the
+    word holding our pid then means an outer frame of this very thread holds it
+    (single_drainer, or an outer drain_lock), and we nest.
 
     The lock every drain of a lockless (v4) stock holds: it serialises the CASes
     that bump a word's seq, which is what lets a repair tell from the word whether
@@ -135,19 +155,26 @@ def drain_lock(arena: Arena, timeout: float | None = None) -> Iterator[None]:
     it repairs dead writers first: the dead drainer's op is decided before any
     other drain moves seq on."""
     slots, me = arena._slots, os.getpid()
-    if slots.load(H_DRAIN_LOCK) == me:
-        yield
-        return
-    if pidlock.lock(arena, H_DRAIN_LOCK, me, "the drain lock", timeout=timeout):
-        try:
-            repair_dead_rows(arena)
-        except BaseException:
-            pidlock.unlock(slots, H_DRAIN_LOCK, me)
-            raise
+    timeout = arena.wait_timeout if timeout is None else timeout
+    if not _drain_threads.acquire(timeout=timeout):
+        raise WaitTimeout(arena.name, "the drain lock, held by another thread of this "
+                          "process", me, timeout)
     try:
-        yield
+        if slots.load(H_DRAIN_LOCK) == me:      # an outer frame of this thread holds it
+            yield
+            return
+        if pidlock.lock(arena, H_DRAIN_LOCK, me, "the drain lock", timeout=timeout):
+            try:
+                repair_dead_rows(arena)
+            except BaseException:
+                pidlock.unlock(slots, H_DRAIN_LOCK, me)
+                raise
+        try:
+            yield
+        finally:
+            pidlock.unlock(slots, H_DRAIN_LOCK, me)
     finally:
-        pidlock.unlock(slots, H_DRAIN_LOCK, me)
+        _drain_threads.release()
 
 
 def _drain(arena: Arena, counters: Sequence[PageCounterStock], timeout: float | None) -> None:

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 import pytest
 
 from shmcounter import hooks
+from shmcounter.drain import single_drainer
 from shmcounter.invariants import check_invariants
 from shmcounter.segment import R_PID, R_REQ_SEQ, STOCK_LAST, STOCK_NR
 
@@ -251,6 +253,36 @@ def test_the_drain_lock_taken_over_from_a_dead_drainer_repairs_first(
     assert not arena.repair()
     assert (x.stock(0), usages(x, mid, root)) == (0, [usage_after] * 3)
     check_invariants(arena, {"x": 1})
+    cpu0.call(cpuproc.uncharge, "x", 1)
+
+
+def test_the_threads_of_one_process_hold_the_drain_lock_in_turn(arena, tree, cpus):
+    """The lock word holds a pid only: a second thread of the holder's process
+    must wait too, or a kill of the process could leave a dead drain and a live
+    one's CAS on one word, undecidable."""
+    root, mid, x = tree
+    cpu0 = cpus(0)
+    assert cpu0.call(cpuproc.try_charge, "x", 1) == (True, None)
+    holding, reached = threading.Event(), threading.Event()
+    seen: list[bool] = []
+
+    def at_cas(point):
+        seen.append(holding.is_set())
+        reached.set()
+    hooks.install("drain:cas", at_cas)
+
+    def hold():
+        with single_drainer(arena) as got:
+            assert got
+            holding.set()
+            reached.wait(1.0)                   # no drain of ours may get there now
+            holding.clear()
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert holding.wait(30)
+    assert x.drain_stock()                      # waits for the holder thread
+    holder.join(30)
+    assert (seen, x.stock(0), usages(x, mid, root)) == ([False], 0, [1, 1, 1])
     cpu0.call(cpuproc.uncharge, "x", 1)
 
 
