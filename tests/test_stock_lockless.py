@@ -185,6 +185,27 @@ def test_a_cpu_killed_between_its_deposit_cas_and_its_mark_is_decided_by_the_wor
     x.uncharge(usage_after)
 
 
+def test_a_cpu_and_the_drainer_of_its_deposit_both_dead_are_decided_together(
+        arena, tree, cpu1_with_30, cpus):
+    """The CPU died after its deposit's CAS (30 -> 54), unmarked; a drain took the 54
+    and died before storing last. One repair: the drain is completed and its last
+    stored first, then the deposit, decided by that last, counts wholly."""
+    root, mid, x = tree
+    cpu1, drainer = cpu1_with_30, cpus(None)
+    cpu1.start(lockless_tasks.deposit_then_stop, "x", 40, True)
+    stopped(cpu1)
+    park(drainer, "drain:swapped")
+    drainer.start(lockless_tasks.drain, "x")
+    stopped(drainer)
+    assert (words(arena, 1), x.usage) == ([SEQ, 0], 128)
+    drainer.kill()
+    cpu1.kill()
+    assert arena.hotplug_cpu_dead(1) == {}
+    assert (words(arena, 1), usages(x, mid, root)) == ([0, 0], [74] * 3)
+    check_invariants(arena, {"x": 74})
+    x.uncharge(74)
+
+
 # ---- a requester killed inside a remote drain -----------------------------------
 
 @pytest.mark.parametrize("requester", [1, None], ids=["cpu", "not-a-cpu"])
