@@ -6,11 +6,12 @@ Each (CPU, counter) pair has one slot in the arena, [nr_pages, lock]. Pages in a
 slot are already charged to the counter and every ancestor (they are in usage);
 the slot only says which CPU may hand them out without walking the hierarchy.
 
-Ownership: only CPU k's process (any thread of it) consumes, refills or locally
-drains stock[k]. Other processes read it, and touch it only when CPU k is dead
-(drain_cpu, the hotplug path) or when nobody charges the counter any more
-(free_stock). Every step that changes a live slot does trylock, change, unlock in
-one C call (_atomic.c), so the lock is held for a few instructions.
+Ownership (the locked stock; the lockless one below): only CPU k's process (any
+thread of it) consumes, refills or locally drains stock[k]. Other processes read
+it, and touch it only when CPU k is dead (drain_cpu, the hotplug path) or when
+nobody charges the counter any more (free_stock). Every step that changes a live
+slot does trylock, change, unlock in one C call (_atomic.c), so the lock is held
+for a few instructions.
 
 The lock word holds the holder's pid. A lock held by a dead process means its CPU
 is dead, since no other process ever takes that slot's lock; nobody waits for
