@@ -647,6 +647,27 @@ Slots_stock_deposit_v4(SlotsObject *self, PyObject *const *args, Py_ssize_t narg
 }
 
 /*
+ * stock_drain_v4(row, s) -> the pages taken from lockless word s (0: none), inside
+ * an op of writer row `row` naming s, the drain lock held: intent, CAS, last and
+ * the forward mark of its plan (minus the pages at every level of the op's path)
+ * in one call (v4_drain_take, _op.h). The caller uncharges the pages.
+ */
+static PyObject *
+Slots_stock_drain_v4(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    ARGS("stock_drain_v4", 2);
+    int64_t *r = word(self, a[0], ROW_WORDS), *s = r ? stock_slot(self, a[1]) : NULL;
+    if (!s)
+        return NULL;
+    if (!LOAD(&r[R_OP]) || LOAD(&r[R_STOCK_SLOT]) != a[1]) {
+        PyErr_SetString(PyExc_ValueError, "stock_drain_v4: not inside an op naming "
+                        "this slot");
+        return NULL;
+    }
+    return PyLong_FromLongLong(v4_drain_take(r, s, LOAD(&r[R_DEPTH])));
+}
+
+/*
  * The plan a repair completes for the op of row r on a lockless word (its intent
  * checked): *levels and *delta as the op's forward mark says, or, when the op was
  * killed between its CAS and its mark, as v4_outcome finds (a deposit: the whole
@@ -1132,6 +1153,12 @@ PyDoc_STRVAR(stock_deposit_v4_doc,
 "pages of a charge of `charge` pages in lockless stock word s: record E and E + d,\n"
 "CAS, retry on failure; then mark the op forward. False, changing nothing, when\n"
 "the word's pages would reach 2**34.");
+PyDoc_STRVAR(stock_drain_v4_doc,
+"stock_drain_v4($self, row, s, /)\n--\n\n"
+"Inside an op of writer row `row` naming lockless stock word s, the drain lock\n"
+"held: record the word W and (seq + 1) << 34, CAS, retry on failure; then store W\n"
+"in the slot's last word and mark the op forward (minus pages(W) at every level).\n"
+"Returns pages(W), or 0, changing no word, when the word holds none.");
 PyDoc_STRVAR(stock_v4_plan_doc,
 "stock_v4_plan($self, row, counters, /)\n--\n\n"
 "None unless row's op names a lockless stock word; else (outcome, levels, delta):\n"
@@ -1179,7 +1206,7 @@ static PyMethodDef Slots_methods[] = {
     FAST(pc_try_charge_level), FAST(pc_charge_level), FAST(pc_cancel), FAST(pc_propagate),
     FAST(stock_consume), FAST(local_slot), FAST(stock_deposit), FAST(stock_return),
     FAST(stock_take), FAST(stock_trylock), FAST(stock_unlock), FAST(stock_deposit_v4),
-    FAST(stock_v4_plan),
+    FAST(stock_drain_v4), FAST(stock_v4_plan),
     FAST(op_begin), FAST(op_forward), FAST(op_end), FAST(op_abort), FAST(futex_wait), FAST(futex_wake),
     {NULL}
 };

@@ -363,6 +363,30 @@ v4_deposit(int64_t *r, int64_t *stock, int64_t d, int64_t charge, int64_t depth)
 }
 
 /*
+ * A drain's take, inside an op of row r on the counter's path (`depth` levels)
+ * naming lockless word `stock`, the drain lock held (or under stop_machine): the
+ * CAS loop above, then last = the word taken and the forward mark. Returns the
+ * pages taken (0: none, nothing written but the intent); the caller uncharges
+ * them.
+ */
+static inline int64_t
+v4_drain_take(int64_t *r, int64_t *stock, int64_t depth)
+{
+    int64_t w = LOAD(&stock[STOCK_NR]), after;
+    do {
+        if (v4_pages(w) == 0)
+            return 0;
+        after = v4_drained(w);
+        STORE_REL(&r[R_STOCK_AFTER], after);
+        STORE_REL(&r[R_STOCK_BEFORE], w);
+    } while (!__atomic_compare_exchange_n(&stock[STOCK_NR], &w, after, 0,
+                                          __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST));
+    STORE_REL(&stock[STOCK_LAST], w);
+    op_forward(r, -v4_pages(w), depth, after);
+    return v4_pages(w);
+}
+
+/*
  * Did the CAS that row r's intent names on lockless word `stock` happen? Read by
  * a repair that holds every other writer of the word still (stop_machine, with
  * the dead drains' `last` put right first; or op_abort of a drain, which holds the

@@ -120,7 +120,7 @@ if TYPE_CHECKING:
 LINE = 64
 WORD = 8
 MAGIC = int.from_bytes(b"SHMCNTR\0", "little")
-LAYOUT_VERSION = 4
+LAYOUT_VERSION = 5
 NAME_PREFIX = "shmcounter_"
 NAME_BYTES = 64
 GEOMETRY_LIMIT = 1 << 20          # ncpus, max_counters, max_stocked, max_writers

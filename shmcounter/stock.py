@@ -403,10 +403,16 @@ def _drain_word(counter: Any, slot: int, row_slot: int, kbase: int) -> int:
     """Inside an op of writer row `row_slot` on `counter`'s path naming lockless
     word `slot` (the drain lock held, or under stop_machine): take the word's
     pages by CAS to (seq + 1) << 34, store the word taken in `last`, mark the op
-    forward and uncharge the pages (_op.h). Named points: "drain:cas" (the word
-    recorded, before its CAS), "drain:swapped" (after the CAS, before last and the
-    mark), "drain:taken" (marked, before the uncharge), then "uncharge:level"."""
+    forward (one C call: stock_drain_v4), then uncharge the pages (_op.h). While
+    hooks are armed, the same steps one by one, with the named points "drain:cas"
+    (the word recorded, before its CAS), "drain:swapped" (after the CAS, before
+    last and the mark), "drain:taken" (marked, before the uncharge), then
+    "uncharge:level"."""
     slots = counter._slots
+    if not hooks.ARMED:
+        taken = slots.stock_drain_v4(row_slot, slot)
+        counter._cancel_path(taken, kbase)
+        return taken
     word, after = slots.load(slot + STOCK_NR), 0
     while word & V4_PAGES_MASK:
         after = ((word >> V4_PAGES_BITS) + 1) % V4_SEQ_MOD << V4_PAGES_BITS
