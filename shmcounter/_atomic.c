@@ -502,6 +502,7 @@ counter_ok(SlotsObject *self, int64_t i)
  * The stock id and the block are words of the segment: ArenaCorrupt unless the id
  * is below max_stocked and the block is this CPU's (row's), so the slot is this
  * CPU's slot of some stock id. Two compares: free next to the call.
+ * A lockless counter's slot is one word: a CAS, never busy (v4_consume, _op.h).
  */
 static PyObject *
 Slots_stock_consume(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -530,6 +531,8 @@ Slots_stock_consume(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
     int64_t *s = word(self, block + sid * STOCK_WORDS, STOCK_WORDS);
     if (!s)
         return NULL;
+    if (LOAD(&cr[PC_FLAGS]) & PC_FLAG_LOCKLESS)
+        return PyLong_FromLong(v4_consume(s, nr) ? CONSUME_HIT : CONSUME_MISS);
     if (!slot_trylock(s, owner))
         return PyLong_FromLong(CONSUME_BUSY);
     int result = CONSUME_MISS;
@@ -616,6 +619,113 @@ Slots_stock_take(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
     int64_t have = XCHG(&s[STOCK_NR], 0);
     slot_unlock(s);
     return PyLong_FromLongLong(have);
+}
+
+static int check_intent(SlotsObject *self, int64_t row, int64_t *r, int64_t counters);
+
+/*
+ * stock_deposit_v4(row, s, d, charge) -> True, or False (nothing changed) when the
+ * pages of lockless word s would reach 2**34. The deposit of d surplus pages of a
+ * charge of `charge` pages, inside the charge op of writer row `row`, its walk
+ * complete: the intent's E and E + d before each CAS, then op_forward once the
+ * CAS is done (v4_deposit, _op.h). One call: nothing of this process runs between
+ * the CAS and the mark.
+ */
+static PyObject *
+Slots_stock_deposit_v4(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    ARGS("stock_deposit_v4", 4);
+    int64_t *r = word(self, a[0], ROW_WORDS), *s = r ? stock_slot(self, a[1]) : NULL;
+    if (!s)
+        return NULL;
+    if (!LOAD(&r[R_OP]) || LOAD(&r[R_STOCK_SLOT]) != a[1] || a[2] <= 0 || a[3] < a[2]) {
+        PyErr_SetString(PyExc_ValueError, "stock_deposit_v4: not inside an op naming "
+                        "this slot, or not 0 < d <= charge");
+        return NULL;
+    }
+    return PyBool_FromLong(v4_deposit(r, s, a[2], a[3], LOAD(&r[R_DEPTH])));
+}
+
+/*
+ * stock_drain_v4(row, s) -> the pages taken from lockless word s (0: none), inside
+ * an op of writer row `row` naming s, the drain lock held: intent, CAS, last and
+ * the forward mark of its plan (minus the pages at every level of the op's path)
+ * in one call (v4_drain_take, _op.h). The caller uncharges the pages.
+ */
+static PyObject *
+Slots_stock_drain_v4(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    ARGS("stock_drain_v4", 2);
+    int64_t *r = word(self, a[0], ROW_WORDS), *s = r ? stock_slot(self, a[1]) : NULL;
+    if (!s)
+        return NULL;
+    if (!LOAD(&r[R_OP]) || LOAD(&r[R_STOCK_SLOT]) != a[1]) {
+        PyErr_SetString(PyExc_ValueError, "stock_drain_v4: not inside an op naming "
+                        "this slot");
+        return NULL;
+    }
+    return PyLong_FromLongLong(v4_drain_take(r, s, LOAD(&r[R_DEPTH])));
+}
+
+/*
+ * The plan a repair completes for the op of row r on a lockless word (its intent
+ * checked): *levels and *delta as the op's forward mark says, or, when the op was
+ * killed between its CAS and its mark, as v4_outcome finds (a deposit: the whole
+ * charge, at every level; a drain: minus the pages it took). Returns the outcome.
+ */
+static int
+v4_plan(int64_t *r, int64_t *stock, int64_t *levels, int64_t *delta)
+{
+    int outcome = v4_outcome(r, stock);
+    *levels = LOAD(&r[R_FWD_LEVELS]);
+    *delta = LOAD(&r[R_FWD_DELTA]);
+    if (*levels == 0 && outcome == V4_DEPOSITED)
+        *levels = LOAD(&r[R_DEPTH]);
+    if (*levels == 0 && outcome == V4_DRAINED) {
+        *levels = LOAD(&r[R_DEPTH]);
+        *delta = -v4_pages(LOAD(&r[R_STOCK_BEFORE]));
+    }
+    return outcome;
+}
+
+/* The lockless word named by row r's op (its intent checked), or NULL. */
+static int64_t *
+v4_word(SlotsObject *self, int64_t *r, int64_t counters)
+{
+    int64_t slot = LOAD(&r[R_STOCK_SLOT]);
+    if (slot < 0 || !is_stock_slot(self, slot) || !self->name)
+        return NULL;
+    int64_t *rec = word(self, counters + LOAD(&r[R_COUNTER]) * PC_WORDS, PC_WORDS);
+    if (!rec || !(LOAD(&rec[PC_FLAGS]) & PC_FLAG_LOCKLESS)) {
+        PyErr_Clear();
+        return NULL;
+    }
+    return word(self, slot, STOCK_WORDS);
+}
+
+/*
+ * stock_v4_plan(row, counters) -> None when row's op names no lockless word, else
+ * (outcome, levels, delta): V4_NONE, V4_DEPOSITED or V4_DRAINED (v4_outcome,
+ * _op.h), and the plan the repair completes (levels 0: roll back). For the repair
+ * of a dead row, under stop_machine, after the dead drains' `last` is put right.
+ * Reads only.
+ */
+static PyObject *
+Slots_stock_v4_plan(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    ARGS("stock_v4_plan", 2);
+    int64_t *r = word(self, a[0], ROW_WORDS);
+    if (!r)
+        return NULL;
+    if (!LOAD(&r[R_OP]) || check_intent(self, a[0], r, a[1]) < 0) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    int64_t *stock = v4_word(self, r, a[1]), levels, delta;
+    if (!stock)
+        Py_RETURN_NONE;
+    int outcome = v4_plan(r, stock, &levels, &delta);
+    return Py_BuildValue("iLL", outcome, (long long)levels, (long long)delta);
 }
 
 /*
@@ -720,7 +830,9 @@ Slots_op_begin(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
     STORE(&r[R_COUNTER], index);
     STORE(&r[R_DEPTH], depth);
     STORE(&r[R_STOCK_SLOT], stock_slot);
-    STORE(&r[R_STOCK_BEFORE], stock ? LOAD(&stock[STOCK_NR]) : 0);
+    int64_t before = stock ? LOAD(&stock[STOCK_NR]) : 0;
+    STORE(&r[R_STOCK_BEFORE], before);
+    STORE(&r[R_STOCK_AFTER], before);           /* a lockless slot: no CAS intended */
     STORE(&r[R_FWD_LEVELS], 0);
     STORE(&r[R_OP], 1);
     Py_RETURN_TRUE;
@@ -827,6 +939,10 @@ check_intent(SlotsObject *self, int64_t row, int64_t *r, int64_t counters)
  * complete it to its plan. Exact, because an exception comes only between two
  * fused steps, when contrib[row] agrees with what the op did to usage. (A dead row
  * is repaired under stop_machine instead, residues included: stop_machine.py.)
+ * An op on a lockless word (_op.h) is completed or rolled back as v4_outcome finds
+ * (the word itself left alone): exact for this live row too, since its deposit
+ * marks itself forward in the call that does its CAS, and its drain holds the
+ * drain lock, so that nothing else changes the word's seq meanwhile.
  * An intent record that names no possible op (check_intent) rolls nothing back: it
  * raises ArenaCorrupt, having only left the quiesce section (in_op = 0, so that no
  * stop_machine waits for it); op stays set, the record as found.
@@ -846,6 +962,9 @@ Slots_op_abort(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
         int64_t i = LOAD(&r[R_COUNTER]), depth = LOAD(&r[R_DEPTH]);
         int64_t levels = LOAD(&r[R_FWD_LEVELS]), delta = LOAD(&r[R_FWD_DELTA]);
+        int64_t *v4 = v4_word(self, r, counters);
+        if (v4 && v4_plan(r, v4, &levels, &delta) == V4_DRAINED)
+            STORE(&v4[STOCK_LAST], LOAD(&r[R_STOCK_BEFORE]));
         for (int64_t level = 0; level < depth && i >= 0; level++) {
             int64_t *rec = word(self, counters + i * PC_WORDS, PC_WORDS);
             int64_t *k = word(self, contrib + i, 1);
@@ -863,7 +982,7 @@ Slots_op_abort(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
         int64_t *stock = stock_slot >= 0 ? word(self, stock_slot, 1) : NULL;
         if (stock_slot >= 0 && !stock)
             return NULL;
-        if (stock)
+        if (stock && !v4)       /* a lockless word is never written back (_op.h) */
             STORE(&stock[STOCK_NR], LOAD(&r[levels ? R_STOCK_AFTER : R_STOCK_BEFORE]));
     }
     STORE(&r[R_OP], 0);
@@ -1028,6 +1147,23 @@ PyDoc_STRVAR(stock_take_doc,
 "stock_take($self, s, owner, /)\n--\n\n"
 "Take every page of stock slot s under its lock (the slot left at 0) and return\n"
 "them; or STOCK_BUSY, changing nothing, if the lock is held.");
+PyDoc_STRVAR(stock_deposit_v4_doc,
+"stock_deposit_v4($self, row, s, d, charge, /)\n--\n\n"
+"Inside the charge op of writer row `row` (its walk complete), deposit d surplus\n"
+"pages of a charge of `charge` pages in lockless stock word s: record E and E + d,\n"
+"CAS, retry on failure; then mark the op forward. False, changing nothing, when\n"
+"the word's pages would reach 2**34.");
+PyDoc_STRVAR(stock_drain_v4_doc,
+"stock_drain_v4($self, row, s, /)\n--\n\n"
+"Inside an op of writer row `row` naming lockless stock word s, the drain lock\n"
+"held: record the word W and (seq + 1) << 34, CAS, retry on failure; then store W\n"
+"in the slot's last word and mark the op forward (minus pages(W) at every level).\n"
+"Returns pages(W), or 0, changing no word, when the word holds none.");
+PyDoc_STRVAR(stock_v4_plan_doc,
+"stock_v4_plan($self, row, counters, /)\n--\n\n"
+"None unless row's op names a lockless stock word; else (outcome, levels, delta):\n"
+"whether its CAS happened (V4_NONE, V4_DEPOSITED, V4_DRAINED) and the plan a\n"
+"repair completes (levels 0: roll back). Reads only.");
 PyDoc_STRVAR(stock_trylock_doc,
 "stock_trylock($self, s, owner, /)\n--\n\n"
 "Take stock slot s's lock for owner if it is free; return whether it was taken.");
@@ -1069,7 +1205,8 @@ static PyMethodDef Slots_methods[] = {
     FAST(load), FAST(store), FAST(fetch_add), FAST(exchange), FAST(cas),
     FAST(pc_try_charge_level), FAST(pc_charge_level), FAST(pc_cancel), FAST(pc_propagate),
     FAST(stock_consume), FAST(local_slot), FAST(stock_deposit), FAST(stock_return),
-    FAST(stock_take), FAST(stock_trylock), FAST(stock_unlock),
+    FAST(stock_take), FAST(stock_trylock), FAST(stock_unlock), FAST(stock_deposit_v4),
+    FAST(stock_drain_v4), FAST(stock_v4_plan),
     FAST(op_begin), FAST(op_forward), FAST(op_end), FAST(op_abort), FAST(futex_wait), FAST(futex_wake),
     {NULL}
 };
@@ -1192,7 +1329,9 @@ atomic_exec(PyObject *m)
     CONST(R_IN_OP); CONST(R_OP); CONST(R_COUNTER); CONST(R_STOCK_SLOT);
     CONST(R_STOCK_BEFORE); CONST(R_DEPTH); CONST(R_BASE); CONST(R_WALKS); CONST(R_FWD_LEVELS);
     CONST(R_FWD_DELTA); CONST(R_STOCK_AFTER); CONST(MAX_DEPTH);
-    CONST(ROW_WORDS); CONST(PC_FLAG_UNCHARGE_TO_STOCK);
+    CONST(ROW_WORDS); CONST(PC_FLAG_UNCHARGE_TO_STOCK); CONST(PC_FLAG_LOCKLESS);
+    CONST(STOCK_LAST); CONST(V4_PAGES_BITS); CONST(V4_SEQ_MOD);
+    CONST(V4_NONE); CONST(V4_DEPOSITED); CONST(V4_DRAINED);
     CONST(CONSUME_HIT); CONST(CONSUME_MISS); CONST(CONSUME_BUSY); CONST(CONSUME_NO_STOCK);
     CONST(STOCK_BUSY);
 #undef CONST

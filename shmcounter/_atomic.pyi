@@ -30,10 +30,19 @@ PC_STOCK_ID: Final[int]
 PC_FLAGS: Final[int]
 PC_WORDS: Final[int]
 PC_FLAG_UNCHARGE_TO_STOCK: Final[int]
+PC_FLAG_LOCKLESS: Final[int]
 # stock slot words (_slots.h)
 STOCK_NR: Final[int]
 STOCK_LOCK: Final[int]
 STOCK_WORDS: Final[int]
+# a lockless (v4) slot: [word = seq << V4_PAGES_BITS | pages, last]
+STOCK_LAST: Final[int]
+V4_PAGES_BITS: Final[int]
+V4_SEQ_MOD: Final[int]
+# what stock_v4_plan finds: the op's CAS did not happen, or did (_op.h)
+V4_NONE: Final[int]
+V4_DEPOSITED: Final[int]
+V4_DRAINED: Final[int]
 # writer row words (_slots.h)
 R_PID: Final[int]
 R_DONE_SEQ: Final[int]
@@ -112,6 +121,9 @@ class Slots:
     def stock_take(self, s: _Int, owner: _Int, /) -> int: ...
     def stock_trylock(self, s: _Int, owner: _Int, /) -> bool: ...
     def stock_unlock(self, s: _Int, /) -> None: ...
+    def stock_deposit_v4(self, row: _Int, s: _Int, d: _Int, charge: _Int, /) -> bool: ...
+    def stock_drain_v4(self, row: _Int, s: _Int, /) -> int: ...
+    def stock_v4_plan(self, row: _Int, counters: _Int, /) -> tuple[int, int, int] | None: ...
     # ops: the intent record
     def op_begin(
         self, row: _Int, stop: _Int, counters: _Int, contrib: _Int, index: _Int,

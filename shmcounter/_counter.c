@@ -148,17 +148,20 @@ local_slot(CounterObject *co, SlotsObject *s, int64_t *cr)
 }
 
 /*
- * The stock hit: take nr from this CPU's slot under its lock. No op: it changes no
- * usage, and a kill leaves it done or not done. Busy while an op of this process
- * is in progress (another thread's, between its steps): that op's snapshot of the
- * slot must stay the slot's only change.
+ * The stock hit: take nr from this CPU's slot under its lock, or, for a lockless
+ * counter (cr's flags), by a CAS on its word (_op.h). No op: it changes no usage,
+ * and a kill leaves it done or not done. Busy while an op of this process is in
+ * progress (another thread's, between its steps): that op's snapshot of the slot
+ * must stay the slot's only change by this CPU.
  */
 static inline int
-stock_hit(SlotsObject *s, int64_t slot, int64_t nr)
+stock_hit(SlotsObject *s, int64_t *cr, int64_t slot, int64_t nr)
 {
     if (slot < 0 || LOAD(&s->words[s->row + R_OP]))
         return 0;
     int64_t *stock = s->words + slot;
+    if (LOAD(&cr[PC_FLAGS]) & PC_FLAG_LOCKLESS)
+        return v4_consume(stock, nr);
     if (!slot_trylock(stock, s->owner))
         return 0;
     int64_t have = LOAD(&stock[STOCK_NR]);
@@ -172,7 +175,9 @@ stock_hit(SlotsObject *s, int64_t slot, int64_t nr)
 /*
  * try_charge's steps 2-4 as one op: charge max(batch, nr) up the hierarchy
  * (greedy; batch 0 when `slot` is -1), on refusal retry once with exactly nr, then
- * deposit the surplus in `slot`, or uncharge it if the slot lock is busy.
+ * deposit the surplus in `slot`, or uncharge it if the slot lock is busy (a
+ * lockless slot: if its pages would reach 2**34). A lockless deposit marks the
+ * op forward once its CAS is done (v4_deposit, _op.h).
  */
 static int
 charge_slow(CounterObject *co, SlotsObject *s, int64_t slot, int64_t nr)
@@ -199,7 +204,10 @@ charge_slow(CounterObject *co, SlotsObject *s, int64_t slot, int64_t nr)
         return TC_ERROR;
     }
     if (fail < 0 && charge > nr) {
-        if (slot_trylock(stock, s->owner)) {
+        if (LOAD(&cr[PC_FLAGS]) & PC_FLAG_LOCKLESS) {
+            if (!v4_deposit(r, stock, charge - nr, charge, co->depth))
+                path_cancel(s, co, charge - nr, co->depth, level, new);
+        } else if (slot_trylock(stock, s->owner)) {
             STORE_REL(&stock[STOCK_NR], LOAD(&stock[STOCK_NR]) + charge - nr);
             slot_unlock(stock);
         } else {
@@ -221,7 +229,7 @@ try_charge_core(CounterObject *co, SlotsObject *s, int64_t nr, int64_t guard, in
     int64_t slot = local_slot(co, s, s->words + co->rec[0]);
     if (slot == -2)
         return TC_ERROR;
-    if (stock_hit(s, slot, nr))
+    if (stock_hit(s, s->words + co->rec[0], slot, nr))
         return TC_OK;
     if (guard >= 0 && LOAD(&s->words[guard]) == bad)
         return TC_FALLBACK;

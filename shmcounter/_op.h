@@ -197,7 +197,9 @@ op_intent(SlotsObject *s, int64_t *r, CounterObject *co, int64_t stock_slot,
     STORE_REL(&r[R_COUNTER], co->index);
     STORE_REL(&r[R_DEPTH], co->depth);
     STORE_REL(&r[R_STOCK_SLOT], stock_slot);
-    STORE_REL(&r[R_STOCK_BEFORE], stock ? LOAD(&stock[STOCK_NR]) : 0);
+    int64_t before = stock ? LOAD(&stock[STOCK_NR]) : 0;
+    STORE_REL(&r[R_STOCK_BEFORE], before);
+    STORE_REL(&r[R_STOCK_AFTER], before);       /* a lockless slot: no CAS intended */
     STORE_REL(&r[R_FWD_LEVELS], 0);
     STORE_REL(&r[R_OP], 1);
 }
@@ -292,6 +294,130 @@ path_propagate(SlotsObject *s, CounterObject *co)
     int64_t *w = s->words;
     for (int l = 0; l + 1 < co->depth; l++)
         propagate(w + co->rec[l], w + co->rec[l + 1], LOAD(&w[co->rec[l] + PC_USAGE]));
+}
+
+/*
+ * ---- The lockless stock (v4) -------------------------------------------------
+ *
+ * A counter with PC_FLAG_LOCKLESS keeps, per CPU, one word = seq << 34 | pages
+ * (_slots.h) and, next to it, last. Nothing locks it:
+ *
+ *   hit      the CPU: CAS(w -> w - n) while pages(w) >= n. No op: no usage
+ *            changes, and a kill leaves the CAS done or not.
+ *   deposit  the CPU, inside its charge op, after the walk: for each attempt,
+ *            intent R_STOCK_BEFORE = E (the word read), R_STOCK_AFTER = E + d
+ *            (d the surplus, > 0), then CAS(E -> E + d); once it succeeds,
+ *            op_forward(charge, depth, E + d): the op counts wholly.
+ *   drain    any process, inside an op of its own row (or, in hotplug, of the
+ *            dead CPU's row) on the counter's path, holding the arena's drain
+ *            lock: R_STOCK_AFTER = (seq(W) + 1) << 34, then for each attempt
+ *            R_STOCK_BEFORE = W, CAS(W -> R_STOCK_AFTER); once it succeeds,
+ *            last = W, op_forward(-pages(W), depth, R_STOCK_AFTER), then the
+ *            uncharge walk.
+ *
+ * Only drains change seq, and only the CPU adds pages. A repair (of a dead
+ * writer, or op_abort) never writes the word: a live CPU may have changed it
+ * since. It decides from the word whether the op's CAS happened (v4_outcome).
+ */
+enum { V4_NONE = 0, V4_DEPOSITED = 1, V4_DRAINED = 2 };
+
+static inline int64_t v4_pages(int64_t w) { return w & V4_PAGES_MASK; }
+static inline int64_t v4_seq(int64_t w) { return (w >> V4_PAGES_BITS) % V4_SEQ_MOD; }
+static inline int64_t v4_drained(int64_t w) {
+    return ((v4_seq(w) + 1) % V4_SEQ_MOD) << V4_PAGES_BITS;
+}
+
+/* The hit: take nr pages from the word if it holds them (1), else 0. */
+static inline int
+v4_consume(int64_t *stock, int64_t nr)
+{
+    int64_t w = LOAD(&stock[STOCK_NR]);
+    while (v4_pages(w) >= nr) {
+        if (__atomic_compare_exchange_n(&stock[STOCK_NR], &w, w - nr, 0,
+                                        __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+            return 1;
+    }
+    return 0;
+}
+
+/*
+ * The deposit of d > 0 surplus pages of a charge of `charge` pages, inside the
+ * charge op of row r (its walk complete, `depth` levels): the CAS loop above,
+ * then the forward mark. Returns 1, or 0 having changed no word when pages would
+ * reach 2**34 (the caller uncharges the surplus instead).
+ */
+static inline int
+v4_deposit(int64_t *r, int64_t *stock, int64_t d, int64_t charge, int64_t depth)
+{
+    int64_t e;
+    STORE_REL(&r[R_FWD_DELTA], charge);
+    do {
+        e = LOAD(&stock[STOCK_NR]);
+        if (v4_pages(e) + d > V4_PAGES_MASK)
+            return 0;
+        STORE_REL(&r[R_STOCK_BEFORE], e);
+        STORE_REL(&r[R_STOCK_AFTER], e + d);
+    } while (!cas_strong(&stock[STOCK_NR], e, e + d));
+    op_forward(r, charge, depth, e + d);
+    return 1;
+}
+
+/*
+ * A drain's take, inside an op of row r on the counter's path (`depth` levels)
+ * naming lockless word `stock`, the drain lock held (or under stop_machine): the
+ * CAS loop above, then last = the word taken and the forward mark. Returns the
+ * pages taken (0: none, nothing written but the intent); the caller uncharges
+ * them.
+ */
+static inline int64_t
+v4_drain_take(int64_t *r, int64_t *stock, int64_t depth)
+{
+    int64_t w = LOAD(&stock[STOCK_NR]), after;
+    do {
+        if (v4_pages(w) == 0)
+            return 0;
+        after = v4_drained(w);
+        STORE_REL(&r[R_STOCK_AFTER], after);
+        STORE_REL(&r[R_STOCK_BEFORE], w);
+    } while (!__atomic_compare_exchange_n(&stock[STOCK_NR], &w, after, 0,
+                                          __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST));
+    STORE_REL(&stock[STOCK_LAST], w);
+    op_forward(r, -v4_pages(w), depth, after);
+    return v4_pages(w);
+}
+
+/*
+ * Did the CAS that row r's intent names on lockless word `stock` happen? Read by
+ * a repair that holds every other writer of the word still (stop_machine, with
+ * the dead drains' `last` put right first; or op_abort of a drain, which holds the
+ * drain lock). B = R_STOCK_BEFORE, A = R_STOCK_AFTER, w = the word now.
+ *
+ *   A == v4_drained(B): a drain of B. Its CAS is the only change of seq since B
+ *     was read (drains are serialised by the drain lock, and a dead drainer is
+ *     repaired before the lock is taken over): it happened iff seq(w) == seq(A).
+ *   seq(A) == seq(B), pages(A) > pages(B): a deposit of d = A - B. Since B was
+ *     read only drains changed the word (the CPU is in this op: its hits wait).
+ *     seq(w) == seq(B): no drain since; w is B or A: it happened iff w == A.
+ *     Else a drain took pages after B was read, and after it the word held 0
+ *     pages, which nobody but this CPU (in this op, or dead) could raise: exactly
+ *     one drain took pages, and it took A iff the deposit happened first:
+ *     it happened iff last == A.
+ *   Anything else (A == B: no CAS was about to happen; or A from an earlier,
+ *     failed attempt: that CAS failed and B's was not tried): V4_NONE.
+ */
+static inline int
+v4_outcome(int64_t *r, int64_t *stock)
+{
+    int64_t b = LOAD(&r[R_STOCK_BEFORE]), a = LOAD(&r[R_STOCK_AFTER]);
+    int64_t w = LOAD(&stock[STOCK_NR]);
+    if (a == v4_drained(b) && v4_pages(b) > 0)
+        return v4_seq(w) == v4_seq(a) ? V4_DRAINED : V4_NONE;
+    if (v4_seq(a) == v4_seq(b) && v4_pages(a) > v4_pages(b)) {
+        if (v4_seq(w) == v4_seq(b))
+            return w == a ? V4_DEPOSITED : V4_NONE;
+        return LOAD(&stock[STOCK_LAST]) == a ? V4_DEPOSITED : V4_NONE;
+    }
+    return V4_NONE;
 }
 
 #endif /* SHMCOUNTER_OP_H */

@@ -35,11 +35,23 @@
 #define PC_FLAGS 23
 #define PC_WORDS 24
 #define PC_FLAG_UNCHARGE_TO_STOCK 1
+#define PC_FLAG_LOCKLESS 2      /* v4: the stock slot is one atomic word, no lock */
 
 /* stock slot: 2 int64 words, [nr_pages, lock]; lock holds the holder's pid or 0. */
 #define STOCK_NR 0
 #define STOCK_LOCK 1
 #define STOCK_WORDS 2
+/*
+ * A lockless (v4) stock slot reuses the two words as [word, last]: word =
+ * seq << V4_PAGES_BITS | pages, changed only by CAS (the CPU's hit and deposit, a
+ * drain from any process); seq counts the drains that took pages, modulo
+ * V4_SEQ_MOD (the word stays >= 0); last is the word the latest such drain took
+ * (see _op.h, "The lockless stock").
+ */
+#define STOCK_LAST 1
+#define V4_PAGES_BITS 34
+#define V4_PAGES_MASK ((1LL << V4_PAGES_BITS) - 1)
+#define V4_SEQ_MOD (1LL << 29)
 
 /*
  * writer row: 32 int64 words, four 64-byte lines (see segment.py). Every process

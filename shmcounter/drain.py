@@ -1,4 +1,5 @@
-"""drain_stock: a work message to every online CPU, answered by each in parallel.
+"""drain_stock: a work message to every online CPU, answered by each in parallel;
+a lockless (v4) stock is drained by the requester itself, remotely (drain_lock).
 
 The kernel's page_counter_drain_stock runs work_on_cpu(cpu, drain_one) for each
 online CPU in turn, N round trips. Here the requester posts to every CPU first,
@@ -47,6 +48,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -54,11 +56,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import cpuhp, pidlock
+from . import cpuhp, pidlock, segment
 from .cpuhp import this_cpu_of
-from .errors import DrainTimeout
+from .errors import DrainTimeout, WaitTimeout
 from .proc import pid_alive
 from .segment import H_DRAIN_LOCK, H_STOP, R_DONE_SEQ, R_PID, R_REQ_SEQ, R_START, REQUEST_GROUP
+from .stop_machine import repair_dead_rows
 from .wait import check_timeout
 
 # Linux's largest possible pid (PID_MAX_LIMIT, 64-bit): a pid word above it names
@@ -100,24 +103,92 @@ def drain_stock(arena: Arena, counters: Sequence[PageCounterStock],
     return got
 
 
+# The threads of this process hold the drain lock one at a time (its word holds
+# only a pid); reentrant, for a drain_lock nested in single_drainer.
+_drain_threads = threading.RLock()
+
+
+def _after_fork_in_child() -> None:
+    global _drain_threads
+    _drain_threads = threading.RLock()
+
+
+segment.register_at_fork(_after_fork_in_child)
+
+
 @contextmanager
 def single_drainer(arena: Arena) -> Iterator[bool]:
     """mutex_trylock(percpu_charge_mutex): yield True holding the arena's drain
     lock, or False at once if another process (or thread of this one) holds it.
-    The lock word holds the holder's pid; a dead holder's lock is taken over."""
+    The lock word holds the holder's pid; a dead holder's lock is taken over, and
+    dead writers repaired (drain_lock says why)."""
     slots, me = arena._slots, os.getpid()
-    if not pidlock.trylock(slots, H_DRAIN_LOCK, me)[0]:
-        yield False
+    if not _drain_threads.acquire(blocking=False):
+        yield False                     # another thread of ours holds it
         return
     try:
-        yield True
+        taken, holder = pidlock.trylock(slots, H_DRAIN_LOCK, me)
+        if not taken:
+            yield False
+            return
+        try:
+            if holder:
+                repair_dead_rows(arena)     # its drain op first (lockless stock, below)
+            yield True
+        finally:
+            pidlock.unlock(slots, H_DRAIN_LOCK, me)
     finally:
-        pidlock.unlock(slots, H_DRAIN_LOCK, me)
+        _drain_threads.release()
+
+
+@contextmanager
+def drain_lock(arena: Arena, timeout: float | None = None) -> Iterator[None]:
+    """Hold the arena's drain lock, waiting for a live holder at most `timeout`
+    seconds (default arena.wait_timeout; then WaitTimeout). The lock word holds a
+    pid, so the threads of this process take turns on _drain_threads first: the
+    word holding our pid then means an outer frame of this very thread holds it
+    (single_drainer, or an outer drain_lock), and we nest.
+
+    The lock every drain of a lockless (v4) stock holds: it serialises the CASes
+    that bump a word's seq, which is what lets a repair tell from the word whether
+    a dead drain's CAS happened (_op.h, v4_outcome). Taken over from a dead holder,
+    it repairs dead writers first: the dead drainer's op is decided before any
+    other drain moves seq on."""
+    slots, me = arena._slots, os.getpid()
+    timeout = arena.wait_timeout if timeout is None else timeout
+    if not _drain_threads.acquire(timeout=timeout):
+        raise WaitTimeout(arena.name, "the drain lock, held by another thread of this "
+                          "process", me, timeout)
+    try:
+        if slots.load(H_DRAIN_LOCK) == me:      # an outer frame of this thread holds it
+            yield
+            return
+        if pidlock.lock(arena, H_DRAIN_LOCK, me, "the drain lock", timeout=timeout):
+            try:
+                repair_dead_rows(arena)
+            except BaseException:
+                pidlock.unlock(slots, H_DRAIN_LOCK, me)
+                raise
+        try:
+            yield
+        finally:
+            pidlock.unlock(slots, H_DRAIN_LOCK, me)
+    finally:
+        _drain_threads.release()
 
 
 def _drain(arena: Arena, counters: Sequence[PageCounterStock], timeout: float | None) -> None:
     timeout = arena.drain_timeout if timeout is None else timeout
     slots = arena._slots
+    # A lockless (v4) stock needs no CPU: the caller drains every CPU's word itself.
+    lockless = [counter for counter in counters if counter._lockless()]
+    if lockless:
+        with drain_lock(arena, timeout):
+            for counter in lockless:
+                counter._drain_lockless()
+        counters = [counter for counter in counters if not counter._lockless()]
+        if not counters:
+            return
     me = this_cpu_of(arena)
     indexes = [counter._index for counter in counters]
     sent: list[tuple[int, int, int]] = []                  # (cpu, pid, ticket)

@@ -7,6 +7,11 @@ The slow paths call `at(name)` between their steps when any hook is armed:
     charge:deposit    after the greedy charge, before the surplus is deposited
     uncharge:level    after each level of a hierarchical uncharge
     drain:taken       after drain_stock_local took the stock, before uncharging it
+                      (a lockless drain: marked forward, before uncharging)
+    drain:cas         a lockless drain has recorded the word W, before its CAS
+    drain:swapped     a lockless drain's CAS is done; last and the mark are not
+    stock:cas         a lockless deposit has recorded E and E + surplus, no CAS yet
+    stock:deposited   a lockless deposit's CAS is done and marked forward
     set_max:exchanged after set_max exchanged the limit, before it re-reads usage
     stock:consume     memcg's stepwise stock hit, slot lock held: after reading
                       the slot, before writing it back (PageCounter._consume_stepwise)

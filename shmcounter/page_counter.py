@@ -264,8 +264,7 @@ class PageCounter(Counter, PageCounterStock):
                 if fail is None and charge > nr_pages:
                     if hooks.ARMED:
                         hooks.at("charge:deposit")
-                    if not slots.stock_deposit(slot, charge - nr_pages,
-                                               self._arena._stock_owner):
+                    if not self._deposit(slot, charge, charge - nr_pages):
                         self._cancel_path(charge - nr_pages, kbase)
             if fail is None:
                 return _SUCCESS

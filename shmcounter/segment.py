@@ -43,7 +43,10 @@ Bump LAYOUT_VERSION whenever a line below changes.
                        Written under the registry lock.
   stocks     ncpus blocks, one per CPU, each max_stocked slots of
                        [nr_pages, lock] (16 bytes), padded to a line: a CPU's
-                       slots sit together and no two CPUs share a line.
+                       slots sit together and no two CPUs share a line. A
+                       lockless (v4) counter's slots are [word, last] instead
+                       (word = seq << 34 | pages; _op.h), changed by CAS only,
+                       by the CPU (hit, deposit) or by any drainer.
                        stock[cpu][s] is written by CPU cpu only (under its lock),
                        or without the lock by the hotplug path once cpu is dead,
                        or by free_stock once nobody charges the counter.
@@ -117,7 +120,7 @@ if TYPE_CHECKING:
 LINE = 64
 WORD = 8
 MAGIC = int.from_bytes(b"SHMCNTR\0", "little")
-LAYOUT_VERSION = 4
+LAYOUT_VERSION = 5
 NAME_PREFIX = "shmcounter_"
 NAME_BYTES = 64
 GEOMETRY_LIMIT = 1 << 20          # ncpus, max_counters, max_stocked, max_writers
@@ -141,6 +144,7 @@ from ._atomic import (  # noqa: E402, F401
     PC_ELOW,
     PC_EMIN,
     PC_FAILCNT,
+    PC_FLAG_LOCKLESS,
     PC_FLAG_UNCHARGE_TO_STOCK,
     PC_FLAGS,
     PC_HIGH,
@@ -171,13 +175,18 @@ from ._atomic import (  # noqa: E402, F401
     R_STOCK_SLOT,
     R_WALKS,
     ROW_WORDS,
+    STOCK_LAST,
     STOCK_LOCK,
     STOCK_NR,
     STOCK_WORDS,
+    V4_PAGES_BITS,
+    V4_SEQ_MOD,
 )
 
 # flags word of a counter: PC_FLAG_UNCHARGE_TO_STOCK, the RFC's stock-returning
-# uncharge (docs/stock-design.md §Uncharge)
+# uncharge (docs/stock-design.md §Uncharge); PC_FLAG_LOCKLESS, the v4 stock: each
+# of its slots is [word, last], word = seq << V4_PAGES_BITS | pages (_op.h)
+V4_PAGES_MASK = (1 << V4_PAGES_BITS) - 1
 
 # line assertions: usage alone on line A, the read-mostly fields on line C
 assert PC_USAGE == 0 and PC_WATERMARK == 8 and PC_MAX == 16 and PC_WORDS == 24

@@ -6,11 +6,12 @@ Each (CPU, counter) pair has one slot in the arena, [nr_pages, lock]. Pages in a
 slot are already charged to the counter and every ancestor (they are in usage);
 the slot only says which CPU may hand them out without walking the hierarchy.
 
-Ownership: only CPU k's process (any thread of it) consumes, refills or locally
-drains stock[k]. Other processes read it, and touch it only when CPU k is dead
-(drain_cpu, the hotplug path) or when nobody charges the counter any more
-(free_stock). Every step that changes a live slot does trylock, change, unlock in
-one C call (_atomic.c), so the lock is held for a few instructions.
+Ownership (the locked stock; the lockless one below): only CPU k's process (any
+thread of it) consumes, refills or locally drains stock[k]. Other processes read
+it, and touch it only when CPU k is dead (drain_cpu, the hotplug path) or when
+nobody charges the counter any more (free_stock). Every step that changes a live
+slot does trylock, change, unlock in one C call (_atomic.c), so the lock is held
+for a few instructions.
 
 The lock word holds the holder's pid. A lock held by a dead process means its CPU
 is dead, since no other process ever takes that slot's lock; nobody waits for
@@ -20,6 +21,14 @@ process for that CPU can register only after that.
 Every step that changes a slot and a usage together (refill, drain, free) runs
 inside an op (writer.py) whose intent record names the slot and its value before
 the op: a process killed inside it is rolled back, slot included.
+
+The lockless stock (v4, enable_stock(lockless=True)): each slot is [word, last],
+word = seq << 34 | pages, changed by CAS only: the CPU's hit and deposit, and a
+drain from any process, which needs no work message and no lock of the CPU: the
+drain holds the arena's drain lock (drain.drain_lock) and runs an op of its own
+row on the counter's path that CASes the word to (seq + 1) << 34 and uncharges
+what it took. _op.h ("The lockless stock") gives the words each side records and
+how a repair decides a dead op from the word; docs/design.md the argument.
 
 Bound (I5): with one context per CPU, stock[k][C] < batch after each deposit, so
 pages held in stocks <= (counters with stock) x ncpus x batch. A second context on
@@ -35,17 +44,25 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import cpuhp, hooks
-from ._atomic import STOCK_BUSY
-from .drain import drain_stock, take_requests
+from ._atomic import CONSUME_HIT, STOCK_BUSY
+from .drain import drain_lock, drain_stock, take_requests
 from .errors import ArenaError
 from .hotplug import check_dead
 from .segment import (
     PC_BATCH,
+    PC_FLAG_LOCKLESS,
     PC_FLAG_UNCHARGE_TO_STOCK,
     PC_FLAGS,
     PC_STOCK_ID,
+    R_FWD_DELTA,
+    R_STOCK_AFTER,
+    R_STOCK_BEFORE,
+    STOCK_LAST,
     STOCK_LOCK,
     STOCK_NR,
+    V4_PAGES_BITS,
+    V4_PAGES_MASK,
+    V4_SEQ_MOD,
 )
 from .stop_machine import _repair, stop_machine
 from .wait import wait_own_lock
@@ -74,7 +91,7 @@ class PageCounterStock:
     # ---- lifecycle ----------------------------------------------------------
 
     def enable_stock(self, batch: int = DEFAULT_BATCH, *,
-                     uncharge_to_stock: bool = False) -> bool:
+                     uncharge_to_stock: bool = False, lockless: bool = False) -> bool:
         """Give this counter a per-CPU stock refilled `batch` pages at a time.
 
         Returns False, changing nothing, when no stock could be set up (the arena's
@@ -83,17 +100,32 @@ class PageCounterStock:
         counter that has stock sets the batch again (re-enables after disable).
         uncharge_to_stock: the RFC's stock-returning uncharge (docs/stock-design.md §Uncharge), for
         studying the series; v2 and later uncharge through the hierarchy.
+        lockless: the v4 stock: one atomic word per (counter, CPU), no lock, drained
+        remotely by any process (drain_stock, drain_stock_local: no work message).
+        Named for what it drops, the slot lock, and with it the CPU's part in a
+        drain. Not with uncharge_to_stock (ValueError). A counter that has stock
+        keeps its kind until free_stock: ValueError, nothing changed.
         """
         if type(batch) is not int or not 0 <= batch < BATCH_LIMIT:
             raise (TypeError if type(batch) is not int else ValueError)(
                 f"batch must be an int in [0, 2**32), got {batch!r} ({type(batch).__name__})")
         if not isinstance(uncharge_to_stock, bool):
             raise TypeError(f"uncharge_to_stock must be a bool, got {uncharge_to_stock!r}")
+        if not isinstance(lockless, bool):
+            raise TypeError(f"lockless must be a bool, got {lockless!r}")
+        if lockless and uncharge_to_stock:
+            raise ValueError("a lockless stock has no uncharge_to_stock (the RFC's, "
+                             "under the slot lock)")
         arena, slots = self._arena, self._slots
         arena._check_open()
-        flags = PC_FLAG_UNCHARGE_TO_STOCK if uncharge_to_stock else 0
+        flags = ((PC_FLAG_UNCHARGE_TO_STOCK if uncharge_to_stock else 0)
+                 | (PC_FLAG_LOCKLESS if lockless else 0))
         arena._registry_lock()
         try:
+            if self._stock_id() >= 0 and self._lockless() != lockless:
+                raise ValueError(f"counter {self.name!r} has a "
+                                 f"{'lockless' if self._lockless() else 'locked'} stock; "
+                                 f"free_stock it before enabling the other kind")
             if self._stock_id() < 0:
                 free = (arena.stock_owner < 0).nonzero()[0]
                 if len(free) == 0:
@@ -136,9 +168,16 @@ class PageCounterStock:
             return 0
         slots.store(self._c + PC_BATCH, 0)
         drained = 0
+        lockless = self._lockless()
+        if lockless and drain:
+            with drain_lock(arena):
+                drained = sum(self._drain_remote(cpu) for cpu in range(arena.ncpus))
         for cpu in range(arena.ncpus):
             slot = arena._stock_slot(cpu, sid)
-            if drain:
+            if lockless:                # seq and last too: the id's next owner starts at 0
+                slots.store(slot + STOCK_NR, 0)
+                slots.store(slot + STOCK_LAST, 0)
+            elif drain:
                 drained += self._drain_slot(slot)
             else:
                 slots.store(slot + STOCK_NR, 0)
@@ -175,6 +214,15 @@ class PageCounterStock:
                 f"not -1 or a stock id below max_stocked = {self._arena.max_stocked}")
         return sid
 
+    def _lockless(self) -> bool:
+        """Is this counter's stock the lockless (v4) one?"""
+        return bool(self._slots.load(self._c + PC_FLAGS) & PC_FLAG_LOCKLESS)
+
+    @property
+    def lockless(self) -> bool:
+        """True when the stock is the lockless (v4) one (enable_stock)."""
+        return self._lockless()
+
     @property
     def has_stock(self) -> bool:
         return self._stock_id() >= 0
@@ -189,7 +237,10 @@ class PageCounterStock:
         arena = self._arena
         arena._cpu_slot(cpu)              # validates cpu
         sid = self._stock_id()
-        return 0 if sid < 0 else self._slots.load(arena._stock_slot(cpu, sid) + STOCK_NR)
+        if sid < 0:
+            return 0
+        word = self._slots.load(arena._stock_slot(cpu, sid) + STOCK_NR)
+        return word & V4_PAGES_MASK if self._lockless() else word
 
     def _local_slot(self) -> int:
         """This CPU's slot of this counter, or -1 (not a CPU, or no stock); the
@@ -204,17 +255,42 @@ class PageCounterStock:
                                           self._arena._stock_owner)
         return nr_pages if excess == STOCK_BUSY else excess
 
+    def _deposit(self, slot: int, charge: int, surplus: int) -> bool:
+        """Step 4 of try_charge, inside its op, the walk of `charge` pages done:
+        put `surplus` pages in this CPU's slot; False when it cannot (the lock is
+        busy; a lockless word's pages would reach 2**34): the caller uncharges them.
+        Lockless: the CAS loop and the forward mark in one C call
+        (stock_deposit_v4), with the named points "stock:cas" (E and E + surplus
+        recorded, no CAS yet) and "stock:deposited" (done and marked)."""
+        arena, slots = self._arena, self._slots
+        if not self._lockless():
+            return slots.stock_deposit(slot, surplus, arena._stock_owner)
+        row = arena._writer.row_slot
+        if hooks.ARMED:
+            word = slots.load(slot + STOCK_NR)
+            slots.store(row + R_FWD_DELTA, charge)
+            slots.store(row + R_STOCK_BEFORE, word)
+            slots.store(row + R_STOCK_AFTER, word + surplus)
+            hooks.at("stock:cas")
+        deposited = slots.stock_deposit_v4(row, slot, surplus, charge)
+        if deposited and hooks.ARMED:
+            hooks.at("stock:deposited")
+        return deposited
+
     def _consume_stepwise(self, nr_pages: int) -> bool:
         """The fast path of try_charge (stock_consume) as separate steps, with the
         named point "stock:consume" between the read and the write of the slot:
         the kernel's `stock->nr_pages -= n` under the local lock is such a plain
         read-modify-write, and a remote writer that ignores the lock (v2's nolock
         drain, series E5) can land in between. Used by memcg while hooks are armed;
-        same result as stock_consume otherwise. A CPU process only."""
+        same result as stock_consume otherwise. A CPU process only. A lockless
+        word has no read-modify-write to land in: its CAS, one step."""
         arena, slots = self._arena, self._slots
         slot = self._local_slot()
         if slot < 0:
             return False
+        if self._lockless():
+            return slots.stock_consume(self._c, arena._stock_row, nr_pages) == CONSUME_HIT
         with arena._writer.held():
             if not slots.stock_trylock(slot, arena._stock_owner):
                 return False
@@ -236,7 +312,8 @@ class PageCounterStock:
 
         Runs in a CPU process only. The lock is blocking, as the kernel's
         local_lock: if another context of this CPU holds it, we yield until it lets
-        go (the library holds it for one C call at a time).
+        go (the library holds it for one C call at a time). A lockless stock: the
+        remote drain of this CPU's own word, under the drain lock.
         """
         arena = self._arena
         if arena._stock_block < 0:
@@ -246,6 +323,11 @@ class PageCounterStock:
         slot = self._local_slot()
         if slot < 0:
             return 0
+        if self._lockless():                    # the remote drain, of our own word
+            cpu = cpuhp.this_cpu_of(arena)
+            assert cpu is not None              # _stock_block >= 0: registered here
+            with drain_lock(arena):
+                return self._drain_remote(cpu)
         with arena._writer.op(self, slot) as kbase:
             return self._drain_local_in_op(slot, kbase)
 
@@ -283,9 +365,31 @@ class PageCounterStock:
             _repair(arena)
             return _drain_stopped(self, cpu)
 
+    def _drain_remote(self, cpu: int) -> int:
+        """page_counter_drain_stock(counter, cpu) of the lockless stock: take CPU
+        `cpu`'s word (alive, dead or absent, busy charging or not: it is never
+        waited for) and uncharge what it held, in an op of this process's row.
+        The caller holds the drain lock (drain.drain_lock). Returns the pages."""
+        sid = self._stock_id()
+        if sid < 0:
+            return 0
+        slot = self._arena._stock_slot(cpu, sid)
+        if self._slots.load(slot + STOCK_NR) & V4_PAGES_MASK == 0:
+            return 0
+        writer = self._arena._writer
+        with writer.op(self, slot) as kbase:
+            return _drain_word(self, slot, writer.row_slot, kbase)
+
+    def _drain_lockless(self) -> int:
+        """The lockless drain_stock: every CPU's word, remotely (drain.py, drain
+        lock held). Returns the pages drained."""
+        return sum(self._drain_remote(cpu) for cpu in range(self._arena.ncpus))
+
     def drain_stock(self, timeout: float | None = None, *, trylock: bool = False) -> bool:
         """Every online CPU drains its own stock of this counter: a work message to
-        each CPU process, then wait for all (drain.py). Any attached process may
+        each CPU process, then wait for all (drain.py). A lockless counter's stock
+        is drained by the caller itself, every CPU's word, synchronously, holding
+        the drain lock (waiting for it at most `timeout` seconds). Any attached process may
         call it; a CPU does its own part inline. A CPU that dies meanwhile is left
         to the hotplug path; a live one that does not answer within `timeout`
         (default arena.drain_timeout) raises DrainTimeout naming it.
@@ -294,6 +398,44 @@ class PageCounterStock:
         is running, like memcg's percpu_charge_mutex. Otherwise returns True.
         """
         return drain_stock(self._arena, [self], timeout, trylock)
+
+
+def _drain_word(counter: Any, slot: int, row_slot: int, kbase: int) -> int:
+    """Inside an op of writer row `row_slot` on `counter`'s path naming lockless
+    word `slot` (the drain lock held, or under stop_machine): take the word's
+    pages by CAS to (seq + 1) << 34, store the word taken in `last`, mark the op
+    forward (one C call: stock_drain_v4), then uncharge the pages (_op.h). While
+    hooks are armed, the same steps one by one, with the named points "drain:cas"
+    (the word recorded, before its CAS), "drain:swapped" (after the CAS, before
+    last and the mark), "drain:taken" (marked, before the uncharge), then
+    "uncharge:level"."""
+    slots = counter._slots
+    if not hooks.ARMED:
+        taken = slots.stock_drain_v4(row_slot, slot)
+        counter._cancel_path(taken, kbase)
+        return taken
+    word, after = slots.load(slot + STOCK_NR), 0
+    while word & V4_PAGES_MASK:
+        after = ((word >> V4_PAGES_BITS) + 1) % V4_SEQ_MOD << V4_PAGES_BITS
+        slots.store(row_slot + R_STOCK_AFTER, after)
+        slots.store(row_slot + R_STOCK_BEFORE, word)
+        if hooks.ARMED:
+            hooks.at("drain:cas")
+        seen = slots.cas(slot + STOCK_NR, word, after)
+        if seen == word:
+            break
+        word = seen                     # the CPU took or added pages meanwhile
+    else:
+        return 0
+    if hooks.ARMED:
+        hooks.at("drain:swapped")
+    slots.store(slot + STOCK_LAST, word)
+    taken = word & V4_PAGES_MASK
+    slots.op_forward(row_slot, -taken, len(counter._path), after)
+    if hooks.ARMED:
+        hooks.at("drain:taken")
+    counter._cancel_path(taken, kbase)
+    return taken
 
 
 # ---- the per-counter stock on the CPU paths (cpuhp.py) ------------------------------
@@ -307,10 +449,19 @@ def _drain_stopped(counter: Any, cpu: int) -> int:
     if sid < 0:
         return 0
     slot = arena._stock_slot(cpu, sid)
+    row_slot, kbase = arena._row_slot(cpu), arena._contrib_slot(cpu, 0)
+    if counter._lockless():             # the remote drain, as an op of the dead row
+        taken = 0
+        if slots.load(slot + STOCK_NR) & V4_PAGES_MASK:
+            slots.op_begin(row_slot, -1, arena._counters_slot, kbase, counter._index, slot)
+            taken = _drain_word(counter, slot, row_slot, kbase)
+            slots.op_end(row_slot)
+        slots.store(slot + STOCK_NR, 0)         # a fresh word for the CPU's next process
+        slots.store(slot + STOCK_LAST, 0)
+        return int(taken)
     slots.store(slot + STOCK_LOCK, 0)
     if slots.load(slot + STOCK_NR) == 0:
         return 0
-    row_slot, kbase = arena._row_slot(cpu), arena._contrib_slot(cpu, 0)
     slots.op_begin(row_slot, -1, arena._counters_slot, kbase, counter._index, slot)
     taken = slots.exchange(slot + STOCK_NR, 0)
     slots.op_forward(row_slot, -taken, len(counter._path), 0)
@@ -348,7 +499,7 @@ def _serve(arena: Arena, cpu: int) -> None:
     def drain(index: int) -> None:
         counter = arena._handle(index)
         slot = counter._local_slot()
-        if slot >= 0:
+        if slot >= 0 and not counter._lockless():   # its drainer drains it (drain.py)
             with writer.op(counter, slot, locked=True) as kbase:
                 counter._drain_local_in_op(slot, kbase)
     take_requests(arena, cpu, drain)
@@ -360,6 +511,8 @@ def _stock_pages(arena: Arena, n: int) -> np.ndarray:
     pages = np.zeros((arena.ncpus, n), np.int64)
     has = sid >= 0
     pages[:, has] = arena.stocks[:, sid[has], STOCK_NR]
+    lockless = has & (arena.records[:n, PC_FLAGS] & PC_FLAG_LOCKLESS != 0)
+    pages[:, lockless] &= V4_PAGES_MASK
     return pages
 
 

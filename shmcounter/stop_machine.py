@@ -18,7 +18,9 @@ one. For each counter c on the path of a dead row's op,
 
 is what the dead ops applied to usage[c] beyond their targets; we subtract it, set
 each dead contrib to its base plus its target, and put each dead op's stock slot
-to its value at begin, or at the end of its plan. The target of an op is 0 at
+to its value at begin, or at the end of its plan; a lockless (v4) stock word is
+never put back: whether the op's CAS on it happened decides its plan, read from
+the word (_op.h, v4_outcome; docs/design.md "The lockless stock"). The target of an op is 0 at
 every level, so that it counts not at all, unless the op marked itself forward
 (op_forward, _op.h: an op that uncharges, once its plan is final): then it is the
 plan's delta at the plan's levels, and the op counts wholly. (Putting back pages
@@ -69,6 +71,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import pidlock, segment
+from ._atomic import V4_DRAINED
 from .errors import WaitTimeout
 from .segment import (
     H_STOP,
@@ -93,6 +96,7 @@ from .segment import (
     R_STOCK_AFTER,
     R_STOCK_BEFORE,
     R_STOCK_SLOT,
+    STOCK_LAST,
     STOCK_NR,
     STOCK_WORDS,
 )
@@ -276,12 +280,15 @@ def _repair(arena: Arena) -> Repair:
     n = arena._published()
     parents = arena._parents(n)
     ops = {row: _intent(arena, row, parents) for row in dead if rows[row, R_OP]}
+    plans = _lockless_plans(arena, ops)
+    for row, (levels, _) in plans.items():
+        ops[row] = (*ops[row][:3], levels)
     residue = arena.records[:n, PC_USAGE] - arena.contrib[:, :n].sum(axis=0)
     rollback = [int(r) for r in residue]
     covered = np.zeros(n, bool)
     resets: dict[tuple[int, int], int] = {}             # (row, counter): contrib after
     for row, (counter, depth, _, levels) in ops.items():
-        delta = int(rows[row, R_FWD_DELTA]) if levels else 0
+        delta = plans[row][1] if row in plans else int(rows[row, R_FWD_DELTA]) if levels else 0
         index = counter                                 # walks up to the root
         for level in range(depth):
             target = _int64(int(rows[row, R_BASE + level]) + (delta if level < levels else 0))
@@ -315,7 +322,7 @@ def _repair(arena: Arena) -> Repair:
         base_slot = arena._row_slot(row)
         if row in ops:
             stock_slot = ops[row][2]
-            if stock_slot >= 0:
+            if stock_slot >= 0 and row not in plans:      # a lockless word: left as is
                 end = R_STOCK_AFTER if row in forward else R_STOCK_BEFORE
                 slots.store(stock_slot + STOCK_NR, int(rows[row, end]))
             slots.store(base_slot + R_OP, 0)
@@ -326,6 +333,27 @@ def _repair(arena: Arena) -> Repair:
     if resets:
         _propagate_all(arena, parents)
     return Repair(tuple(dead), tuple(pid for _, pid in found), tuple(ops), pages, forward)
+
+
+def _lockless_plans(arena: Arena, ops: dict[int, tuple[int, int, int, int]]
+                    ) -> dict[int, tuple[int, int]]:
+    """(levels, delta) of each dead op on a lockless (v4) stock word: what its CAS,
+    if it happened, commits it to (_op.h, v4_outcome; stock_v4_plan). The word
+    itself is never written back: its live CPU may have changed it since. A dead
+    drain whose CAS happened gets its `last` word first (it may have died before
+    storing it), since a dead deposit on the same word is decided by it."""
+    slots, rows = arena._slots, arena.rows
+    plan = {row: slots.stock_v4_plan(arena._row_slot(row), arena._counters_slot)
+            for row in ops}
+    for row, found in plan.items():
+        if found is not None and found[0] == V4_DRAINED:
+            slots.store(ops[row][2] + STOCK_LAST, int(rows[row, R_STOCK_BEFORE]))
+    plans = {}
+    for row in ops:
+        found = slots.stock_v4_plan(arena._row_slot(row), arena._counters_slot)
+        if found is not None:
+            plans[row] = found[1], found[2]
+    return plans
 
 
 def _int64(x: int) -> int:

@@ -247,7 +247,7 @@ COUNTER_CALLS: dict[str, Callable[[PageCounter], object]] = {
     "drain_stock": lambda c: c.drain_stock(),
     **{field: (lambda f: lambda c: getattr(c, f))(field) for field in (
         "usage", "max", "min", "low", "high", "watermark", "failcnt", "emin", "elow",
-        "children_min_usage", "children_low_usage", "has_stock", "batch")},
+        "children_min_usage", "children_low_usage", "has_stock", "batch", "lockless")},
 }
 TREE_OPEN_ANYWAY = {"variant", "memsw", "batch", "root"}
 TREE_CALLS: dict[str, Callable[[Cgroups, MemCgroup], object]] = {
