@@ -3,14 +3,14 @@
 limited tree, with every invariant checked after every kill (procs/lab/torture.py).
 
     python scripts/hotplug_torture.py --kills 10000
-    python scripts/hotplug_torture.py --kills 3000 --design legacy
+    python scripts/hotplug_torture.py --kills 3000 --design legacy --aim op
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from procs.lab.torture import DESIGNS, torture
+from procs.lab.torture import AIMS, DESIGNS, torture
 
 
 def main() -> int:
@@ -23,13 +23,18 @@ def main() -> int:
                         help="the per-counter stock (page_counter, default) or the old "
                              "7-slot memcg stock (legacy)")
     parser.add_argument("--aim-every", type=int, default=4, metavar="N",
-                        help="aim every N-th kill inside an operation (default 4; 0: never)")
+                        help="aim every N-th kill (default 4; 0: never)")
+    parser.add_argument("--aim", choices=AIMS, default="alternate",
+                        help="where aimed kills land: at an operation in flight (flight: its "
+                             "ledger written, not yet updated), inside its op (op: that, and "
+                             "the victim's writer row has its op word set), or alternately "
+                             "(alternate, default)")
     args = parser.parse_args()
     if args.kills < 1 or args.cpus < 1 or args.aim_every < 0:
         parser.error("--kills and --cpus must be at least 1, --aim-every at least 0")
     report = torture(args.kills, seed=args.seed, ncpus=args.cpus,
                      start_method=args.start_method, design=args.design,
-                     aim_every=args.aim_every, progress=True)
+                     aim_every=args.aim_every, aim=args.aim, progress=True)
     print(report)
     return 0
 

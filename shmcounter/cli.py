@@ -200,7 +200,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="trials; each runs every cell once (default 20)")
     p.add_argument("--work", type=_int("work", 1, 10**8), metavar="PAGES",
                    help="pages each CPU charges per cell, rounded up to whole "
-                        "iterations (default 60000)")
+                        "iterations (default 300000)")
     p.add_argument("--pages", type=_int("pages", 1, 10**6), metavar="N",
                    help="pages per cgroup per iteration (default 128)")
     p.add_argument("--drains", type=_int("drains", 0, 10**4), metavar="N",

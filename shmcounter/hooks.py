@@ -22,8 +22,11 @@ The slow paths call `at(name)` between their steps when any hook is armed:
                       not drained yet: a concurrent drain_all_stock loses the trylock
 
 A hook may also raise, to play a signal handler's exception between two steps.
-Armed only in the process that installs a hook (a CPU process under test); the
-cost elsewhere is one module attribute test per step.
+Armed only in the process that installs a hook (a CPU process under test). The
+ops are one C call each (_counter.c, memcg/_legacy.c), with no step to stop at:
+install() sets a flag in the C module's state, and while it is set they run the
+same op in Python steps, with these points between them. Unarmed, the cost is
+that flag's test, once per op.
 """
 from __future__ import annotations
 

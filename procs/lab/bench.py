@@ -65,19 +65,22 @@ DRAIN_GAP_S = 0.002
 CHURN_WARMUP_S = 0.03
 CHURN_PER_DRAIN_S = 0.015
 # Loop steps of the ceiling's pure-Python loop per page of `work`: about as long
-# as a cell of fixed at 1 cgroup, so that both see the same kind of noise.
-SPIN_PER_PAGE = 8
+# as a cell of fixed at 1 cgroup (a stock hit is one C call, ~35 ns; a loop step
+# ~17 ns), so that both see the same kind of noise.
+SPIN_PER_PAGE = 2
 
 
 @dataclass(frozen=True)
 class Config:
     """What one run measures. Larger `work` and `trials` shrink the spread and
-    lengthen the run (the defaults take about 2 minutes on 2 cores)."""
+    lengthen the run (the defaults take about 2 minutes on 2 cores). A cell of
+    fixed at 1 cgroup lasts about 10 ms at the default work: at 60,000 pages it
+    lasted 2 ms, too short to time 2 CPUs against 1 on a shared machine."""
     cpus: tuple[int, ...] = (1, 2)           # CPU counts (processes per design)
     cgroups: tuple[int, ...] = (1, 4, 32)    # cgroup counts
     designs: tuple[str, ...] = tuple(DESIGNS)
     trials: int = 20
-    work: int = 60_000       # pages each CPU charges per cell (iterations rounded up)
+    work: int = 300_000      # pages each CPU charges per cell (iterations rounded up)
     pages: int = 128         # pages per cgroup per iteration (one MADV_DONTNEED)
     drains: int = 20         # timed drains per design per trial
     kills: int = 1           # timed kills per design per trial

@@ -12,10 +12,19 @@ Two designs of the per-CPU charge stock (`design`):
 
 Each CPU process runs random operations on the leaves and keeps a shadow ledger of
 the pages it holds. For each kill the controller picks a victim, waits until it runs
-its loop, and SIGKILLs it at a random instant; every `aim_every`-th kill is aimed:
-the victim is stopped (SIGSTOP) at random instants until it is caught inside an
-operation, and killed there. Once the hotplug-dead path has run, every other CPU
-pauses at a safe point (legacy: and has served the drain work sent to it), and:
+its loop, stops it (SIGSTOP) at a random instant, reads its writer row (its op word:
+is it inside an op, between op_begin and op_end?) and SIGKILLs it there. Every
+`aim_every`-th kill is aimed: the CPUs are stopped at random instants, and continued,
+until one is caught where the aim says (`aim`); that one is the victim:
+
+  flight     an operation in flight: written to its ledger, its count not yet
+             updated (anywhere from before the call to its return);
+  op         that, and inside the op itself: its row's op word set, where the
+             counters change (a C op of ~100 ns: tens to hundreds of stops);
+  alternate  aimed kills alternate: op, flight, op, ...
+
+Once the hotplug-dead path has run, every other CPU pauses at a safe point
+(legacy: and has served the drain work sent to it), and:
 
   - the killed CPU's operation in flight (written to its ledger before the call)
     counts wholly or not at all: the leaf's unexplained usage (usage - stock -
@@ -32,7 +41,7 @@ Then the CPU is restarted and resumes its ledger. At the end every CPU returns i
 pages, and every usage must be exactly 0.
 
     from procs.lab.torture import torture
-    report = torture(kills=200, seed=1, design="legacy")
+    report = torture(kills=200, seed=1, design="legacy", aim="op")
 """
 from __future__ import annotations
 
@@ -40,7 +49,9 @@ import os
 import random
 import signal
 import time
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from multiprocessing import shared_memory
 
@@ -53,6 +64,7 @@ from shmcounter.invariants import check_invariants
 from shmcounter.memcg import Cgroups, legacy
 from shmcounter.memcg.cgroups import ROOT
 from shmcounter.memcg.legacy import MC_FLUSHING, MC_LOCK, MC_SLOTS, NR_MEMCG_STOCK
+from shmcounter.segment import R_OP
 
 BATCH = 64                      # the per-counter stock's batch; the legacy slot's max
 
@@ -97,7 +109,14 @@ DESIGNS = tuple(TREES)
 CHARGES = (1, 1, 1, 2, 8, 33, 64, 100)   # try_charge sizes; kmem uncharges too
 P_UNCHARGE = 0.45                        # an uncharge (when the leaf holds pages)
 P_KMEM = 0.5                             # legacy: of those, to the stock
-AIM_TIMEOUT = 60.0                       # seconds to catch a victim inside an op
+AIMS = ("flight", "op", "alternate")     # where aimed kills land (see above)
+AIM_TIMEOUT = 60.0                       # seconds to catch a victim where aimed
+AIM_DELAY = 50e-6                        # at most this long running between two stops
+STOP_TIMEOUT = 10.0                      # seconds for a SIGSTOP to stop its process
+# Waiting for a stop sleeps this long between two looks at first, twice as long each
+# time after (up to 1 ms): a CPU process on the SCHED_FIFO controller's core runs only
+# while it sleeps (_realtime), and polls of 2 us left it no time to stop in at all.
+STOP_POLL = 50e-6
 RUN_TIMEOUT = 60.0                       # seconds for a victim to run its loop
 
 
@@ -105,11 +124,23 @@ def _cpu_base(cpu: int) -> int:
     return 8 + cpu * _CPU_WORDS
 
 
+# How a kill is made: at a random instant, or aimed (AIMS) at an operation in
+# flight or inside its op.
+AT_RANDOM, IN_FLIGHT, INSIDE_OP = "at random", "in flight", "inside the op"
+_AIMED = {"flight": IN_FLIGHT, "op": INSIDE_OP}
+
+
 @dataclass
 class Report:
     design: str = "page_counter"
     kills: int = 0
-    aimed: int = 0                 # kills made once the victim was caught in an op
+    made: dict[str, int] = field(default_factory=lambda: {   # kills by how they were made
+        AT_RANDOM: 0, IN_FLIGHT: 0, INSIDE_OP: 0})
+    # Of those, the kills at which the victim's writer row had its op word set (read
+    # while the victim was stopped, just before the SIGKILL).
+    in_op: dict[str, int] = field(default_factory=lambda: {
+        AT_RANDOM: 0, IN_FLIGHT: 0, INSIDE_OP: 0})
+    stops: int = 0                 # SIGSTOPs: one per kill at random, more to aim one
     ops: int = 0
     checks: int = 0
     in_flight: dict[str, int] = field(default_factory=lambda: {
@@ -119,16 +150,30 @@ class Report:
     seconds: float = 0.0
 
     @property
-    def inside_op(self) -> int:
+    def aimed(self) -> int:
+        return self.made[IN_FLIGHT] + self.made[INSIDE_OP]
+
+    @property
+    def caught_in_op(self) -> int:
+        """Kills made with the victim inside an op (its row's op word set)."""
+        return sum(self.in_op.values())
+
+    @property
+    def resolved(self) -> int:
         """Kills whose operation in flight had to be resolved: rolled back or wholly."""
         return self.in_flight["rolled back"] + self.in_flight["counted wholly"]
 
     def __str__(self) -> str:
-        f = self.in_flight
+        f, made, in_op = self.in_flight, self.made, self.in_op
         lines = [
-            f"{self.design}: {self.kills} SIGKILLs ({self.aimed} aimed inside an operation), "
-            f"{self.ops} operations, {self.checks} invariant checks (I1 I2 I5 I6 I7 + "
-            f"dead slots), all passed in {self.seconds:.1f} s.",
+            f"{self.design}: {self.kills} SIGKILLs ({self.aimed} aimed: {made[IN_FLIGHT]} at "
+            f"an operation in flight, {made[INSIDE_OP]} inside its op), {self.ops} "
+            f"operations, {self.checks} invariant checks (I1 I2 I5 I6 I7 + dead slots), "
+            f"all passed in {self.seconds:.1f} s.",
+            f"Victim inside an op (its row's op word set) at {self.caught_in_op} kills: "
+            f"{in_op[AT_RANDOM]} of {made[AT_RANDOM]} at random, {in_op[IN_FLIGHT]} of "
+            f"{made[IN_FLIGHT]} aimed in flight, {in_op[INSIDE_OP]} of {made[INSIDE_OP]} "
+            f"aimed inside the op ({self.stops} SIGSTOPs).",
             f"Operation in flight at the kill: none {f['none']}, in a drain "
             f"{f['in a drain']}, already acknowledged {f['acknowledged']}, rolled back "
             f"(counted not at all) {f['rolled back']}, counted wholly {f['counted wholly']}."]
@@ -268,15 +313,17 @@ def release_all(arena: Arena, ledger: str, cpu: int, design: str) -> None:
 # ---- the controller -------------------------------------------------------------------
 
 def torture(kills: int, seed: int = 0, ncpus: int = 4, start_method: str = "fork",
-            design: str = "page_counter", aim_every: int = 4,
+            design: str = "page_counter", aim_every: int = 4, aim: str = "alternate",
             progress: bool = False) -> Report:
-    """Run `kills` SIGKILLs on `design`'s tree, every `aim_every`-th one aimed inside
-    an operation (0: none aimed); raise AssertionError (InvariantError) at the first
-    broken invariant. Returns what was checked."""
+    """Run `kills` SIGKILLs on `design`'s tree, every `aim_every`-th one aimed where
+    `aim` says (AIMS; aim_every 0: none aimed); raise AssertionError (InvariantError)
+    at the first broken invariant. Returns what was checked."""
     if design not in TREES:
         raise ValueError(f"design must be one of {DESIGNS}, got {design!r}")
     if type(aim_every) is not int or aim_every < 0:
         raise ValueError(f"aim_every must be an int >= 0, got {aim_every!r}")
+    if aim not in AIMS:
+        raise ValueError(f"aim must be one of {AIMS}, got {aim!r}")
     rng = random.Random(seed)
     report = Report(design=design)
     started = time.monotonic()
@@ -289,8 +336,8 @@ def torture(kills: int, seed: int = 0, ncpus: int = 4, start_method: str = "fork
             cgroups = _build(arena, design)
             with Machine(arena, start_method=start_method) as m:
                 try:
-                    _run(arena, m, cgroups, ledger_shm.name, design, kills, aim_every, rng,
-                         report, progress)
+                    _run(arena, m, cgroups, ledger_shm.name, design, kills, aim_every, aim,
+                         rng, report, progress)
                 finally:
                     _stop(_ledger(ledger_shm.name)[0])      # loops end, CPUs stop
     finally:
@@ -324,7 +371,7 @@ def _build(arena: Arena, design: str) -> Cgroups | None:
 
 
 def _run(arena: Arena, m: Machine, cgroups: Cgroups | None, ledger: str, design: str,
-         kills: int, aim_every: int, rng: random.Random, report: Report,
+         kills: int, aim_every: int, aim: str, rng: random.Random, report: Report,
          progress: bool) -> None:
     slots, words = _ledger(ledger)
     ncpus = arena.ncpus
@@ -336,22 +383,29 @@ def _run(arena: Arena, m: Machine, cgroups: Cgroups | None, ledger: str, design:
     loops = {cpu: start_loop(cpu) for cpu in range(ncpus)}
     resumed_at = _ops_done(words, ncpus)
     for k in range(1, kills + 1):
-        victim = rng.randrange(ncpus)
-        _wait_running(words, victim, resumed_at[victim], loops[victim])
-        aimed = aim_every > 0 and k % aim_every == 0
-        if aimed:
-            _stop_inside_op(m.pid(victim), words, victim, rng)
-        else:
+        how = _how(k, aim_every, aim)
+        if how == AT_RANDOM:
+            victim = rng.randrange(ncpus)
+            _wait_running(words, victim, resumed_at[victim], loops[victim])
             time.sleep(rng.uniform(0, 0.015))
+            _sigstop({victim: m.pid(victim)})
+            report.stops += 1
+        else:
+            for cpu in range(ncpus):
+                _wait_running(words, cpu, resumed_at[cpu], loops[cpu])
+            victim, stops = _catch(m, arena, words, how, rng)
+            report.stops += stops
+        in_op = bool(arena.rows[victim, R_OP])          # read while it is stopped
         m.kill(victim)
         report.kills += 1
-        report.aimed += aimed
+        report.made[how] += 1
+        report.in_op[how] += in_op
         _pause(slots, m.online, loops)
         if cgroups is not None:
             cgroups.wait_flushed(timeout=30)           # asynchronous drains served
         outcome = _check_after_kill(arena, words, leaves, victim)
-        assert not aimed or outcome in ("rolled back", "counted wholly"), (
-            f"kill {k} was aimed inside an operation of CPU {victim}, yet: {outcome}")
+        assert how == AT_RANDOM or outcome in ("rolled back", "counted wholly"), (
+            f"kill {k} was aimed {how} of CPU {victim}, yet: {outcome}")
         report.in_flight[outcome] += 1
         report.checks += 1
         # The dead process may have died paused (ack = 1): its successor is not
@@ -404,43 +458,109 @@ def _wait_running(words: np.ndarray, cpu: int, ops_before: int, loop: Future) ->
         time.sleep(0.0001)
 
 
-def _stop_inside_op(pid: int, words: np.ndarray, cpu: int, rng: random.Random) -> None:
-    """SIGSTOP process `pid` (CPU `cpu`'s loop) at random instants, continuing it
-    each time, until it is stopped inside an operation: in flight, its ledger not
-    yet updated. Returns with it stopped there (a SIGKILL now kills it at that
-    instant). AssertionError if it is not caught so within AIM_TIMEOUT seconds."""
+def _how(k: int, aim_every: int, aim: str) -> str:
+    """How kill number `k` (from 1) is made: AT_RANDOM, IN_FLIGHT or INSIDE_OP."""
+    if aim_every == 0 or k % aim_every:
+        return AT_RANDOM
+    if aim == "alternate":
+        aim = "op" if k // aim_every % 2 else "flight"
+    return _AIMED[aim]
+
+
+def _catch(m: Machine, arena: Arena, words: np.ndarray, how: str,
+           rng: random.Random) -> tuple[int, int]:
+    """SIGSTOP every CPU's loop at random instants, continuing them each time (after
+    at most AIM_DELAY s of running), until one or more is caught where `how` says:
+    IN_FLIGHT, an operation in flight, its ledger not yet updated; INSIDE_OP, that
+    and its row's op word set. Continue the others; return the victim (one of those
+    caught), still stopped there (a SIGKILL now kills it at that instant), and the
+    number of SIGSTOPs made. AssertionError if none is caught within AIM_TIMEOUT s.
+
+    All at once, because a CPU waiting for its core (2 CPU processes a core) stops
+    only when it gets it: stopped alone, it costs a time slice (~1 ms); stopped with
+    the one running on its core, it stops at once, where it was preempted. And the
+    controller runs SCHED_FIFO meanwhile (_realtime)."""
+    cpus = list(range(arena.ncpus))
+    pids = {cpu: m.pid(cpu) for cpu in cpus}
     deadline = time.monotonic() + AIM_TIMEOUT
     stops = 0
-    while True:
-        time.sleep(rng.uniform(0, 0.001))
-        os.kill(pid, signal.SIGSTOP)
-        _wait_stopped(pid, deadline)
-        stops += 1
-        if _inside_op(words, cpu):
-            return
-        os.kill(pid, signal.SIGCONT)
-        if time.monotonic() > deadline:
-            raise AssertionError(f"CPU {cpu} (pid {pid}) was stopped {stops} times in "
-                                 f"{AIM_TIMEOUT} s, never inside an operation")
+    with _realtime(), _continued_if_raised(pids.values()):
+        while True:
+            rng.shuffle(cpus)
+            _sigstop({cpu: pids[cpu] for cpu in cpus})
+            stops += len(cpus)
+            caught = [cpu for cpu in cpus if _in_flight(words, cpu)
+                      and (how == IN_FLIGHT or arena.rows[cpu, R_OP])]
+            for cpu in cpus:
+                if not caught or cpu != caught[0]:
+                    os.kill(pids[cpu], signal.SIGCONT)
+            if caught:
+                return caught[0], stops
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the CPUs were stopped {stops // len(cpus)} times in "
+                                     f"{AIM_TIMEOUT} s, none {how}")
+            time.sleep(rng.uniform(0, AIM_DELAY))
 
 
-def _inside_op(words: np.ndarray, cpu: int) -> bool:
+def _in_flight(words: np.ndarray, cpu: int) -> bool:
+    """CPU `cpu`'s ledger: an operation in flight, its count not yet updated."""
     base = _cpu_base(cpu)
     leaf = int(words[base + _LEAF])
     return bool(words[base + _INFLIGHT] == _OP
                 and words[base + _HELD + leaf] == words[base + _BEFORE])
 
 
-def _wait_stopped(pid: int, deadline: float) -> None:
-    """Wait until process `pid` is stopped (state T in /proc)."""
-    while True:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        if stat[stat.rindex(b")") + 2:][:1] == b"T":
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"pid {pid} did not stop")
-        time.sleep(0)
+@contextmanager
+def _realtime() -> Iterator[None]:
+    """Run this thread SCHED_FIFO in the block, where allowed (root): woken from a
+    sleep of the stop loop, it preempts a CPU process at once, instead of waiting
+    for one's time slice to end (a stop round of 4 CPUs then costs ~0.3 ms, not
+    ~1.5 ms). It never spins there: every wait in the block sleeps (STOP_POLL).
+    Processes forked by this thread would inherit the policy: the CPUs are
+    restarted after the block."""
+    policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+        realtime = True
+    except PermissionError:
+        realtime = False
+    try:
+        yield
+    finally:
+        if realtime:
+            os.sched_setscheduler(0, policy, param)
+
+
+@contextmanager
+def _continued_if_raised(pids: Iterable[int]) -> Iterator[None]:
+    """SIGCONT the processes `pids` if the block raises: none is left stopped."""
+    try:
+        yield
+    except BaseException:
+        for pid in pids:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        raise
+
+
+def _sigstop(pids: dict[int, int]) -> None:
+    """SIGSTOP the processes `pids` (by CPU) in this order, and wait until each is
+    stopped (state T in /proc/<pid>/stat). AssertionError if one is not within
+    STOP_TIMEOUT s."""
+    for pid in pids.values():
+        os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    poll = STOP_POLL
+    for cpu, pid in pids.items():
+        stat = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
+        try:
+            while (line := os.pread(stat, 512, 0))[line.rindex(b")") + 2] != ord("T"):
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"CPU {cpu} (pid {pid}) did not stop")
+                time.sleep(poll)
+                poll = min(2 * poll, 1e-3)
+        finally:
+            os.close(stat)
 
 
 def _pause(slots: Slots, online: frozenset[int], loops: dict[int, Future]) -> None:
