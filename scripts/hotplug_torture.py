@@ -30,8 +30,9 @@ def main() -> int:
                         help="where aimed kills land: at an operation in flight (flight: its "
                              "ledger written, not yet updated), inside its op (op: that, and "
                              "the victim's writer row has its op word set), v4: a CPU inside "
-                             "its drain op (drain) or the requester inside its drain op "
-                             "(requester), or these in turn (alternate, default)")
+                             "its drain op (drain), the requester inside its drain op "
+                             "(requester), a CPU between its deposit's CAS intent and its "
+                             "mark (deposit), or these in turn (alternate, default)")
     args = parser.parse_args()
     if args.kills < 1 or args.cpus < 1 or args.aim_every < 0:
         parser.error("--kills and --cpus must be at least 1, --aim-every at least 0")

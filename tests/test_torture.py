@@ -8,6 +8,7 @@ import pytest
 
 from procs.lab.torture import (
     AT_RANDOM,
+    IN_DEPOSIT,
     IN_DRAIN,
     IN_FLIGHT,
     INSIDE_OP,
@@ -46,20 +47,22 @@ def test_hotplug_torture_v4_kills_both_sides_of_the_lockless_stock():
     """The lockless stock: CPUs charge, uncharge and drain (remotely, every CPU's
     word); the requester, a plain process attached to the arena, loops drains.
     Both are victims, at random and aimed."""
-    kills = 300
+    kills = 200
     report = torture(kills, seed=kills, design="v4")
     assert report.kills == kills
     assert report.checks == kills + 1                # after every kill, and at the end
     assert report.ops > 50 * kills                   # the CPUs really worked between kills
     assert report.drains > kills                     # and the requester drained
     # Every 4th kill is aimed, in turn: a CPU inside its op, a CPU inside the op of
-    # its drain, a CPU with an operation in flight, the requester inside its drain.
-    assert report.made == {AT_RANDOM: 225, INSIDE_OP: 19, IN_DRAIN: 19, IN_FLIGHT: 19,
-                           REQUESTER_DRAIN: 18}
-    # Read from the victim's row while it was stopped: each kill aimed inside an op
-    # or a drain was made with the op word set.
-    for how in (INSIDE_OP, IN_DRAIN, REQUESTER_DRAIN):
+    # its drain, a CPU inside its deposit (between the CAS intent and the forward
+    # mark), a CPU with an operation in flight, the requester inside its drain.
+    assert report.made == {AT_RANDOM: 150, INSIDE_OP: 10, IN_DRAIN: 10, IN_DEPOSIT: 10,
+                           IN_FLIGHT: 10, REQUESTER_DRAIN: 10}
+    # Read from the victim's row while it was stopped: each kill aimed inside an op,
+    # a deposit or a drain was made with the op word set.
+    for how in (INSIDE_OP, IN_DRAIN, IN_DEPOSIT, REQUESTER_DRAIN):
         assert report.in_op[how] == report.made[how]
+    assert report.sides[SIDES[0]]["CAS intent"] >= report.made[IN_DEPOSIT]
     # Each kill inside an op is counted on its side, once.
     cpu_op, cpu_uncharge_op, cpu_drain, requester_drain = (
         sum(report.sides[side].values()) for side in SIDES)
@@ -73,7 +76,8 @@ def test_hotplug_torture_v4_kills_both_sides_of_the_lockless_stock():
     drains = [report.sides[side] for side in SIDES[2:]]
     assert sum(d["unmarked"] for d in drains) > 0 and sum(d["marked"] for d in drains) > 0
     assert report.in_flight["in a drain"] >= report.made[IN_DRAIN] + report.made[REQUESTER_DRAIN]
-    assert report.resolved >= report.made[INSIDE_OP] + report.made[IN_FLIGHT]
+    assert report.resolved >= (report.made[INSIDE_OP] + report.made[IN_DEPOSIT]
+                               + report.made[IN_FLIGHT])
 
 
 def test_the_legacy_torture_keeps_the_7_slots_evicting_and_draining():
@@ -93,12 +97,12 @@ def test_an_unknown_design_is_refused():
 
 def test_an_unknown_aim_is_refused():
     with pytest.raises(ValueError, match=r"aim must be one of \('flight', 'op', "
-                                         r"'drain', 'requester', 'alternate'\), "
+                                         r"'drain', 'requester', 'deposit', 'alternate'\), "
                                          r"got 'anywhere'"):
         torture(1, aim="anywhere")
 
 
-@pytest.mark.parametrize("aim", ["drain", "requester"])
+@pytest.mark.parametrize("aim", ["drain", "requester", "deposit"])
 def test_a_drain_aim_needs_the_lockless_stock(aim):
     with pytest.raises(ValueError, match=rf"aim '{aim}' needs design 'v4' \(the lockless "
                                          rf"stock's remote drains\), got 'legacy'"):

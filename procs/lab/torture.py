@@ -30,8 +30,11 @@ until one is caught where the aim says (`aim`); that one is the victim:
              its row's op word is set (taking or uncharging some CPU's word);
   requester  (v4) the requester inside the op of its drain (its own, non-CPU,
              writer row's op word set);
-  alternate  aimed kills alternate: op, flight, op, ...; v4: op, drain, flight,
-             requester, op, ...
+  deposit    (v4) a CPU inside its charge op, between its deposit's CAS intent and
+             its forward mark (a window of a few instructions in one C call: some
+             ten thousand stops);
+  alternate  aimed kills alternate: op, flight, op, ...; v4: op, drain, deposit,
+             flight, requester, op, ...
 
 v4 counts the kills by side, as read from the victim's row while it was stopped:
 a CPU in its charge op (at its deposit: the CAS intent recorded, or marked once
@@ -132,7 +135,7 @@ DESIGNS = tuple(TREES)
 CHARGES = (1, 1, 1, 2, 8, 33, 64, 100)   # try_charge sizes; kmem uncharges too
 P_UNCHARGE = 0.45                        # an uncharge (when the leaf holds pages)
 P_KMEM = 0.5                             # legacy: of those, to the stock
-AIMS = ("flight", "op", "drain", "requester", "alternate")   # where aimed kills land
+AIMS = ("flight", "op", "drain", "requester", "deposit", "alternate")   # aimed kills
 AIM_TIMEOUT = 60.0                       # seconds to catch a victim where aimed
 AIM_DELAY = 50e-6                        # at most this long running between two stops
 STOP_TIMEOUT = 10.0                      # seconds for a SIGSTOP to stop its process
@@ -154,12 +157,13 @@ def _cpu_base(cpu: int) -> int:
 # flight or inside its op; v4: at a CPU or the requester inside its drain op.
 AT_RANDOM, IN_FLIGHT, INSIDE_OP = "at random", "in flight", "inside the op"
 IN_DRAIN, REQUESTER_DRAIN = "inside a CPU's drain", "inside the requester's drain"
+IN_DEPOSIT = "inside a deposit"
 _AIMED = {"flight": IN_FLIGHT, "op": INSIDE_OP, "drain": IN_DRAIN,
-          "requester": REQUESTER_DRAIN}
-_V4_AIMS = ("drain", "requester")
+          "requester": REQUESTER_DRAIN, "deposit": IN_DEPOSIT}
+_V4_AIMS = ("drain", "requester", "deposit")
 # aim "alternate": the aims in turn, from the first aimed kill
 _ALTERNATE = {"page_counter": ("op", "flight"), "legacy": ("op", "flight"),
-              "v4": ("op", "drain", "flight", "requester")}
+              "v4": ("op", "drain", "deposit", "flight", "requester")}
 
 # v4: the sides a victim inside an op is on (read from its row while stopped), and
 # where in its op: before any CAS intent or mark, its CAS intent recorded (about
@@ -171,7 +175,8 @@ PHASES = ("unmarked", "CAS intent", "marked")
 
 
 def _hows(design: str) -> tuple[str, ...]:
-    return ((AT_RANDOM, IN_FLIGHT, INSIDE_OP, IN_DRAIN, REQUESTER_DRAIN) if design == "v4"
+    return ((AT_RANDOM, IN_FLIGHT, INSIDE_OP, IN_DRAIN, REQUESTER_DRAIN, IN_DEPOSIT)
+            if design == "v4"
             else (AT_RANDOM, IN_FLIGHT, INSIDE_OP))
 
 
@@ -239,13 +244,15 @@ class Report:
             lines[0:1] = [
                 f"{self.design}: {self.kills} SIGKILLs ({self.requester_kills} of the "
                 f"requester; {self.aimed} aimed: {made[IN_FLIGHT]} at an operation in "
-                f"flight, {made[INSIDE_OP]} inside its op, {made[IN_DRAIN]} inside a CPU's "
-                f"drain op, {made[REQUESTER_DRAIN]} inside the requester's), {self.ops} "
+                f"flight, {made[INSIDE_OP]} inside its op, {made[IN_DEPOSIT]} inside its "
+                f"deposit, {made[IN_DRAIN]} inside a CPU's drain op, "
+                f"{made[REQUESTER_DRAIN]} inside the requester's), {self.ops} "
                 f"operations and {self.drains} requester drains, {self.checks} invariant "
                 f"checks (I1 I2 I5 I6 I7 + dead slots), all passed in {self.seconds:.1f} s."]
-            lines[1] += (f" Aimed inside a drain: {in_op[IN_DRAIN]} of {made[IN_DRAIN]} "
-                         f"CPUs, {in_op[REQUESTER_DRAIN]} of {made[REQUESTER_DRAIN]} "
-                         f"requesters.")
+            lines[1] += (f" Aimed inside a deposit: {in_op[IN_DEPOSIT]} of "
+                         f"{made[IN_DEPOSIT]}; inside a drain: {in_op[IN_DRAIN]} of "
+                         f"{made[IN_DRAIN]} CPUs, {in_op[REQUESTER_DRAIN]} of "
+                         f"{made[REQUESTER_DRAIN]} requesters.")
             lines.append(f"Sides, read while the victim was stopped inside an op: {sides}.")
         if self.stats:
             s = self.stats
@@ -437,8 +444,9 @@ class _Requester:
                              f"{self.process.exitcode} while running")
 
     def kill(self) -> None:
-        """SIGKILL it (if it still runs) and reap it."""
-        with suppress(ProcessLookupError):
+        """SIGKILL it, unless it has been reaped (its pid may be another's now), and
+        reap it."""
+        if self.process.exitcode is None:
             os.kill(self.pid, signal.SIGKILL)
         self.process.join()
 
@@ -597,9 +605,9 @@ def _run(arena: Arena, m: Machine, cgroups: Cgroups | None, ledger: str, design:
                 loop.result()
     finally:
         for loop in loops.values():
-            if isinstance(loop, _Requester):
+            if isinstance(loop, _Requester):       # none left behind, even on failure
                 _stop(slots)
-                loop.process.join(RUN_TIMEOUT)
+                loop.process.join(STOP_TIMEOUT)
                 loop.kill()
     report.ops = sum(_ops_done(words, ncpus))
     report.drains = sum(_ops_done(words, actors)) - report.ops
@@ -663,13 +671,18 @@ def _caught(arena: Arena, words: np.ndarray, actor: int, pid: int, how: str) -> 
     """Is stopped `actor` (process `pid`) where `how` aims? IN_FLIGHT: a CPU with an
     operation in flight, its ledger not yet updated; INSIDE_OP: that and its row's
     op word set; IN_DRAIN: a CPU draining (its ledger), its op word set;
-    REQUESTER_DRAIN: the requester with its op word set (it only drains)."""
+    REQUESTER_DRAIN: the requester with its op word set (it only drains);
+    IN_DEPOSIT: a CPU inside its charge op, between its deposit's intent and its
+    mark (_phase: about to CAS, or CASed)."""
     row = _row(arena, actor, pid)
     in_op = row >= 0 and bool(arena.rows[row, R_OP])
     if actor == arena.ncpus:
         return how == REQUESTER_DRAIN and in_op
     if how == IN_DRAIN:
         return in_op and int(words[_cpu_base(actor) + _INFLIGHT]) == _DRAIN
+    if how == IN_DEPOSIT:
+        return (in_op and _in_flight(words, actor) and words[_cpu_base(actor) + _DELTA] > 0
+                and _phase(arena, row) == PHASES[1])
     return how in (IN_FLIGHT, INSIDE_OP) and _in_flight(words, actor) and (
         how == IN_FLIGHT or in_op)
 
