@@ -40,13 +40,16 @@ v4 counts the kills by side, as read from the victim's row while it was stopped:
 a CPU in its charge op (at its deposit: the CAS intent recorded, or marked once
 deposited) or its uncharge op, a CPU in its drain op, the requester in its drain
 op (the CAS intent recorded, or marked once the word is taken). A hit has no op:
-a kill there leaves the word's CAS done or not, and the ledger resolves it.
-A killed requester is repaired (Arena.repair: its drain completed if it took the
-word, else rolled back), its row must be free, and the invariants are checked as
+a kill there leaves the word's CAS done or not, and the ledger resolves it. A
+drain, whoever makes it and whichever CPU's word it takes, moves pages from a
+stock out of usage: usage - stock is unchanged, so no ledger records drains, and
+I1 with the ledger holds after a dead drain only if the repair completed it
+exactly when its CAS took the word (else rolled it back). A killed requester is
+repaired (Arena.repair), its row must be free, and the invariants are checked as
 after a CPU's death; then a new requester is started.
 
-Once the hotplug-dead path has run, every other CPU pauses at a safe point
-(legacy: and has served the drain work sent to it), and:
+Once the hotplug-dead path has run, every other CPU (and the v4 requester) pauses
+at a safe point (legacy: and has served the drain work sent to it), and:
 
   - the killed CPU's operation in flight (written to its ledger before the call)
     counts wholly or not at all: the leaf's unexplained usage (usage - stock -
@@ -192,6 +195,9 @@ class Report:
     # and the kills of the requester (of `made`'s)
     sides: dict[str, dict[str, int]] = field(default_factory=dict)
     requester_kills: int = 0
+    # v4: the kills aimed inside a deposit by outcome: counted wholly iff its CAS
+    # happened (the repair decides it from the word; I1 with the ledger checks it)
+    deposits: dict[str, int] = field(default_factory=dict)
     stops: int = 0                 # SIGSTOPs: one per kill at random, more to aim one
     ops: int = 0
     drains: int = 0                # v4: the requester's drain_stock calls
@@ -254,6 +260,10 @@ class Report:
                          f"{made[IN_DRAIN]} CPUs, {in_op[REQUESTER_DRAIN]} of "
                          f"{made[REQUESTER_DRAIN]} requesters.")
             lines.append(f"Sides, read while the victim was stopped inside an op: {sides}.")
+            d = self.deposits
+            lines.append(f"Kills aimed inside a deposit: its CAS done, counted wholly "
+                         f"{d.get('counted wholly', 0)}; not done, rolled back "
+                         f"{d.get('rolled back', 0)}.")
         if self.stats:
             s = self.stats
             lines.append(f"Legacy slots: {s['evictions']} evictions, {s['overflows']} overflow "
@@ -582,6 +592,8 @@ def _run(arena: Arena, m: Machine, cgroups: Cgroups | None, ledger: str, design:
             assert how == AT_RANDOM or outcome in expected, (
                 f"kill {k} was aimed {how} of actor {victim}, yet: {outcome}")
             report.in_flight[outcome] += 1
+            if how == IN_DEPOSIT:
+                report.deposits[outcome] = report.deposits.get(outcome, 0) + 1
             report.checks += 1
             # The dead process may have died paused (ack = 1): its successor is not
             # paused until it says so itself.
