@@ -1,9 +1,14 @@
 """Hotplug torture: random SIGKILLs of CPU processes charging a limited tree.
 
-Two designs of the per-CPU charge stock (`design`):
+Three designs of the per-CPU charge stock (`design`):
 
   page_counter  counters with the series' per-counter stock: a 3-level tree of 7
                 counters; CPUs try_charge, uncharge and drain_stock on 4 leaves.
+  v4            the same tree with the lockless stock (enable_stock(lockless=True)):
+                a CPU's hit and deposit are CASes on its word; drain_stock, by a CPU
+                or by the requester (a plain process attached to the arena, not a
+                CPU, looping drain_stock), takes every CPU's word remotely under
+                the drain lock. The requester is a victim too, like a CPU.
   legacy        a shmcounter.memcg Cgroups tree of the old design, 7 slots per CPU:
                 a 3-level tree of 14 cgroups, 10 leaves (more than 7, so that every
                 CPU evicts constantly); CPUs try_charge (try_charge_memcg: a refused
@@ -21,10 +26,30 @@ until one is caught where the aim says (`aim`); that one is the victim:
              updated (anywhere from before the call to its return);
   op         that, and inside the op itself: its row's op word set, where the
              counters change (a C op of ~100 ns: tens to hundreds of stops);
-  alternate  aimed kills alternate: op, flight, op, ...
+  drain      (v4) a CPU inside the op of its drain: its ledger says it drains,
+             its row's op word is set (taking or uncharging some CPU's word);
+  requester  (v4) the requester inside the op of its drain (its own, non-CPU,
+             writer row's op word set);
+  deposit    (v4) a CPU inside its charge op, between its deposit's CAS intent and
+             its forward mark (a window of a few instructions in one C call: some
+             ten thousand stops);
+  alternate  aimed kills alternate: op, flight, op, ...; v4: op, drain, deposit,
+             flight, requester, op, ...
 
-Once the hotplug-dead path has run, every other CPU pauses at a safe point
-(legacy: and has served the drain work sent to it), and:
+v4 counts the kills by side, as read from the victim's row while it was stopped:
+a CPU in its charge op (at its deposit: the CAS intent recorded, or marked once
+deposited) or its uncharge op, a CPU in its drain op, the requester in its drain
+op (the CAS intent recorded, or marked once the word is taken). A hit has no op:
+a kill there leaves the word's CAS done or not, and the ledger resolves it. A
+drain, whoever makes it and whichever CPU's word it takes, moves pages from a
+stock out of usage: usage - stock is unchanged, so no ledger records drains, and
+I1 with the ledger holds after a dead drain only if the repair completed it
+exactly when its CAS took the word (else rolled it back). A killed requester is
+repaired (Arena.repair), its row must be free, and the invariants are checked as
+after a CPU's death; then a new requester is started.
+
+Once the hotplug-dead path has run, every other CPU (and the v4 requester) pauses
+at a safe point (legacy: and has served the drain work sent to it), and:
 
   - the killed CPU's operation in flight (written to its ledger before the call)
     counts wholly or not at all: the leaf's unexplained usage (usage - stock -
@@ -42,9 +67,11 @@ pages, and every usage must be exactly 0.
 
     from procs.lab.torture import torture
     report = torture(kills=200, seed=1, design="legacy", aim="op")
+    report = torture(kills=200, seed=1, design="v4", aim="requester")
 """
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import random
 import signal
@@ -64,13 +91,14 @@ from shmcounter.invariants import check_invariants
 from shmcounter.memcg import Cgroups, legacy
 from shmcounter.memcg.cgroups import ROOT
 from shmcounter.memcg.legacy import MC_FLUSHING, MC_LOCK, MC_SLOTS, NR_MEMCG_STOCK
-from shmcounter.segment import R_OP
+from shmcounter.segment import R_FWD_LEVELS, R_OP, R_PID, R_STOCK_AFTER, R_STOCK_BEFORE
 
 BATCH = 64                      # the per-counter stock's batch; the legacy slot's max
 
 
 # ledger segment, int64 words: [pause, stop] then per CPU a line of
-# [ack, ops, inflight, leaf, delta, before, 0, 0] and MAX_LEAVES held counts
+# [ack, ops, inflight, leaf, delta, before, 0, 0] and MAX_LEAVES held counts; v4:
+# then the requester's line (index ncpus: ack, drains done, inflight)
 _PAUSE, _STOP = 0, 1
 _ACK, _OPS, _INFLIGHT, _LEAF, _DELTA, _BEFORE = range(6)
 _HELD = 8
@@ -104,12 +132,13 @@ TREES: dict[str, Tree] = {
          ("c1", "c", 750), ("c2", "c", 1_000), ("c3", "c", 1_250)),
         ("a1", "a2", "a3", "a4", "b1", "b2", "b3", "c1", "c2", "c3")),
 }
+TREES["v4"] = TREES["page_counter"]
 DESIGNS = tuple(TREES)
 
 CHARGES = (1, 1, 1, 2, 8, 33, 64, 100)   # try_charge sizes; kmem uncharges too
 P_UNCHARGE = 0.45                        # an uncharge (when the leaf holds pages)
 P_KMEM = 0.5                             # legacy: of those, to the stock
-AIMS = ("flight", "op", "alternate")     # where aimed kills land (see above)
+AIMS = ("flight", "op", "drain", "requester", "deposit", "alternate")   # aimed kills
 AIM_TIMEOUT = 60.0                       # seconds to catch a victim where aimed
 AIM_DELAY = 50e-6                        # at most this long running between two stops
 STOP_TIMEOUT = 10.0                      # seconds for a SIGSTOP to stop its process
@@ -118,6 +147,9 @@ STOP_TIMEOUT = 10.0                      # seconds for a SIGSTOP to stop its pro
 # while it sleeps (_realtime), and polls of 2 us left it no time to stop in at all.
 STOP_POLL = 50e-6
 RUN_TIMEOUT = 60.0                       # seconds for a victim to run its loop
+# v4: the requester sleeps up to this long between two drains, or it holds the drain
+# lock nearly all the time and the CPUs' drains wait for it (1 ms polls)
+REQUESTER_SLEEP = 0.002
 
 
 def _cpu_base(cpu: int) -> int:
@@ -125,23 +157,50 @@ def _cpu_base(cpu: int) -> int:
 
 
 # How a kill is made: at a random instant, or aimed (AIMS) at an operation in
-# flight or inside its op.
+# flight or inside its op; v4: at a CPU or the requester inside its drain op.
 AT_RANDOM, IN_FLIGHT, INSIDE_OP = "at random", "in flight", "inside the op"
-_AIMED = {"flight": IN_FLIGHT, "op": INSIDE_OP}
+IN_DRAIN, REQUESTER_DRAIN = "inside a CPU's drain", "inside the requester's drain"
+IN_DEPOSIT = "inside a deposit"
+_AIMED = {"flight": IN_FLIGHT, "op": INSIDE_OP, "drain": IN_DRAIN,
+          "requester": REQUESTER_DRAIN, "deposit": IN_DEPOSIT}
+_V4_AIMS = ("drain", "requester", "deposit")
+# aim "alternate": the aims in turn, from the first aimed kill
+_ALTERNATE = {"page_counter": ("op", "flight"), "legacy": ("op", "flight"),
+              "v4": ("op", "drain", "deposit", "flight", "requester")}
+
+# v4: the sides a victim inside an op is on (read from its row while stopped), and
+# where in its op: before any CAS intent or mark, its CAS intent recorded (about
+# to CAS, or done but not yet marked), marked forward (deposited, taken, or an
+# uncharge: the repair completes it)
+SIDES = ("CPU, in its charge op", "CPU, in its uncharge op", "CPU, in its drain op",
+         "requester (not a CPU), in its drain op")
+PHASES = ("unmarked", "CAS intent", "marked")
+
+
+def _hows(design: str) -> tuple[str, ...]:
+    return ((AT_RANDOM, IN_FLIGHT, INSIDE_OP, IN_DRAIN, REQUESTER_DRAIN, IN_DEPOSIT)
+            if design == "v4"
+            else (AT_RANDOM, IN_FLIGHT, INSIDE_OP))
 
 
 @dataclass
 class Report:
     design: str = "page_counter"
     kills: int = 0
-    made: dict[str, int] = field(default_factory=lambda: {   # kills by how they were made
-        AT_RANDOM: 0, IN_FLIGHT: 0, INSIDE_OP: 0})
+    made: dict[str, int] = field(default_factory=dict)   # kills by how they were made
     # Of those, the kills at which the victim's writer row had its op word set (read
     # while the victim was stopped, just before the SIGKILL).
-    in_op: dict[str, int] = field(default_factory=lambda: {
-        AT_RANDOM: 0, IN_FLIGHT: 0, INSIDE_OP: 0})
+    in_op: dict[str, int] = field(default_factory=dict)
+    # v4: the kills inside an op by side and phase (SIDES, PHASES), read likewise;
+    # and the kills of the requester (of `made`'s)
+    sides: dict[str, dict[str, int]] = field(default_factory=dict)
+    requester_kills: int = 0
+    # v4: the kills aimed inside a deposit by outcome: counted wholly iff its CAS
+    # happened (the repair decides it from the word; I1 with the ledger checks it)
+    deposits: dict[str, int] = field(default_factory=dict)
     stops: int = 0                 # SIGSTOPs: one per kill at random, more to aim one
     ops: int = 0
+    drains: int = 0                # v4: the requester's drain_stock calls
     checks: int = 0
     in_flight: dict[str, int] = field(default_factory=lambda: {
         "none": 0, "in a drain": 0, "acknowledged": 0, "rolled back": 0,
@@ -149,9 +208,15 @@ class Report:
     stats: dict[str, int] = field(default_factory=dict)   # legacy: Cgroups.stats() + events
     seconds: float = 0.0
 
+    def __post_init__(self) -> None:
+        for counts in (self.made, self.in_op):
+            counts.update({how: 0 for how in _hows(self.design)} | counts)
+        if self.design == "v4" and not self.sides:
+            self.sides = {side: dict.fromkeys(PHASES, 0) for side in SIDES}
+
     @property
     def aimed(self) -> int:
-        return self.made[IN_FLIGHT] + self.made[INSIDE_OP]
+        return self.kills - self.made[AT_RANDOM]
 
     @property
     def caught_in_op(self) -> int:
@@ -177,6 +242,28 @@ class Report:
             f"Operation in flight at the kill: none {f['none']}, in a drain "
             f"{f['in a drain']}, already acknowledged {f['acknowledged']}, rolled back "
             f"(counted not at all) {f['rolled back']}, counted wholly {f['counted wholly']}."]
+        if self.sides:
+            sides = "; ".join(
+                f"{side} {sum(phases.values())} ("
+                + ", ".join(f"{phase} {n}" for phase, n in phases.items()) + ")"
+                for side, phases in self.sides.items())
+            lines[0:1] = [
+                f"{self.design}: {self.kills} SIGKILLs ({self.requester_kills} of the "
+                f"requester; {self.aimed} aimed: {made[IN_FLIGHT]} at an operation in "
+                f"flight, {made[INSIDE_OP]} inside its op, {made[IN_DEPOSIT]} inside its "
+                f"deposit, {made[IN_DRAIN]} inside a CPU's drain op, "
+                f"{made[REQUESTER_DRAIN]} inside the requester's), {self.ops} "
+                f"operations and {self.drains} requester drains, {self.checks} invariant "
+                f"checks (I1 I2 I5 I6 I7 + dead slots), all passed in {self.seconds:.1f} s."]
+            lines[1] += (f" Aimed inside a deposit: {in_op[IN_DEPOSIT]} of "
+                         f"{made[IN_DEPOSIT]}; inside a drain: {in_op[IN_DRAIN]} of "
+                         f"{made[IN_DRAIN]} CPUs, {in_op[REQUESTER_DRAIN]} of "
+                         f"{made[REQUESTER_DRAIN]} requesters.")
+            lines.append(f"Sides, read while the victim was stopped inside an op: {sides}.")
+            d = self.deposits
+            lines.append(f"Kills aimed inside a deposit: its CAS done, counted wholly "
+                         f"{d.get('counted wholly', 0)}; not done, rolled back "
+                         f"{d.get('rolled back', 0)}.")
         if self.stats:
             s = self.stats
             lines.append(f"Legacy slots: {s['evictions']} evictions, {s['overflows']} overflow "
@@ -240,8 +327,15 @@ class _CgroupOps:
         self._tree.drain_all_stock(self._leaves[leaf])
 
 
+class _LocklessOps(_CounterOps):
+    """The v4 design's operations: those of page_counter, on lockless stocks. A
+    drain takes every CPU's word itself, under the drain lock, with no round trip
+    to the CPUs: one in 50, so that kills aimed at a CPU inside one find it."""
+    p_drain = 0.005
+
+
 _OPERATIONS: dict[str, type[_CounterOps | _CgroupOps]] = {
-    "page_counter": _CounterOps, "legacy": _CgroupOps}
+    "page_counter": _CounterOps, "legacy": _CgroupOps, "v4": _LocklessOps}
 
 
 def torture_loop(arena: Arena, ledger: str, cpu: int, seed: int, design: str) -> int:
@@ -299,6 +393,31 @@ def _paused(slots: Slots, base: int) -> None:
     slots.store(base + _ACK, 0)
 
 
+def requester_loop(arena_name: str, ledger: str, line: int, seed: int) -> None:
+    """This runs in the v4 requester, a plain process (not a CPU): attach the arena,
+    drain_stock a random leaf (every CPU's word of it, remotely) until told to
+    stop, pausing at a safe point as a CPU does. Its ledger line `line`: inflight
+    says _DRAIN during a drain, ops counts the drains done."""
+    arena = Arena.attach(arena_name)
+    try:
+        slots, words = _ledger(ledger)
+        base = _cpu_base(line)
+        leaves = [arena.counter(name) for name in TREES["v4"].leaves]
+        rng = random.Random(seed)
+        while not slots.load(_STOP):
+            if slots.load(_PAUSE):
+                _paused(slots, base)
+                continue
+            leaf = rng.choice(leaves)
+            slots.store(base + _INFLIGHT, _DRAIN)
+            leaf.drain_stock(timeout=30)
+            slots.store(base + _INFLIGHT, _NONE)
+            words[base + _OPS] += 1
+            time.sleep(rng.uniform(0, REQUESTER_SLEEP))
+    finally:
+        arena.close()
+
+
 def release_all(arena: Arena, ledger: str, cpu: int, design: str) -> None:
     """This runs in CPU process `cpu`: uncharge every page its ledger holds."""
     _, words = _ledger(ledger)
@@ -312,6 +431,38 @@ def release_all(arena: Arena, ledger: str, cpu: int, design: str) -> None:
 
 # ---- the controller -------------------------------------------------------------------
 
+class _Requester:
+    """The v4 requester's process, started by the controller (`start_method`), as
+    a loop: done() once it has exited, result() raising why (it exits only when
+    told to stop, or killed)."""
+
+    def __init__(self, start_method: str, arena: Arena, ledger: str, line: int,
+                 seed: int) -> None:
+        ctx = mp.get_context(start_method)
+        self.process = ctx.Process(  # type: ignore[attr-defined]
+            target=requester_loop, args=(arena.name, ledger, line, seed),
+            name="torture-requester", daemon=True)
+        self.process.start()
+        assert self.process.pid is not None             # started
+        self.pid: int = self.process.pid
+
+    def done(self) -> bool:
+        return not self.process.is_alive()
+
+    def result(self) -> None:
+        raise AssertionError(f"the requester (pid {self.pid}) exited with code "
+                             f"{self.process.exitcode} while running")
+
+    def kill(self) -> None:
+        """SIGKILL it, unless it has been reaped (its pid may be another's now), and
+        reap it."""
+        if self.process.exitcode is None:
+            os.kill(self.pid, signal.SIGKILL)
+        self.process.join()
+
+
+_Loop = Future | _Requester
+
 def torture(kills: int, seed: int = 0, ncpus: int = 4, start_method: str = "fork",
             design: str = "page_counter", aim_every: int = 4, aim: str = "alternate",
             progress: bool = False) -> Report:
@@ -324,10 +475,14 @@ def torture(kills: int, seed: int = 0, ncpus: int = 4, start_method: str = "fork
         raise ValueError(f"aim_every must be an int >= 0, got {aim_every!r}")
     if aim not in AIMS:
         raise ValueError(f"aim must be one of {AIMS}, got {aim!r}")
+    if aim in _V4_AIMS and design != "v4":
+        raise ValueError(f"aim {aim!r} needs design 'v4' (the lockless stock's remote "
+                         f"drains), got {design!r}")
     rng = random.Random(seed)
     report = Report(design=design)
     started = time.monotonic()
-    ledger_shm = shared_memory.SharedMemory(create=True, size=8 * (8 + ncpus * _CPU_WORDS))
+    lines = ncpus + (design == "v4")                # the CPUs, and the v4 requester
+    ledger_shm = shared_memory.SharedMemory(create=True, size=8 * (8 + lines * _CPU_WORDS))
     try:
         buf = ledger_shm.buf
         assert buf is not None                    # an open SharedMemory is mapped
@@ -337,7 +492,7 @@ def torture(kills: int, seed: int = 0, ncpus: int = 4, start_method: str = "fork
             with Machine(arena, start_method=start_method) as m:
                 try:
                     _run(arena, m, cgroups, ledger_shm.name, design, kills, aim_every, aim,
-                         rng, report, progress)
+                         start_method, rng, report, progress)
                 finally:
                     _stop(_ledger(ledger_shm.name)[0])      # loops end, CPUs stop
     finally:
@@ -355,11 +510,11 @@ def torture(kills: int, seed: int = 0, ncpus: int = 4, start_method: str = "fork
 def _build(arena: Arena, design: str) -> Cgroups | None:
     """Create `design`'s tree in `arena`. Returns the legacy design's Cgroups."""
     tree = TREES[design]
-    if design == "page_counter":
+    if design in ("page_counter", "v4"):
         for name, parent, limit in tree.nodes:
             arena.new_counter(name, None if parent is None else arena.counter(parent), limit)
         for name in tree.leaves:
-            arena.counter(name).enable_stock(BATCH)
+            arena.counter(name).enable_stock(BATCH, lockless=design == "v4")
         return None
     cgroups = Cgroups(arena, variant="legacy")
     (_, _, root_max), *children = tree.nodes
@@ -371,58 +526,103 @@ def _build(arena: Arena, design: str) -> Cgroups | None:
 
 
 def _run(arena: Arena, m: Machine, cgroups: Cgroups | None, ledger: str, design: str,
-         kills: int, aim_every: int, aim: str, rng: random.Random, report: Report,
-         progress: bool) -> None:
+         kills: int, aim_every: int, aim: str, start_method: str, rng: random.Random,
+         report: Report, progress: bool) -> None:
     slots, words = _ledger(ledger)
     ncpus = arena.ncpus
     leaves = TREES[design].leaves
+    requester = ncpus                   # v4: the requester's ledger line, as an actor
+    actors = ncpus + (design == "v4")   # the CPUs, then the requester
 
-    def start_loop(cpu: int) -> Future:
-        return m.submit(cpu, torture_loop, arena, ledger, cpu, rng.randrange(2**32), design)
+    def start_loop(actor: int) -> _Loop:
+        if actor == requester:
+            return _Requester(start_method, arena, ledger, requester, rng.randrange(2**32))
+        return m.submit(actor, torture_loop, arena, ledger, actor, rng.randrange(2**32),
+                        design)
 
-    loops = {cpu: start_loop(cpu) for cpu in range(ncpus)}
-    resumed_at = _ops_done(words, ncpus)
-    for k in range(1, kills + 1):
-        how = _how(k, aim_every, aim)
-        if how == AT_RANDOM:
-            victim = rng.randrange(ncpus)
-            _wait_running(words, victim, resumed_at[victim], loops[victim])
-            time.sleep(rng.uniform(0, 0.015))
-            _sigstop({victim: m.pid(victim)})
-            report.stops += 1
-        else:
-            for cpu in range(ncpus):
-                _wait_running(words, cpu, resumed_at[cpu], loops[cpu])
-            victim, stops = _catch(m, arena, words, how, rng)
-            report.stops += stops
-        in_op = bool(arena.rows[victim, R_OP])          # read while it is stopped
-        m.kill(victim)
-        report.kills += 1
-        report.made[how] += 1
-        report.in_op[how] += in_op
-        _pause(slots, m.online, loops)
-        if cgroups is not None:
-            cgroups.wait_flushed(timeout=30)           # asynchronous drains served
-        outcome = _check_after_kill(arena, words, leaves, victim)
-        assert how == AT_RANDOM or outcome in ("rolled back", "counted wholly"), (
-            f"kill {k} was aimed {how} of CPU {victim}, yet: {outcome}")
-        report.in_flight[outcome] += 1
-        report.checks += 1
-        # The dead process may have died paused (ack = 1): its successor is not
-        # paused until it says so itself.
-        slots.store(_cpu_base(victim) + _ACK, 0)
-        m.start_cpu(victim)
-        loops[victim] = start_loop(victim)
-        resumed_at = _ops_done(words, ncpus)
-        slots.store(_PAUSE, 0)
-        slots.futex_wake(_PAUSE)
-        if progress and k % 100 == 0:
-            print(f"{k} kills, {sum(_ops_done(words, ncpus))} operations, all invariants "
-                  f"held", flush=True)
-    _stop(slots)
-    for future in loops.values():
-        future.result()
+    def pid(actor: int) -> int:
+        loop = loops[actor]
+        return loop.pid if isinstance(loop, _Requester) else m.pid(actor)
+
+    loops = {actor: start_loop(actor) for actor in range(actors)}
+    try:
+        resumed_at = _ops_done(words, actors)
+        for k in range(1, kills + 1):
+            how = _how(k, aim_every, aim, design)
+            if how == AT_RANDOM:
+                victim = rng.randrange(actors)
+                _wait_running(words, victim, resumed_at[victim], loops[victim])
+                time.sleep(rng.uniform(0, 0.015))
+                _sigstop({victim: pid(victim)})
+                report.stops += 1
+            else:
+                for actor in range(actors):
+                    _wait_running(words, actor, resumed_at[actor], loops[actor])
+                victim, stops = _catch(arena, words, {a: pid(a) for a in range(actors)},
+                                       how, rng)
+                report.stops += stops
+            victim_pid = pid(victim)
+            row = _row(arena, victim, victim_pid)
+            in_op = row >= 0 and bool(arena.rows[row, R_OP])     # read while it is stopped
+            if in_op and report.sides:
+                report.sides[_side(words, victim, requester)][_phase(arena, row)] += 1
+            loop = loops[victim]
+            if isinstance(loop, _Requester):
+                loop.kill()
+            else:
+                m.kill(victim)
+            report.kills += 1
+            report.made[how] += 1
+            report.in_op[how] += in_op
+            report.requester_kills += victim == requester
+            _pause(slots, m.online | ({requester} if actors > ncpus and victim != requester
+                                      else set()), loops)
+            if victim == requester:
+                # its drain in progress completed (the word taken) or rolled back,
+                # its row free; the Machine's monitor, a CPU taking the drain lock
+                # over or a refused charge may have done it first
+                arena.repair()
+                assert row < 0 or arena.rows[row, R_PID] != victim_pid, (
+                    f"kill {k}: the dead requester's row {row} is not free after repair")
+            if cgroups is not None:
+                cgroups.wait_flushed(timeout=30)           # asynchronous drains served
+            outcome = _check_after_kill(arena, words, leaves, victim)
+            expected = (("in a drain",) if how in (IN_DRAIN, REQUESTER_DRAIN)
+                        else ("rolled back", "counted wholly"))
+            assert how == AT_RANDOM or outcome in expected, (
+                f"kill {k} was aimed {how} of actor {victim}, yet: {outcome}")
+            report.in_flight[outcome] += 1
+            if how == IN_DEPOSIT:
+                report.deposits[outcome] = report.deposits.get(outcome, 0) + 1
+            report.checks += 1
+            # The dead process may have died paused (ack = 1): its successor is not
+            # paused until it says so itself.
+            slots.store(_cpu_base(victim) + _ACK, 0)
+            if victim != requester:
+                m.start_cpu(victim)
+            loops[victim] = start_loop(victim)
+            resumed_at = _ops_done(words, actors)
+            slots.store(_PAUSE, 0)
+            slots.futex_wake(_PAUSE)
+            if progress and k % 100 == 0:
+                print(f"{k} kills, {sum(_ops_done(words, ncpus))} operations, all "
+                      f"invariants held", flush=True)
+        _stop(slots)
+        for loop in loops.values():
+            if isinstance(loop, _Requester):
+                loop.process.join(RUN_TIMEOUT)
+                if loop.process.exitcode != 0:
+                    loop.result()                       # raises: it failed
+            else:
+                loop.result()
+    finally:
+        for loop in loops.values():
+            if isinstance(loop, _Requester):       # none left behind, even on failure
+                _stop(slots)
+                loop.process.join(STOP_TIMEOUT)
+                loop.kill()
     report.ops = sum(_ops_done(words, ncpus))
+    report.drains = sum(_ops_done(words, actors)) - report.ops
     if cgroups is not None:
         report.stats = cgroups.stats() | {
             "max events": sum(g.events_local["max"] for g in cgroups.cgroups())}
@@ -440,65 +640,117 @@ def _stop(slots: Slots) -> None:
     slots.futex_wake(_PAUSE)
 
 
-def _ops_done(words: np.ndarray, ncpus: int) -> list[int]:
-    """Operations each CPU has done since the start (its processes summed)."""
-    return [int(words[_cpu_base(cpu) + _OPS]) for cpu in range(ncpus)]
+def _ops_done(words: np.ndarray, actors: int) -> list[int]:
+    """Operations each CPU (each v4 requester: drains) has done since the start (its
+    processes summed)."""
+    return [int(words[_cpu_base(actor) + _OPS]) for actor in range(actors)]
 
 
-def _wait_running(words: np.ndarray, cpu: int, ops_before: int, loop: Future) -> None:
-    """Wait until CPU `cpu` has done an operation since it was resumed (or started),
-    so that the kill lands in its loop, not in its pause or its start-up."""
+def _wait_running(words: np.ndarray, actor: int, ops_before: int, loop: _Loop) -> None:
+    """Wait until CPU (or requester) `actor` has done an operation since it was
+    resumed (or started), so that the kill lands in its loop, not in its pause or
+    its start-up."""
     deadline = time.monotonic() + RUN_TIMEOUT
-    while int(words[_cpu_base(cpu) + _OPS]) == ops_before:
+    while int(words[_cpu_base(actor) + _OPS]) == ops_before:
         if loop.done():
             loop.result()                               # raises what the loop raised
-            raise AssertionError(f"CPU {cpu}'s loop returned while running")
+            raise AssertionError(f"CPU {actor}'s loop returned while running")
         if time.monotonic() > deadline:
-            raise AssertionError(f"CPU {cpu} did no operation in {RUN_TIMEOUT} s")
+            raise AssertionError(f"actor {actor} did no operation in {RUN_TIMEOUT} s")
         time.sleep(0.0001)
 
 
-def _how(k: int, aim_every: int, aim: str) -> str:
-    """How kill number `k` (from 1) is made: AT_RANDOM, IN_FLIGHT or INSIDE_OP."""
+def _how(k: int, aim_every: int, aim: str, design: str) -> str:
+    """How kill number `k` (from 1) is made: AT_RANDOM, or aimed (_AIMED)."""
     if aim_every == 0 or k % aim_every:
         return AT_RANDOM
     if aim == "alternate":
-        aim = "op" if k // aim_every % 2 else "flight"
+        turn = _ALTERNATE[design]
+        aim = turn[(k // aim_every - 1) % len(turn)]
     return _AIMED[aim]
 
 
-def _catch(m: Machine, arena: Arena, words: np.ndarray, how: str,
+def _row(arena: Arena, actor: int, pid: int) -> int:
+    """The writer row of `actor` (process `pid`): CPU k's is k; the requester's is
+    the non-CPU row it claimed at its first op, or -1 before."""
+    if actor < arena.ncpus:
+        return actor
+    rows = np.flatnonzero(arena.rows[arena.ncpus:, R_PID] == pid)
+    return int(rows[0]) + arena.ncpus if len(rows) else -1
+
+
+def _caught(arena: Arena, words: np.ndarray, actor: int, pid: int, how: str) -> bool:
+    """Is stopped `actor` (process `pid`) where `how` aims? IN_FLIGHT: a CPU with an
+    operation in flight, its ledger not yet updated; INSIDE_OP: that and its row's
+    op word set; IN_DRAIN: a CPU draining (its ledger), its op word set;
+    REQUESTER_DRAIN: the requester with its op word set (it only drains);
+    IN_DEPOSIT: a CPU inside its charge op, between its deposit's intent and its
+    mark (_phase: about to CAS, or CASed)."""
+    row = _row(arena, actor, pid)
+    in_op = row >= 0 and bool(arena.rows[row, R_OP])
+    if actor == arena.ncpus:
+        return how == REQUESTER_DRAIN and in_op
+    if how == IN_DRAIN:
+        return in_op and int(words[_cpu_base(actor) + _INFLIGHT]) == _DRAIN
+    if how == IN_DEPOSIT:
+        return (in_op and _in_flight(words, actor) and words[_cpu_base(actor) + _DELTA] > 0
+                and _phase(arena, row) == PHASES[1])
+    return how in (IN_FLIGHT, INSIDE_OP) and _in_flight(words, actor) and (
+        how == IN_FLIGHT or in_op)
+
+
+def _side(words: np.ndarray, actor: int, requester: int) -> str:
+    """v4: the side (SIDES) of `actor`, stopped inside an op: its ledger says what."""
+    if actor == requester:
+        return SIDES[3]
+    base = _cpu_base(actor)
+    inflight = int(words[base + _INFLIGHT])
+    if inflight == _DRAIN:
+        return SIDES[2]
+    if inflight != _OP:
+        raise AssertionError(f"CPU {actor} is inside an op with nothing in flight")
+    return SIDES[0] if words[base + _DELTA] > 0 else SIDES[1]
+
+
+def _phase(arena: Arena, row: int) -> str:
+    """v4: where the op of stopped writer `row` is (PHASES): marked forward, its
+    lockless CAS intent recorded (stock_after != stock_before), or neither."""
+    r = arena.rows[row]
+    if r[R_FWD_LEVELS]:
+        return PHASES[2]
+    return PHASES[1] if r[R_STOCK_AFTER] != r[R_STOCK_BEFORE] else PHASES[0]
+
+
+def _catch(arena: Arena, words: np.ndarray, pids: dict[int, int], how: str,
            rng: random.Random) -> tuple[int, int]:
-    """SIGSTOP every CPU's loop at random instants, continuing them each time (after
-    at most AIM_DELAY s of running), until one or more is caught where `how` says:
-    IN_FLIGHT, an operation in flight, its ledger not yet updated; INSIDE_OP, that
-    and its row's op word set. Continue the others; return the victim (one of those
-    caught), still stopped there (a SIGKILL now kills it at that instant), and the
-    number of SIGSTOPs made. AssertionError if none is caught within AIM_TIMEOUT s.
+    """SIGSTOP every CPU's loop (and the v4 requester's: `pids` by actor) at random
+    instants, continuing them each time (after at most AIM_DELAY s of running),
+    until one or more is caught where `how` says (_caught). Continue the others;
+    return the victim (one of those caught), still stopped there (a SIGKILL now
+    kills it at that instant), and the number of SIGSTOPs made. AssertionError if
+    none is caught within AIM_TIMEOUT s.
 
     All at once, because a CPU waiting for its core (2 CPU processes a core) stops
     only when it gets it: stopped alone, it costs a time slice (~1 ms); stopped with
     the one running on its core, it stops at once, where it was preempted. And the
     controller runs SCHED_FIFO meanwhile (_realtime)."""
-    cpus = list(range(arena.ncpus))
-    pids = {cpu: m.pid(cpu) for cpu in cpus}
+    actors = list(pids)
     deadline = time.monotonic() + AIM_TIMEOUT
     stops = 0
     with _realtime(), _continued_if_raised(pids.values()):
         while True:
-            rng.shuffle(cpus)
-            _sigstop({cpu: pids[cpu] for cpu in cpus})
-            stops += len(cpus)
-            caught = [cpu for cpu in cpus if _in_flight(words, cpu)
-                      and (how == IN_FLIGHT or arena.rows[cpu, R_OP])]
-            for cpu in cpus:
-                if not caught or cpu != caught[0]:
-                    os.kill(pids[cpu], signal.SIGCONT)
+            rng.shuffle(actors)
+            _sigstop({actor: pids[actor] for actor in actors})
+            stops += len(actors)
+            caught = [a for a in actors if _caught(arena, words, a, pids[a], how)]
+            for actor in actors:
+                if not caught or actor != caught[0]:
+                    os.kill(pids[actor], signal.SIGCONT)
             if caught:
                 return caught[0], stops
             if time.monotonic() > deadline:
-                raise AssertionError(f"the CPUs were stopped {stops // len(cpus)} times in "
-                                     f"{AIM_TIMEOUT} s, none {how}")
+                raise AssertionError(f"the CPUs were stopped {stops // len(actors)} times "
+                                     f"in {AIM_TIMEOUT} s, none {how}")
             time.sleep(rng.uniform(0, AIM_DELAY))
 
 
@@ -563,9 +815,10 @@ def _sigstop(pids: dict[int, int]) -> None:
             os.close(stat)
 
 
-def _pause(slots: Slots, online: frozenset[int], loops: dict[int, Future]) -> None:
-    """Ask every running loop to stop at a safe point, and wait until all have.
-    A loop that ended (it raised) is reported instead of waited for."""
+def _pause(slots: Slots, online: Iterable[int], loops: dict[int, _Loop]) -> None:
+    """Ask every running loop to stop at a safe point, and wait until all have
+    (`online`: the CPUs and the v4 requester, when alive). A loop that ended (it
+    raised) is reported instead of waited for."""
     slots.store(_PAUSE, 1)
     for cpu in online:
         while not slots.load(_cpu_base(cpu) + _ACK):
@@ -579,15 +832,17 @@ def _check_after_kill(arena: Arena, words: np.ndarray, leaves: tuple[str, ...],
                       victim: int) -> str:
     """At quiescence after `victim`'s death: resolve its operation in flight in the
     ledger, then check every invariant with the ledger and that the dead CPU's
-    stock is empty. Returns what was in flight ("none", "in a drain",
-    "acknowledged", "rolled back" or "counted wholly")."""
+    stock is empty (the v4 requester, line ncpus, has none). Returns what was in
+    flight ("none", "in a drain", "acknowledged", "rolled back" or "counted
+    wholly")."""
     ncpus = arena.ncpus
     held = np.array([words[_cpu_base(cpu) + _HELD:_cpu_base(cpu) + _HELD + len(leaves)]
                      for cpu in range(ncpus)])
     outcome = _resolve_in_flight(arena, words, held, leaves, victim)
     real = {name: int(held[:, i].sum()) for i, name in enumerate(leaves)}
     check_invariants(arena, real, batch=BATCH)
-    _check_dead_stock(arena, victim)
+    if victim < ncpus:
+        _check_dead_stock(arena, victim)
     return outcome
 
 
