@@ -177,7 +177,8 @@ stock_hit(SlotsObject *s, int64_t *cr, int64_t slot, int64_t nr)
  * (greedy; batch 0 when `slot` is -1), on refusal retry once with exactly nr, then
  * deposit the surplus in `slot`, or uncharge it if the slot lock is busy (a
  * lockless slot: if its pages would reach 2**34). A lockless deposit marks the
- * op forward once its CAS is done (v4_deposit, _op.h).
+ * op forward once its CAS is done; with the E14 cap, a word it would leave above
+ * batch is taken and uncharged with the surplus (v4_deposit, _op.h).
  */
 static int
 charge_slow(CounterObject *co, SlotsObject *s, int64_t slot, int64_t nr)
@@ -204,9 +205,11 @@ charge_slow(CounterObject *co, SlotsObject *s, int64_t slot, int64_t nr)
         return TC_ERROR;
     }
     if (fail < 0 && charge > nr) {
-        if (LOAD(&cr[PC_FLAGS]) & PC_FLAG_LOCKLESS) {
-            if (!v4_deposit(r, stock, charge - nr, charge, co->depth))
-                path_cancel(s, co, charge - nr, co->depth, level, new);
+        int64_t flags = LOAD(&cr[PC_FLAGS]);
+        if (flags & PC_FLAG_LOCKLESS) {
+            path_cancel(s, co, v4_deposit(r, stock, charge - nr, charge, co->depth,
+                                          (flags & PC_FLAG_CAP) != 0),
+                        co->depth, level, new);
         } else if (slot_trylock(stock, s->owner)) {
             STORE_REL(&stock[STOCK_NR], LOAD(&stock[STOCK_NR]) + charge - nr);
             slot_unlock(stock);
