@@ -331,7 +331,8 @@ class PageCounterStock:
 
         Runs in a CPU process only. The lock is blocking, as the kernel's
         local_lock: if another context of this CPU holds it, we yield until it lets
-        go (the library holds it for one C call at a time).
+        go (the library holds it for one C call at a time). A lockless stock: the
+        remote drain of this CPU's own word, under the drain lock.
         """
         arena = self._arena
         if arena._stock_block < 0:
