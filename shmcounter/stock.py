@@ -90,6 +90,7 @@ class PageCounterStock:
     _index: int
     name: str
     _cancel_path: Callable[[int, int], None]      # PageCounter's
+    _drain_v4: Callable[[int, int], tuple[int, int]]     # Counter's (_counter.c)
 
     # ---- lifecycle ----------------------------------------------------------
 
@@ -388,7 +389,14 @@ class PageCounterStock:
         """page_counter_drain_stock(counter, cpu) of the lockless stock: take CPU
         `cpu`'s word (alive, dead or absent, busy charging or not: it is never
         waited for) and uncharge what it held, in an op of this process's row.
-        The caller holds the drain lock (drain.drain_lock). Returns the pages."""
+        The caller holds the drain lock (drain.drain_lock). Returns the pages.
+        One C call (Counter._drain_v4) unless Python must take over (a hook
+        armed, no writer row yet, a stop_machine): then the same op in steps."""
+        taken, done = self._drain_v4(cpu, cpu + 1)
+        return taken if done > cpu else self._drain_remote_stepwise(cpu)
+
+    def _drain_remote_stepwise(self, cpu: int) -> int:
+        """_drain_remote in Python steps (_drain_word), with the hooks' points."""
         sid = self._stock_id()
         if sid < 0:
             return 0
@@ -401,8 +409,16 @@ class PageCounterStock:
 
     def _drain_lockless(self) -> int:
         """The lockless drain_stock: every CPU's word, remotely (drain.py, drain
-        lock held). Returns the pages drained."""
-        return sum(self._drain_remote(cpu) for cpu in range(self._arena.ncpus))
+        lock held). Returns the pages drained. One C call for every CPU
+        (Counter._drain_v4), unless Python must take over at some CPU."""
+        ncpus, cpu, drained = self._arena.ncpus, 0, 0
+        while cpu < ncpus:
+            taken, cpu = self._drain_v4(cpu, ncpus)
+            drained += taken
+            if cpu < ncpus:
+                drained += self._drain_remote_stepwise(cpu)
+                cpu += 1
+        return drained
 
     def drain_stock(self, timeout: float | None = None, *, trylock: bool = False) -> bool:
         """Every online CPU drains its own stock of this counter: a work message to
