@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Multi-process benchmark of the two slow events of the design, every design side
-by side in one run (the designs of `shmcounter bench`, procs/lab/bench.py DESIGNS):
+by side in one run (the designs of `shmcounter bench`, procs/lab/bench.py DESIGNS,
+and the other Cgroups variants, v2 and rfc):
 
   - drain_all_stock latency, p50 / p99 / max, of a cgroup on which every CPU
     process charges and uncharges in a tight loop (the bench's churn: 128 page
@@ -11,7 +12,7 @@ by side in one run (the designs of `shmcounter bench`, procs/lab/bench.py DESIGN
   - the time from a SIGKILL of a CPU process that holds stock to its stock being
     reclaimed (Machine.kill returns once the hotplug-dead path has run).
 
-    python bench/hotplug_bench.py [--cpus 2,4,8,16] [--designs fixed,v4,v4-cap]
+    python bench/hotplug_bench.py [--cpus 2,4,8,16] [--designs legacy,fixed,v4,v4-cap]
         [--rounds 10] [--drains 20] [--kills 20] [--json out.json]
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ from procs import Machine
 from procs.lab import workload
 from procs.lab.bench import DESIGNS
 from shmcounter import Arena
-from shmcounter.memcg import Cgroups
+from shmcounter.memcg import VARIANTS, Cgroups
 
 CGROUP = "g"
 STOP = "stop"                    # a plain counter: usage 1 ends the churn
@@ -58,9 +59,10 @@ class Bed:
     Machine of ncpus CPU processes."""
 
     def __init__(self, design: str, ncpus: int, stack: ExitStack) -> None:
-        options = DESIGNS[design]
+        options = DESIGNS.get(design, {"variant": design} if design in VARIANTS else None)
         if options is None:
-            raise SystemExit(f"{design} has no stock to drain")
+            raise SystemExit(f"{design!r}: not a design of shmcounter bench with a stock, "
+                             f"nor a Cgroups variant ({', '.join(VARIANTS)})")
         self.arena = stack.enter_context(Arena.create(ncpus=ncpus, max_counters=4))
         self.cg = Cgroups(self.arena, **options)
         self.g = self.cg.create(CGROUP)
