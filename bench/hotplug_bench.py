@@ -13,7 +13,7 @@ and the other Cgroups variants, v2 and rfc):
     reclaimed (Machine.kill returns once the hotplug-dead path has run).
 
     python bench/hotplug_bench.py [--cpus 2,4,8,16] [--designs legacy,fixed,v4,v4-cap]
-        [--rounds 10] [--drains 20] [--kills 20] [--json out.json]
+        [--rounds 10] [--drains 20] [--kills 20] [--fifo] [--json out.json]
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ import json
 import os
 import statistics
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 
 import numpy as np
 
@@ -105,23 +106,40 @@ class Bed:
         return out
 
 
+@contextmanager
+def requester_policy(fifo: bool) -> Iterator[None]:
+    """With fifo, this process (the requester) runs SCHED_FIFO at priority 1 for
+    the block, reset on fork (a CPU process restarted meanwhile stays normal):
+    no normal process preempts a drain, so the time is the drain's own and
+    that of the CPUs it waits for. The CPU processes stay SCHED_OTHER."""
+    if not fifo:
+        yield
+        return
+    os.sched_setscheduler(0, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, os.sched_param(1))
+    try:
+        yield
+    finally:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+
+
 def percentiles(samples: list[float]) -> dict[str, float]:
     a = np.array(samples)
     return {"samples": len(samples), "p50_ms": float(np.percentile(a, 50)),
             "p99_ms": float(np.percentile(a, 99)), "max_ms": float(a.max())}
 
 
-def run(cpus: list[int], designs: list[str], rounds: int, drains: int,
-        kills: int) -> dict[str, list[dict[str, object]]]:
+def run(cpus: list[int], designs: list[str], rounds: int, drains: int, kills: int,
+        fifo: bool = False) -> dict[str, list[dict[str, object]]]:
     results: dict[str, list[dict[str, object]]] = {"drain": [], "kill": []}
     for ncpus in cpus:
         samples: dict[str, list[float]] = {d: [] for d in designs}
         with ExitStack() as stack:
             beds = {d: Bed(d, ncpus, stack) for d in designs}
-            for r in range(rounds):
-                k = r % len(designs)
-                for design in designs[k:] + designs[:k]:
-                    samples[design].extend(beds[design].drains(drains))
+            with requester_policy(fifo):
+                for r in range(rounds):
+                    k = r % len(designs)
+                    for design in designs[k:] + designs[:k]:
+                        samples[design].extend(beds[design].drains(drains))
             killed = {d: beds[d].kills(kills) for d in designs} if kills else {}
         for design in designs:
             results["drain"].append({"design": design, "cpus": ncpus,
@@ -140,15 +158,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--drains", type=int, default=20, help="per design per round")
     parser.add_argument("--kills", type=int, default=20, help="per design per CPU count")
+    parser.add_argument("--fifo", action="store_true",
+                        help="the requester runs SCHED_FIFO during the drains (the CPU "
+                             "processes do not): preemption of the drain itself is out")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     cpus = [int(n) for n in args.cpus.split(",")]
     designs = args.designs.split(",")
     print(f"machine: {os.cpu_count()} cores; CPU k runs on core k mod {os.cpu_count()}; "
           f"load {os.getloadavg()[0]:.2f}")
-    results = run(cpus, designs, args.rounds, args.drains, args.kills)
+    results = run(cpus, designs, args.rounds, args.drains, args.kills, args.fifo)
     print(f"drain_all_stock of a cgroup every CPU churns on ({args.rounds} rounds x "
-          f"{args.drains} drains per design)")
+          f"{args.drains} drains per design; requester "
+          f"{'SCHED_FIFO' if args.fifo else 'SCHED_OTHER'})")
     print(f"  {'design':>8}  {'CPUs':>4}  {'p50 ms':>8}  {'p99 ms':>8}  {'max ms':>8}")
     for r in results["drain"]:
         print(f"  {r['design']:>8}  {r['cpus']:>4}  {r['p50_ms']:>8.3f}  {r['p99_ms']:>8.3f}"
