@@ -114,6 +114,23 @@ def test_try_charge_stock_hit(benchmark: Any, stocked_leaf: PageCounter, chain3:
 
 
 @pytest.mark.benchmark(group="charge")
+def test_try_charge_stock_hit_lockless(benchmark: Any, chain3: Chain, cpu0: int) -> None:
+    """The same hit on a lockless (v4) stock: one C call that CASes CPU 0's word
+    down by a page (no lock to take and release)."""
+    leaf = chain3[-1]
+    assert leaf.enable_stock(batch=STOCK_BATCH, lockless=True)
+    assert leaf.try_charge(1) == (True, None)            # greedy: deposits in the word
+    assert leaf.stock(cpu0) == STOCK_BATCH - 1
+    usage_before = [c.usage for c in chain3]
+
+    result, calls = run(benchmark, leaf.try_charge)
+
+    assert result == (True, None)
+    assert [c.usage for c in chain3] == usage_before
+    assert STOCK_BATCH - 1 - leaf.stock(cpu0) == calls
+
+
+@pytest.mark.benchmark(group="charge")
 def test_stock_consume_bare(benchmark: Any, arena: Arena, stocked_leaf: PageCounter,
                             chain3: Chain, cpu0: int) -> None:
     """The C call a stock hit makes, issued bare: stock_consume(counter, this CPU's

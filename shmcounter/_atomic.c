@@ -624,17 +624,18 @@ Slots_stock_take(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 static int check_intent(SlotsObject *self, int64_t row, int64_t *r, int64_t counters);
 
 /*
- * stock_deposit_v4(row, s, d, charge) -> True, or False (nothing changed) when the
- * pages of lockless word s would reach 2**34. The deposit of d surplus pages of a
- * charge of `charge` pages, inside the charge op of writer row `row`, its walk
- * complete: the intent's E and E + d before each CAS, then op_forward once the
- * CAS is done (v4_deposit, _op.h). One call: nothing of this process runs between
- * the CAS and the mark.
+ * stock_deposit_v4(row, s, d, charge, capped) -> the pages the caller must still
+ * uncharge: 0 (deposited), d + the word's pages (capped, the word taken: the E14
+ * cap), or d (nothing changed) when the pages of lockless word s would reach
+ * 2**34. The deposit of d surplus pages of a charge of `charge` pages, inside the
+ * charge op of writer row `row`, its walk complete: the intent before each CAS,
+ * then op_forward once the CAS is done (v4_deposit, _op.h). One call: nothing of
+ * this process runs between the CAS and the mark.
  */
 static PyObject *
 Slots_stock_deposit_v4(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    ARGS("stock_deposit_v4", 4);
+    ARGS("stock_deposit_v4", 5);
     int64_t *r = word(self, a[0], ROW_WORDS), *s = r ? stock_slot(self, a[1]) : NULL;
     if (!s)
         return NULL;
@@ -643,7 +644,7 @@ Slots_stock_deposit_v4(SlotsObject *self, PyObject *const *args, Py_ssize_t narg
                         "this slot, or not 0 < d <= charge");
         return NULL;
     }
-    return PyBool_FromLong(v4_deposit(r, s, a[2], a[3], LOAD(&r[R_DEPTH])));
+    return PyLong_FromLongLong(v4_deposit(r, s, a[2], a[3], LOAD(&r[R_DEPTH]), a[4] != 0));
 }
 
 /*
@@ -1148,11 +1149,13 @@ PyDoc_STRVAR(stock_take_doc,
 "Take every page of stock slot s under its lock (the slot left at 0) and return\n"
 "them; or STOCK_BUSY, changing nothing, if the lock is held.");
 PyDoc_STRVAR(stock_deposit_v4_doc,
-"stock_deposit_v4($self, row, s, d, charge, /)\n--\n\n"
+"stock_deposit_v4($self, row, s, d, charge, capped, /)\n--\n\n"
 "Inside the charge op of writer row `row` (its walk complete), deposit d surplus\n"
-"pages of a charge of `charge` pages in lockless stock word s: record E and E + d,\n"
-"CAS, retry on failure; then mark the op forward. False, changing nothing, when\n"
-"the word's pages would reach 2**34.");
+"pages of a charge of `charge` pages in lockless stock word s: record the intent,\n"
+"CAS, retry on failure; then mark the op forward. capped (the E14 cap): a word\n"
+"that would hold more than `charge` pages is taken instead. Returns the pages\n"
+"left to uncharge: 0, d + the pages taken, or d (nothing changed) when the\n"
+"word's pages would reach 2**34.");
 PyDoc_STRVAR(stock_drain_v4_doc,
 "stock_drain_v4($self, row, s, /)\n--\n\n"
 "Inside an op of writer row `row` naming lockless stock word s, the drain lock\n"
@@ -1329,7 +1332,7 @@ atomic_exec(PyObject *m)
     CONST(R_IN_OP); CONST(R_OP); CONST(R_COUNTER); CONST(R_STOCK_SLOT);
     CONST(R_STOCK_BEFORE); CONST(R_DEPTH); CONST(R_BASE); CONST(R_WALKS); CONST(R_FWD_LEVELS);
     CONST(R_FWD_DELTA); CONST(R_STOCK_AFTER); CONST(MAX_DEPTH);
-    CONST(ROW_WORDS); CONST(PC_FLAG_UNCHARGE_TO_STOCK); CONST(PC_FLAG_LOCKLESS);
+    CONST(ROW_WORDS); CONST(PC_FLAG_UNCHARGE_TO_STOCK); CONST(PC_FLAG_LOCKLESS); CONST(PC_FLAG_CAP);
     CONST(STOCK_LAST); CONST(V4_PAGES_BITS); CONST(V4_SEQ_MOD);
     CONST(V4_NONE); CONST(V4_DEPOSITED); CONST(V4_DRAINED);
     CONST(CONSUME_HIT); CONST(CONSUME_MISS); CONST(CONSUME_BUSY); CONST(CONSUME_NO_STOCK);

@@ -10,6 +10,8 @@
  *   uncharge(n)     one op: the RFC's return to stock when the counter asks for
  *                   it, then a walk down the hierarchy
  *   cancel(n)       one op on this level
+ *   _drain_v4(first, end)   one op per CPU's lockless stock word that holds
+ *                   pages: the remote drain (stock.py)
  *
  * Each op writes its intent record (op_intent, _op.h) before its first shared
  * store, exactly as the stepwise ops do, so stop_machine.py repairs both alike.
@@ -177,7 +179,8 @@ stock_hit(SlotsObject *s, int64_t *cr, int64_t slot, int64_t nr)
  * (greedy; batch 0 when `slot` is -1), on refusal retry once with exactly nr, then
  * deposit the surplus in `slot`, or uncharge it if the slot lock is busy (a
  * lockless slot: if its pages would reach 2**34). A lockless deposit marks the
- * op forward once its CAS is done (v4_deposit, _op.h).
+ * op forward once its CAS is done; with the E14 cap, a word it would leave above
+ * batch is taken and uncharged with the surplus (v4_deposit, _op.h).
  */
 static int
 charge_slow(CounterObject *co, SlotsObject *s, int64_t slot, int64_t nr)
@@ -204,9 +207,11 @@ charge_slow(CounterObject *co, SlotsObject *s, int64_t slot, int64_t nr)
         return TC_ERROR;
     }
     if (fail < 0 && charge > nr) {
-        if (LOAD(&cr[PC_FLAGS]) & PC_FLAG_LOCKLESS) {
-            if (!v4_deposit(r, stock, charge - nr, charge, co->depth))
-                path_cancel(s, co, charge - nr, co->depth, level, new);
+        int64_t flags = LOAD(&cr[PC_FLAGS]);
+        if (flags & PC_FLAG_LOCKLESS) {
+            path_cancel(s, co, v4_deposit(r, stock, charge - nr, charge, co->depth,
+                                          (flags & PC_FLAG_CAP) != 0),
+                        co->depth, level, new);
         } else if (slot_trylock(stock, s->owner)) {
             STORE_REL(&stock[STOCK_NR], LOAD(&stock[STOCK_NR]) + charge - nr);
             slot_unlock(stock);
@@ -366,6 +371,67 @@ Counter_cancel(CounterObject *co, PyObject *const *args, Py_ssize_t nargs,
     int under = path_cancel(s, co, nr, 1, level, new);
     op_leave(r);
     return under ? underflows(co, under, level, new, nr) : Py_NewRef(Py_None);
+}
+
+PyDoc_STRVAR(drain_v4_doc,
+"_drain_v4($self, first, end, /)\n--\n\n"
+"The remote drains of the lockless stock words of this counter of CPUs first to\n"
+"end - 1, the caller holding the drain lock: for each word that holds pages, one\n"
+"op of this process's writer row (intent, CAS, last, forward mark: v4_drain_take;\n"
+"then the uncharge walk). Returns (pages, next): the pages taken, and the CPU\n"
+"where Python must take over (PageCounterStock._drain_remote), or end.");
+
+/*
+ * _drain_v4(first, end): what stock.py's _drain_remote does in Python steps, one
+ * C call for a range of CPUs. It stops, returning the CPU it did not drain, where
+ * the other ops hand over to Python: a hook armed, no writer row yet, an op of
+ * another thread of ours in progress, a stop_machine holding the stop word; or a
+ * stock id or flags word that Python must report. No stock: (0, end).
+ */
+static PyObject *
+Counter__drain_v4(CounterObject *co, PyObject *const *args, Py_ssize_t nargs)
+{
+    SlotsObject *s;
+    long long a[2];
+    for (Py_ssize_t i = 0; i < 2 && nargs == 2; i++) {
+        a[i] = PyLong_CheckExact(args[i]) ? PyLong_AsLongLong(args[i]) : -2;
+        if (a[i] == -1 && PyErr_Occurred())
+            return NULL;
+    }
+    if (!(s = bound(co)))
+        return NULL;
+    if (nargs != 2 || !s->name || a[0] < 0 || a[0] > a[1] || a[1] > s->ncpus) {
+        PyErr_SetString(PyExc_ValueError, "_drain_v4(first, end): 0 <= first <= end <= "
+                        "ncpus, two ints");
+        return NULL;
+    }
+    int64_t *cr = s->words + co->rec[0], sid = LOAD(&cr[PC_STOCK_ID]), taken = 0, cpu;
+    if (sid == -1)
+        return Py_BuildValue("LL", 0LL, a[1]);
+    int ours = sid >= 0 && sid < s->max_stocked && (LOAD(&cr[PC_FLAGS]) & PC_FLAG_LOCKLESS)
+               && !counter_state(co)->hooks_armed;
+    for (cpu = a[0]; cpu < a[1] && ours; cpu++) {
+        int64_t slot = s->stocks + cpu * s->stock_block + sid * STOCK_WORDS;
+        int64_t *stock = s->words + slot, *r;
+        if (v4_pages(LOAD(&stock[STOCK_NR])) == 0)
+            continue;
+        if (!(r = writer_row(s)) || !op_enter(r, stop_word(s)))
+            break;
+        op_intent(s, r, co, slot, stock);
+        int64_t nr = v4_drain_take(r, stock, co->depth);
+        int level[MAX_DEPTH];
+        int64_t new[MAX_DEPTH];
+        int under = path_cancel(s, co, nr, co->depth, level, new);
+        op_leave(r);
+        taken += nr;
+        if (under) {
+            PyObject *res = underflows(co, under, level, new, nr);
+            if (!res)
+                return NULL;
+            Py_DECREF(res);
+        }
+    }
+    return Py_BuildValue("LL", (long long)taken, (long long)(ours ? cpu : a[0]));
 }
 
 PyDoc_STRVAR(bind_doc,
@@ -588,6 +654,8 @@ static PyMethodDef Counter_methods[] = {
      METH_METHOD | METH_FASTCALL | METH_KEYWORDS, bind_doc},
     {"_charge_or", (PyCFunction)(void (*)(void))Counter_charge_or, METH_FASTCALL,
      charge_or_doc},
+    {"_drain_v4", (PyCFunction)(void (*)(void))Counter__drain_v4, METH_FASTCALL,
+     drain_v4_doc},
     {NULL}
 };
 

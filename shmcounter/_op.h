@@ -308,6 +308,10 @@ path_propagate(SlotsObject *s, CounterObject *co)
  *            intent R_STOCK_BEFORE = E (the word read), R_STOCK_AFTER = E + d
  *            (d the surplus, > 0), then CAS(E -> E + d); once it succeeds,
  *            op_forward(charge, depth, E + d): the op counts wholly.
+ *   take     (PC_FLAG_CAP) the CPU, in place of a deposit that would leave more
+ *            than batch pages: intent E and seq(E) << 34, FWD_DELTA the net
+ *            charge - d - pages(E), then CAS; once it succeeds, op_forward, and
+ *            the op uncharges d + pages(E).
  *   drain    any process, inside an op of its own row (or, in hotplug, of the
  *            dead CPU's row) on the counter's path, holding the arena's drain
  *            lock: R_STOCK_AFTER = (seq(W) + 1) << 34, then for each attempt
@@ -343,23 +347,36 @@ v4_consume(int64_t *stock, int64_t nr)
 /*
  * The deposit of d > 0 surplus pages of a charge of `charge` pages, inside the
  * charge op of row r (its walk complete, `depth` levels): the CAS loop above,
- * then the forward mark. Returns 1, or 0 having changed no word when pages would
- * reach 2**34 (the caller uncharges the surplus instead).
+ * then the forward mark. With `capped` (PC_FLAG_CAP, series E14), a word whose
+ * pages would exceed `charge` (the batch: a second context of this CPU deposited
+ * in between) is taken instead, as the old refill_stock drained a slot above the
+ * batch: intent E and seq(E) << 34 (seq unchanged: the CPU removes pages, as a
+ * hit does), FWD_DELTA charge - d - pages(E) recorded before each CAS; once it
+ * succeeds, the forward mark, and the caller uncharges d + pages(E). Returns the
+ * pages the caller must still uncharge: 0 (deposited), d + pages(E) (taken), or d
+ * having changed no word and marked nothing when pages would reach 2**34.
  */
-static inline int
-v4_deposit(int64_t *r, int64_t *stock, int64_t d, int64_t charge, int64_t depth)
+static inline int64_t
+v4_deposit(int64_t *r, int64_t *stock, int64_t d, int64_t charge, int64_t depth, int capped)
 {
-    int64_t e;
-    STORE_REL(&r[R_FWD_DELTA], charge);
+    int64_t e, a, delta;
     do {
         e = LOAD(&stock[STOCK_NR]);
-        if (v4_pages(e) + d > V4_PAGES_MASK)
-            return 0;
+        if (capped && v4_pages(e) + d > charge) {
+            a = e - v4_pages(e);
+            delta = charge - d - v4_pages(e);
+        } else if (v4_pages(e) + d > V4_PAGES_MASK) {
+            return d;
+        } else {
+            a = e + d;
+            delta = charge;
+        }
+        STORE_REL(&r[R_FWD_DELTA], delta);
         STORE_REL(&r[R_STOCK_BEFORE], e);
-        STORE_REL(&r[R_STOCK_AFTER], e + d);
-    } while (!cas_strong(&stock[STOCK_NR], e, e + d));
-    op_forward(r, charge, depth, e + d);
-    return 1;
+        STORE_REL(&r[R_STOCK_AFTER], a);
+    } while (!cas_strong(&stock[STOCK_NR], e, a));
+    op_forward(r, delta, depth, a);
+    return charge - delta;
 }
 
 /*
@@ -402,6 +419,10 @@ v4_drain_take(int64_t *r, int64_t *stock, int64_t depth)
  *     pages, which nobody but this CPU (in this op, or dead) could raise: exactly
  *     one drain took pages, and it took A iff the deposit happened first:
  *     it happened iff last == A.
+ *   seq(A) == seq(B), pages(A) == 0 < pages(B): the cap's take of B by the CPU.
+ *     Since B was read only drains changed the word, each bumping seq, and none
+ *     takes a word of 0 pages: it happened iff w == A. Completed like a deposit,
+ *     to FWD_DELTA (recorded with B and A).
  *   Anything else (A == B: no CAS was about to happen; or A from an earlier,
  *     failed attempt: that CAS failed and B's was not tried): V4_NONE.
  */
@@ -412,6 +433,8 @@ v4_outcome(int64_t *r, int64_t *stock)
     int64_t w = LOAD(&stock[STOCK_NR]);
     if (a == v4_drained(b) && v4_pages(b) > 0)
         return v4_seq(w) == v4_seq(a) ? V4_DRAINED : V4_NONE;
+    if (v4_seq(a) == v4_seq(b) && v4_pages(a) == 0 && v4_pages(b) > 0)
+        return w == a ? V4_DEPOSITED : V4_NONE;
     if (v4_seq(a) == v4_seq(b) && v4_pages(a) > v4_pages(b)) {
         if (v4_seq(w) == v4_seq(b))
             return w == a ? V4_DEPOSITED : V4_NONE;

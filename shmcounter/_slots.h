@@ -36,6 +36,7 @@
 #define PC_WORDS 24
 #define PC_FLAG_UNCHARGE_TO_STOCK 1
 #define PC_FLAG_LOCKLESS 2      /* v4: the stock slot is one atomic word, no lock */
+#define PC_FLAG_CAP 4           /* v4 with the E14 cap: a deposit above batch drains the word */
 
 /* stock slot: 2 int64 words, [nr_pages, lock]; lock holds the holder's pid or 0. */
 #define STOCK_NR 0

@@ -173,6 +173,9 @@ design runs side by side in one run, in turns within each trial:
   fixed     per-counter stock (the series, U0/v4 order)
   no-stock  fixed with batch 0: every charge walks the hierarchy
   mp-value  the peer: a multiprocessing.Value with its lock per cgroup
+  v4        the series' v4: a lockless stock word per counter and CPU, drained
+            by the caller itself (no work message)
+  v4-cap    v4 with the E14 cap: a deposit above batch drains the word
 
 Prints the time per iteration as the cover letter does (delta against legacy),
 throughput ratios, hierarchy walks and evictions per op, drain latency and
@@ -195,7 +198,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cgroups", type=_ints("cgroup counts", 1, 512), metavar="N,N",
                    help="cgroup counts (default 1,4,32)")
     p.add_argument("--designs", type=_designs, metavar="NAME,NAME",
-                   help="designs to run (default all: legacy,fixed,no-stock,mp-value)")
+                   help="designs to run (default all: legacy,fixed,no-stock,mp-value,v4,"
+                        "v4-cap)")
     p.add_argument("--trials", type=_int("trials", 1, 1000), metavar="N",
                    help="trials; each runs every cell once (default 20)")
     p.add_argument("--work", type=_int("work", 1, 10**8), metavar="PAGES",

@@ -264,8 +264,9 @@ class PageCounter(Counter, PageCounterStock):
                 if fail is None and charge > nr_pages:
                     if hooks.ARMED:
                         hooks.at("charge:deposit")
-                    if not self._deposit(slot, charge, charge - nr_pages):
-                        self._cancel_path(charge - nr_pages, kbase)
+                    left = self._deposit(slot, charge, charge - nr_pages)
+                    if left:
+                        self._cancel_path(left, kbase)
             if fail is None:
                 return _SUCCESS
             if repaired is not None:

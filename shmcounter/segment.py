@@ -144,6 +144,7 @@ from ._atomic import (  # noqa: E402, F401
     PC_ELOW,
     PC_EMIN,
     PC_FAILCNT,
+    PC_FLAG_CAP,
     PC_FLAG_LOCKLESS,
     PC_FLAG_UNCHARGE_TO_STOCK,
     PC_FLAGS,
@@ -185,7 +186,8 @@ from ._atomic import (  # noqa: E402, F401
 
 # flags word of a counter: PC_FLAG_UNCHARGE_TO_STOCK, the RFC's stock-returning
 # uncharge (docs/stock-design.md §Uncharge); PC_FLAG_LOCKLESS, the v4 stock: each
-# of its slots is [word, last], word = seq << V4_PAGES_BITS | pages (_op.h)
+# of its slots is [word, last], word = seq << V4_PAGES_BITS | pages (_op.h);
+# PC_FLAG_CAP, with PC_FLAG_LOCKLESS: the E14 cap (a deposit above batch drains)
 V4_PAGES_MASK = (1 << V4_PAGES_BITS) - 1
 
 # line assertions: usage alone on line A, the read-mostly fields on line C

@@ -33,8 +33,10 @@ how a repair decides a dead op from the word; docs/design.md the argument.
 Bound (I5): with one context per CPU, stock[k][C] < batch after each deposit, so
 pages held in stocks <= (counters with stock) x ncpus x batch. A second context on
 one CPU (a thread) can interleave between the fast-path check and the deposit
-and push one slot towards 2 x batch: series E14, no cap in v2. XX: cap it with the
-old rule (drain the slot when > batch) if a user needs the bound to be strict.
+and push one slot towards 2 x batch: series E14, no cap in v2. The lockless stock
+offers the cap the reviewer proposed (enable_stock(cap=True)): a deposit that
+would leave more than batch pages takes the word instead and uncharges it, the
+old refill_stock's rule, so that no slot ever holds more than batch.
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ from .errors import ArenaError
 from .hotplug import check_dead
 from .segment import (
     PC_BATCH,
+    PC_FLAG_CAP,
     PC_FLAG_LOCKLESS,
     PC_FLAG_UNCHARGE_TO_STOCK,
     PC_FLAGS,
@@ -87,11 +90,13 @@ class PageCounterStock:
     _index: int
     name: str
     _cancel_path: Callable[[int, int], None]      # PageCounter's
+    _drain_v4: Callable[[int, int], tuple[int, int]]     # Counter's (_counter.c)
 
     # ---- lifecycle ----------------------------------------------------------
 
     def enable_stock(self, batch: int = DEFAULT_BATCH, *,
-                     uncharge_to_stock: bool = False, lockless: bool = False) -> bool:
+                     uncharge_to_stock: bool = False, lockless: bool = False,
+                     cap: bool = False) -> bool:
         """Give this counter a per-CPU stock refilled `batch` pages at a time.
 
         Returns False, changing nothing, when no stock could be set up (the arena's
@@ -105,6 +110,11 @@ class PageCounterStock:
         Named for what it drops, the slot lock, and with it the CPU's part in a
         drain. Not with uncharge_to_stock (ValueError). A counter that has stock
         keeps its kind until free_stock: ValueError, nothing changed.
+        cap: lockless only (ValueError otherwise): the E14 cap. A deposit that
+        would leave more than batch pages in the word (a second context of the CPU
+        deposited since the first missed) takes the word's pages instead and
+        uncharges them with the surplus, in the same op: no word holds more than
+        batch pages after a deposit, whatever the contexts.
         """
         if type(batch) is not int or not 0 <= batch < BATCH_LIMIT:
             raise (TypeError if type(batch) is not int else ValueError)(
@@ -113,13 +123,18 @@ class PageCounterStock:
             raise TypeError(f"uncharge_to_stock must be a bool, got {uncharge_to_stock!r}")
         if not isinstance(lockless, bool):
             raise TypeError(f"lockless must be a bool, got {lockless!r}")
+        if not isinstance(cap, bool):
+            raise TypeError(f"cap must be a bool, got {cap!r}")
+        if cap and not lockless:
+            raise ValueError("cap is the lockless stock's (the E14 cap); the locked "
+                             "stock has none")
         if lockless and uncharge_to_stock:
             raise ValueError("a lockless stock has no uncharge_to_stock (the RFC's, "
                              "under the slot lock)")
         arena, slots = self._arena, self._slots
         arena._check_open()
         flags = ((PC_FLAG_UNCHARGE_TO_STOCK if uncharge_to_stock else 0)
-                 | (PC_FLAG_LOCKLESS if lockless else 0))
+                 | (PC_FLAG_LOCKLESS if lockless else 0) | (PC_FLAG_CAP if cap else 0))
         arena._registry_lock()
         try:
             if self._stock_id() >= 0 and self._lockless() != lockless:
@@ -255,27 +270,32 @@ class PageCounterStock:
                                           self._arena._stock_owner)
         return nr_pages if excess == STOCK_BUSY else excess
 
-    def _deposit(self, slot: int, charge: int, surplus: int) -> bool:
+    def _deposit(self, slot: int, charge: int, surplus: int) -> int:
         """Step 4 of try_charge, inside its op, the walk of `charge` pages done:
-        put `surplus` pages in this CPU's slot; False when it cannot (the lock is
-        busy; a lockless word's pages would reach 2**34): the caller uncharges them.
-        Lockless: the CAS loop and the forward mark in one C call
-        (stock_deposit_v4), with the named points "stock:cas" (E and E + surplus
+        put `surplus` pages in this CPU's slot. Returns the pages the caller must
+        still uncharge: 0; `surplus` when it cannot deposit (the lock is busy; a
+        lockless word's pages would reach 2**34); with the E14 cap (PC_FLAG_CAP),
+        surplus + the word's pages when it took the word instead (its pages would
+        exceed batch). Lockless: the CAS loop and the forward mark in one C call
+        (stock_deposit_v4), with the named points "stock:cas" (the intent
         recorded, no CAS yet) and "stock:deposited" (done and marked)."""
         arena, slots = self._arena, self._slots
         if not self._lockless():
-            return slots.stock_deposit(slot, surplus, arena._stock_owner)
+            return 0 if slots.stock_deposit(slot, surplus, arena._stock_owner) else surplus
         row = arena._writer.row_slot
+        capped = bool(slots.load(self._c + PC_FLAGS) & PC_FLAG_CAP)
         if hooks.ARMED:
             word = slots.load(slot + STOCK_NR)
-            slots.store(row + R_FWD_DELTA, charge)
+            pages = word & V4_PAGES_MASK
+            take = capped and pages + surplus > charge
+            slots.store(row + R_FWD_DELTA, charge - surplus - pages if take else charge)
             slots.store(row + R_STOCK_BEFORE, word)
-            slots.store(row + R_STOCK_AFTER, word + surplus)
+            slots.store(row + R_STOCK_AFTER, word - pages if take else word + surplus)
             hooks.at("stock:cas")
-        deposited = slots.stock_deposit_v4(row, slot, surplus, charge)
-        if deposited and hooks.ARMED:
+        left = slots.stock_deposit_v4(row, slot, surplus, charge, capped)
+        if left != surplus and hooks.ARMED:
             hooks.at("stock:deposited")
-        return deposited
+        return left
 
     def _consume_stepwise(self, nr_pages: int) -> bool:
         """The fast path of try_charge (stock_consume) as separate steps, with the
@@ -369,7 +389,14 @@ class PageCounterStock:
         """page_counter_drain_stock(counter, cpu) of the lockless stock: take CPU
         `cpu`'s word (alive, dead or absent, busy charging or not: it is never
         waited for) and uncharge what it held, in an op of this process's row.
-        The caller holds the drain lock (drain.drain_lock). Returns the pages."""
+        The caller holds the drain lock (drain.drain_lock). Returns the pages.
+        One C call (Counter._drain_v4) unless Python must take over (a hook
+        armed, no writer row yet, a stop_machine): then the same op in steps."""
+        taken, done = self._drain_v4(cpu, cpu + 1)
+        return taken if done > cpu else self._drain_remote_stepwise(cpu)
+
+    def _drain_remote_stepwise(self, cpu: int) -> int:
+        """_drain_remote in Python steps (_drain_word), with the hooks' points."""
         sid = self._stock_id()
         if sid < 0:
             return 0
@@ -382,8 +409,16 @@ class PageCounterStock:
 
     def _drain_lockless(self) -> int:
         """The lockless drain_stock: every CPU's word, remotely (drain.py, drain
-        lock held). Returns the pages drained."""
-        return sum(self._drain_remote(cpu) for cpu in range(self._arena.ncpus))
+        lock held). Returns the pages drained. One C call for every CPU
+        (Counter._drain_v4), unless Python must take over at some CPU."""
+        ncpus, cpu, drained = self._arena.ncpus, 0, 0
+        while cpu < ncpus:
+            taken, cpu = self._drain_v4(cpu, ncpus)
+            drained += taken
+            if cpu < ncpus:
+                drained += self._drain_remote_stepwise(cpu)
+                cpu += 1
+        return drained
 
     def drain_stock(self, timeout: float | None = None, *, trylock: bool = False) -> bool:
         """Every online CPU drains its own stock of this counter: a work message to

@@ -17,7 +17,7 @@ import pytest
 from procs.lab.bench import QUICK, goals
 from procs.lab.report import format_report
 
-DESIGNS = ["legacy", "fixed", "no-stock", "mp-value"]
+DESIGNS = ["legacy", "fixed", "no-stock", "mp-value", "v4", "v4-cap"]
 
 
 def bench(*args: str) -> subprocess.CompletedProcess:
@@ -53,10 +53,11 @@ def test_quick_run_writes_the_results_document(quick):
         assert len(c["trials"]) == QUICK.trials
         assert set(c["ms_per_iteration"]) == set(c["throughput"]) == {
             "mean", "stdev", "min", "p25", "median", "p75", "max"}
-    # drains and kills for the three cgroup designs; the peer has neither
-    assert set(results["drain_ms"]) == set(results["kill_ms"]) == {"legacy", "fixed", "no-stock"}
+    # drains and kills for the five cgroup designs; the peer has neither
+    assert set(results["drain_ms"]) == set(results["kill_ms"]) == {
+        "legacy", "fixed", "no-stock", "v4", "v4-cap"}
     assert {k: v["samples"] for k, v in results["kill_ms"].items()} == {
-        "legacy": 2, "fixed": 2, "no-stock": 2}
+        "legacy": 2, "fixed": 2, "no-stock": 2, "v4": 2, "v4-cap": 2}
     assert results["kill_ms"]["no-stock"]["pages_reclaimed"] == 0
     assert [g["goal"] for g in results["goals"]] == [
         "32 cgroups: fixed >= 2x legacy throughput (2 CPUs)",
@@ -83,8 +84,11 @@ def test_walks_and_evictions_follow_from_the_workload(quick):
             # per-counter stock, batch 64: of each cgroup's 128 charges per iteration
             # exactly 2 miss (each refills 63; the stock ends as it began), and the
             # uncharge walks
-            assert cells["fixed", p, g]["walks_per_op"] == 3 / 129
-            assert cells["fixed", p, g]["evictions_per_op"] == 0.0
+            # the lockless stock the same; with one context per CPU the cap
+            # (v4-cap) never finds more than batch in a word
+            for design in ("fixed", "v4", "v4-cap"):
+                assert cells[design, p, g]["walks_per_op"] == 3 / 129
+                assert cells[design, p, g]["evictions_per_op"] == 0.0
             assert cells["mp-value", p, g]["walks_per_op"] is None
         # 32 cgroups interleaved page by page through 7 slots: every charge misses
         # (a walk) and evicts a slot (a walk for the victim), and the uncharge
@@ -106,7 +110,8 @@ def test_quick_run_prints_the_report_of_its_json(quick):
     assert lines[lines.index("Time per iteration in ms, 2 CPUs (mean of 2 trials; lower is "
                              "better)") + 1].split() == [
         "#cgroups", "legacy", "stddev", "fixed", "stddev", "delta", "%", "no-stock",
-        "stddev", "delta", "%", "mp-value", "stddev", "delta", "%"]
+        "stddev", "delta", "%", "mp-value", "stddev", "delta", "%", "v4", "stddev", "delta",
+        "%", "v4-cap", "stddev", "delta", "%"]
     assert lines[-7] == ("Goals (throughput ratios measured side by side, median of "
                          "per-trial ratios):")
     assert lines[-1].startswith("Ceiling: a pure-Python loop that shares nothing, on the "
@@ -213,7 +218,8 @@ def test_ratios_script_names_the_rows_a_run_lacks(tmp_path):
     (["--cgroups", "4,4"], "argument --cgroups: cgroup counts must be distinct "
                            "comma-separated ints in [1, 512], got '4,4'"),
     (["--designs", "fixed,cheap"], "argument --designs: designs must be distinct names "
-                                   "among legacy, fixed, no-stock, mp-value, got "
+                                   "among legacy, fixed, no-stock, mp-value, v4, "
+                                   "v4-cap, got "
                                    "'fixed,cheap'"),
     (["--trials", "ten"], "argument --trials: trials must be an int in [1, 1000], got 'ten'"),
     (["--json", "/nonexistent/r.json"], "argument --json: cannot write '/nonexistent/r.json': "
@@ -237,7 +243,7 @@ def test_ctrl_c_stops_every_cpu_and_unlinks_every_arena(tmp_path):
     assert run.stderr is not None
     try:
         deadline = time.monotonic() + 60
-        while sum(n.startswith(prefix) for n in os.listdir("/dev/shm")) < 4:  # 4 designs
+        while sum(n.startswith(prefix) for n in os.listdir("/dev/shm")) < 6:  # 6 designs
             assert run.poll() is None and time.monotonic() < deadline, run.stderr.read()
             time.sleep(0.05)
         time.sleep(0.5)                                   # the cells are under way
@@ -254,6 +260,6 @@ def test_ctrl_c_stops_every_cpu_and_unlinks_every_arena(tmp_path):
     assert err.splitlines() == ["shmcounter bench: interrupted; every CPU process was "
                                 "stopped and every arena unlinked"]
     assert out == ""
-    assert len(cpus) == 8                                  # 4 designs x 2 CPUs
+    assert len(cpus) == 12                                 # 6 designs x 2 CPUs
     assert [p for p in cpus if os.path.exists(f"/proc/{p}")] == []
     assert [n for n in os.listdir("/dev/shm") if n.startswith(prefix)] == []

@@ -13,6 +13,8 @@ from shmcounter.memcg import Cgroups
 from shmcounter.memcg.stat import format_cgroups
 from shmcounter.stat import format_stat
 
+import memcg_tasks
+
 
 def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "shmcounter.cli", *args],
@@ -69,6 +71,25 @@ def test_stat_shows_the_cgroup_tree(arena):
     assert done.returncode == 0, done.stderr
     assert done.stdout == format_stat(arena) + "\n\n" + format_cgroups(Cgroups(arena)) + "\n"
     g.uncharge(5)
+
+
+def test_stat_shows_a_v4_tree_with_its_cap_and_its_stock(arena, make_machine):
+    cg = Cgroups(arena, variant="v4", stock_cap=True)
+    cg.create("a", max=1000)
+    m = make_machine(2)
+    assert m.run_on(1, memcg_tasks.charge, arena, "a", 5) == [True]    # 59 in its word
+    done = run("stat", arena.name)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-4:] == [
+        "cgroups: design v4 with the stock cap (E14), memsw off, batch 64; "
+        "{'walks': 1, 'evictions': 0, 'overflows': 0, 'flushes': 0}",
+        "cgroup  state   memory.current  memory.max  memory.peak  events.max  stock.cpu0  "
+        "stock.cpu1",
+        "root    online          262144         max       262144           0           0"
+        "           0",
+        "  a     online          262144     4096000       262144           0           0"
+        "          59"]
+    m.run_on(1, memcg_tasks.uncharge, arena, "a", 5)
 
 
 def test_stat_watch_shows_a_view_per_interval(arena):

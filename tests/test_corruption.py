@@ -392,7 +392,7 @@ def _mc(word: int) -> Callable[[Arena], int]:
      "counter's index + 1)"),
     (False, lambda arena: (_store((lambda a: a._memcg.slot + M_VARIANT, 99))(arena),
                            Cgroups.open(arena)),
-     "memcg variant is 99, not 1 + an index of ('fixed', 'v2', 'rfc', 'legacy')"),
+     "memcg variant is 99, not 1 + an index of ('fixed', 'v2', 'rfc', 'legacy', 'v4')"),
 ], ids=["drain-idx", "slot-tag-beyond", "slot-tag-not-a-cgroup", "variant"])
 def test_an_impossible_legacy_word_is_arena_corrupt(arena, legacy, cpu, act, expected):
     before = arena._bytes.copy()

@@ -4,14 +4,19 @@ the first-child drain (V6); the read view; bad input. docs/stock-design.md §Sce
 16 and 17; docs/kernel-semantics.md MT-17."""
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 
 from shmcounter.errors import ArenaError, Busy
 from shmcounter.invariants import check_invariants
 from shmcounter.memcg import VARIANTS, Cgroups
 from shmcounter.memcg.stat import format_cgroups
+from shmcounter.segment import PC_FLAG_CAP, PC_FLAG_LOCKLESS, PC_FLAGS, R_REQ_SEQ
 
 import memcg_tasks as t
+import tasks
 
 
 @pytest.fixture
@@ -79,6 +84,58 @@ def test_scenario10_quiescent_death(arena, machine, variant):
     assert arena.underflows == 0
 
 
+# ---- v4: the lockless stock, drained by the caller; the E14 cap ------------------------
+
+def test_v4_online_gives_each_counter_a_lockless_stock_capped_as_the_tree_says(arena):
+    cg = Cgroups(arena, variant="v4", memsw=True, stock_cap=True)
+    g = cg.create("g", max=500)
+    assert [(c.name, c.lockless, c.batch) for c in g.counters] == [
+        ("g", True, 64), ("g:memsw", True, 64)]
+    assert {arena._slots.load(c._c + PC_FLAGS) for c in g.counters} == {
+        PC_FLAG_LOCKLESS | PC_FLAG_CAP}
+    assert Cgroups(arena).options["stock_cap"] is True
+    with pytest.raises(ValueError, match=r"this arena's cgroup tree has stock_cap=True "
+                                         r"\(asked False\)"):
+        Cgroups(arena, stock_cap=False)
+
+
+def test_v4_drain_all_stock_takes_a_stopped_cpus_stock_without_a_message(arena, machine):
+    cg = Cgroups(arena, variant="v4")
+    g = cg.create("g")
+    for cpu in (0, 1):
+        assert machine.run_on(cpu, t.charge, arena, "g") == [True]
+    assert (g.memory.usage, g.stock(0), g.stock(1)) == (128, 63, 63)
+    tickets = [arena._slots.load(arena._row_slot(cpu) + R_REQ_SEQ) for cpu in (0, 1)]
+    os.kill(machine.pid(1), signal.SIGSTOP)          # it could serve no work message
+    try:
+        assert cg.drain_all_stock(g)
+        assert (g.memory.usage, g.stock(0), g.stock(1), cg.root.memory.usage) == (2, 0, 0, 2)
+        assert [arena._slots.load(arena._row_slot(cpu) + R_REQ_SEQ) for cpu in (0, 1)] == tickets
+    finally:
+        os.kill(machine.pid(1), signal.SIGCONT)
+    check_invariants(arena, {"g": 2})
+    g.uncharge(2)
+
+
+@pytest.mark.parametrize("stock_cap, stock, usage, walks", [
+    # both threads charge 64 and deposit 63: the word holds 126 > batch (E14)
+    (False, 126, 128, 2),
+    # the second deposit finds 63 pages, more than the 1 it charges for: 63 + 63
+    # would exceed batch, so it takes the word and uncharges 63 + 63 (a third walk)
+    (True, 0, 2, 3),
+])
+def test_e14_the_v4_cap_drains_a_word_a_second_context_pushes_past_batch(
+        arena, machine, stock_cap, stock, usage, walks):
+    cg = Cgroups(arena, variant="v4", stock_cap=stock_cap)
+    g = cg.create("g")
+    before = cg.stats()["walks"]
+    assert machine.run_on(0, tasks.two_contexts_both_miss, arena, "g") == stock
+    assert (g.memory.usage, g.stock(0), cg.root.memory.usage) == (usage, stock, usage)
+    assert cg.stats()["walks"] - before == walks
+    check_invariants(arena, {"g": 2})
+    machine.run_on(0, t.uncharge, arena, "g", 2)
+
+
 def test_lifecycle_errors_change_nothing(arena):
     cg = Cgroups(arena)
     p = cg.create("P")
@@ -109,6 +166,10 @@ def test_lifecycle_errors_change_nothing(arena):
     ({"variant": "legacy", "first_child_drain": True}, "first_child_drain is v2's V6"),
     ({"variant": "legacy", "batch": 32}, "the legacy design's batch is MEMCG_CHARGE_BATCH"),
     ({"variant": "legacy", "memsw": True}, "the legacy design is modelled for memory only"),
+    ({"stock_cap": 1}, "bad stock_cap: 1"),
+    ({"stock_cap": True}, "stock_cap is v4's \\(the E14 cap of its lockless stock\\); the "
+                          "fixed design has none"),
+    ({"variant": "legacy", "stock_cap": True}, "the legacy design has none"),
 ])
 def test_bad_options(arena, kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -190,6 +190,7 @@ def test_mt07_a_freed_slot_is_reused_before_evicting(arena, machine):
 @pytest.mark.parametrize("variant, after_stock_free, stock_left", [
     ("legacy", 99, 0),       # 63 + 2 > 64: the whole slot is uncharged and freed
     ("fixed", 162, 63),      # the series uncharges kmem through the hierarchy (E16)
+    ("v4", 162, 63),         # the same: a plain uncharge leaves the word alone
 ])
 def test_mt08_stock_free(arena, machine, variant, after_stock_free, stock_left):
     cg = Cgroups(arena, variant=variant)
@@ -221,6 +222,7 @@ def test_mt08_direct_free_leaves_the_slot(arena, machine):
 @pytest.mark.parametrize("variant, c2_stock_left", [
     ("legacy", 0),    # a remote drain empties all 7 slots of the CPU: C2's too
     ("fixed", 63),    # drain_all(C1) drains C1's counters only
+    ("v4", 63),       # the same, every CPU's word of C1 taken by the caller
 ])
 def test_mt13_removal(arena, machine, variant, c2_stock_left):
     cg = Cgroups(arena, variant=variant)
@@ -245,6 +247,7 @@ def test_mt13_removal(arena, machine, variant, c2_stock_left):
 
 @pytest.mark.parametrize("variant, root_usage, evictions", [
     ("fixed", 9 * 2 * 64, 0),              # K x P x 64, of which K x P real
+    ("v4", 9 * 2 * 64, 0),
     ("legacy", 18 + 2 * 7 * 63, 2 * 2),    # at most P x 7 slots stocked; 2 evictions per CPU
 ])
 def test_scenario7_overcharge_bound(arena, machine, variant, root_usage, evictions):
@@ -266,6 +269,7 @@ def test_scenario7_overcharge_bound(arena, machine, variant, root_usage, evictio
     # charge misses and evicts (505), and each eviction is a walk of its own
     ("legacy", 512 + 505, 505, 512 + 7 * 63),
     ("fixed", 8, 0, 512),                  # one refill per cgroup, 63 hits each
+    ("v4", 8, 0, 512),
 ])
 def test_scenario8_eviction_thrash(arena, machine, variant, walks, evictions, root_usage):
     cg = Cgroups(arena, variant=variant)
@@ -288,6 +292,7 @@ def test_scenario8_eviction_thrash(arena, machine, variant, walks, evictions, ro
     ("legacy", 1, (64, 64)),
     # every uncharge walks; the stock runs down to 0 and refills every 64 charges
     ("fixed", 640 + 10, (0, 0)),
+    ("v4", 640 + 10, (0, 0)),
 ])
 def test_scenario21_ping_pong(arena, machine, variant, walks, usage_and_stock):
     cg = Cgroups(arena, variant=variant)

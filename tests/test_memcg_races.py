@@ -116,8 +116,9 @@ def test_e4_rfc_disable_leaves_cancelled_pages_in_stock(arena, machine):
     assert (g.memory.usage, cg.root.memory.usage, arena.underflows) == (0, 0, 4)
 
 
-def test_e4_does_not_happen_under_fixed(arena, machine):
-    cg, g, drainer = start(arena, machine, "fixed")
+@pytest.mark.parametrize("variant", ["fixed", "v4"])
+def test_e4_does_not_happen_under_fixed_or_v4(arena, machine, variant):
+    cg, g, drainer = start(arena, machine, variant)
     g.offline()
     assert (g.memory.usage, g.stock(0), g.memory.batch) == (64, 63, 0)
     assert machine.run_on(0, t.charge, arena, "g") == [True]          # a stock hit: fine

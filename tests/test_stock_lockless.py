@@ -14,7 +14,15 @@ import pytest
 from shmcounter import hooks
 from shmcounter.drain import single_drainer
 from shmcounter.invariants import check_invariants
-from shmcounter.segment import R_PID, R_REQ_SEQ, STOCK_LAST, STOCK_NR
+from shmcounter.segment import (
+    PC_FLAG_CAP,
+    PC_FLAG_LOCKLESS,
+    PC_FLAGS,
+    R_PID,
+    R_REQ_SEQ,
+    STOCK_LAST,
+    STOCK_NR,
+)
 
 import cpuproc
 import lockless_tasks
@@ -183,6 +191,48 @@ def test_a_cpu_killed_between_its_deposit_cas_and_its_mark_is_decided_by_the_wor
     assert usages(x, mid, root) == [usage_after] * 3
     check_invariants(arena, {"x": usage_after})
     x.uncharge(usage_after)
+
+
+@pytest.mark.parametrize("cas, drain_first, usage_after, reclaimed", [
+    # the cap's take done (30 -> 0, seq kept), unmarked: completed to its net -20
+    (True, False, 44, {}),
+    # same; a remote drain found 0 pages and took nothing: still the take's word
+    (True, True, 44, {}),
+    # killed before the take; a remote drain took the 30: seq moved on, rolled back
+    (False, True, 34, {}),
+    # killed before the take; the word still holds 30: rolled back, hotplug takes them
+    (False, False, 34, {"x": 30}),
+])
+def test_a_cpu_killed_between_the_caps_take_and_its_mark_is_decided_by_the_word(
+        arena, tree, cpu1_with_30, cas, drain_first, usage_after, reclaimed):
+    root, mid, x = tree
+    assert x.enable_stock(64, lockless=True, cap=True)
+    cpu1 = cpu1_with_30
+    cpu1.start(lockless_tasks.take_then_stop, "x", 10, cas)
+    stopped(cpu1)
+    assert (words(arena, 1)[0], x.usage) == (0 if cas else 30, 128)
+    if drain_first:
+        assert x.drain_stock()
+        assert words(arena, 1) == ([0, 0] if cas else [SEQ, 30])
+    cpu1.kill()
+    repaired = arena.repair()
+    assert (repaired.ops, repaired.forward) == ((1,), (1,) if cas else ())
+    assert arena.hotplug_cpu_dead(1) == reclaimed
+    assert usages(x, mid, root) == [usage_after] * 3
+    check_invariants(arena, {"x": usage_after})
+    x.uncharge(usage_after)
+
+
+def test_the_cap_is_the_lockless_stocks_and_is_checked(arena, tree):
+    root, mid, x = tree
+    y = arena.new_counter("y", parent=mid)
+    with pytest.raises(TypeError, match="cap must be a bool, got 1"):
+        y.enable_stock(64, lockless=True, cap=1)
+    with pytest.raises(ValueError, match="cap is the lockless stock's"):
+        y.enable_stock(64, cap=True)
+    assert not y.has_stock
+    assert x.enable_stock(64, lockless=True, cap=True)
+    assert arena._slots.load(x._c + PC_FLAGS) == PC_FLAG_LOCKLESS | PC_FLAG_CAP
 
 
 def test_a_cpu_and_the_drainer_of_its_deposit_both_dead_are_decided_together(

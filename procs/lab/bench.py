@@ -13,8 +13,10 @@ real processes, every design side by side in one run.
 
 Designs: "legacy" (the old 7-slot memcg_stock_pcp), "fixed" (per-counter stock,
 the series with the U0/v4 order), "no-stock" (fixed with batch 0: every charge
-walks) and "mp-value" (the peer: one multiprocessing.Value with its lock per
-cgroup, no hierarchy; procs/lab/peer.py). Each design has its own arena and Machine
+walks), "mp-value" (the peer: one multiprocessing.Value with its lock per
+cgroup, no hierarchy; procs/lab/peer.py), "v4" (the series' v4: the lockless
+stock, drained remotely by the caller, no message) and "v4-cap" (v4 with the E14
+cap, stock_cap=True). Each design has its own arena and Machine
 of max(cpus) CPU processes, all alive for the whole run; a 1-CPU cell uses CPU 0.
 
 Measured per cell and trial: wall time (first start to last end over the CPUs),
@@ -54,6 +56,8 @@ DESIGNS: dict[str, dict[str, Any] | None] = {
     "fixed": {"variant": "fixed"},
     "no-stock": {"variant": "fixed", "batch": 0},
     "mp-value": None,
+    "v4": {"variant": "v4"},
+    "v4-cap": {"variant": "v4", "stock_cap": True},
 }
 BASELINE = "legacy"
 # How far ahead of now a cell's start time is set: long enough for every CPU to

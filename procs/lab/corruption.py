@@ -84,6 +84,7 @@ from shmcounter.memcg.section import (
     M_MEMSW,
     M_ROOT,
     M_STATE,
+    M_STOCK_CAP,
     M_VARIANT,
 )
 from shmcounter.segment import (
@@ -135,7 +136,7 @@ CGROUPS = ("g1", "g2", "g3")
 INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
 
 _COUNTER_FIELDS = {getattr(segment, n): n[3:].lower() for n in dir(segment)
-                   if n.startswith("PC_") and n not in ("PC_WORDS", "PC_FLAG_UNCHARGE_TO_STOCK")}
+                   if n.startswith("PC_") and n != "PC_WORDS" and not n.startswith("PC_FLAG_")}
 _ROW_FIELDS = {R_PID: "pid", R_DONE_SEQ: "done_seq", R_STOCK_BLOCK: "stock_block",
                R_START: "start", R_WALKS: "walks", R_REQ_SEQ: "req_seq", R_IN_OP: "in_op",
                R_OP: "op", R_COUNTER: "counter", R_STOCK_SLOT: "stock_slot",
@@ -149,7 +150,7 @@ _HEADER_FIELDS = {0: "magic", 1: "version", 2: "ncpus", 3: "max_counters",
                   H_STOP: "stop"}
 _MEMCG_FIELDS = {M_STATE: "state", M_VARIANT: "variant", M_MEMSW: "memsw",
                  M_EVICTION: "eviction", M_BATCH: "batch", M_ROOT: "root",
-                 M_FIRST_CHILD_DRAIN: "first_child_drain"}
+                 M_FIRST_CHILD_DRAIN: "first_child_drain", M_STOCK_CAP: "stock_cap"}
 _CGROUP_FIELDS = {CG_STATE: "state", CG_MEMSW: "memsw", CG_EVENTS_MAX: "events_max",
                   CG_EVENTS_MAX_LOCAL: "events_max_local"}
 _MC_FIELDS = {MC_FLUSHING: "flushing", MC_LOCK: "lock", MC_DRAIN_IDX: "drain_idx",

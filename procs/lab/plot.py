@@ -14,7 +14,7 @@ from .bench import measured
 
 # One colour per design, the same in every panel.
 COLOURS = {"legacy": "tab:red", "fixed": "tab:blue", "no-stock": "tab:gray",
-           "mp-value": "tab:green"}
+           "mp-value": "tab:green", "v4": "tab:purple", "v4-cap": "tab:orange"}
 
 
 def plot(results: dict[str, Any], path: str | Path) -> None:

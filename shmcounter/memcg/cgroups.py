@@ -52,6 +52,7 @@ from .section import (
     M_MEMSW,
     M_ROOT,
     M_STATE,
+    M_STOCK_CAP,
     M_VARIANT,
 )
 from .variants import DESIGNS, Design, PerCounter, check_options
@@ -67,25 +68,29 @@ class Cgroups:
     """The cgroup tree of an arena: create it, or open the one it holds.
 
     Cgroups(arena, memsw=False, variant="fixed", eviction="round-robin",
-    batch=64, first_child_drain=False) sets up a new tree; in a process where the
-    arena holds one already, Cgroups(arena) opens it, and any argument given must
-    match it (ValueError otherwise).
+    batch=64, first_child_drain=False, stock_cap=False) sets up a new tree; in a
+    process where the arena holds one already, Cgroups(arena) opens it, and any
+    argument given must match it (ValueError otherwise).
       memsw              cgroup v1 memory+swap accounting: a second counter tree
-      variant            "fixed", "v2", "rfc" or "legacy" (variants.py)
+      variant            "fixed", "v2", "rfc", "legacy" or "v4" (variants.py)
       eviction           legacy only: "round-robin" (mm tree 2026) or "random"
       batch              css_online's enable_stock batch; 0: no stock at all
       first_child_drain  v2's V6: creating a non-root parent's first child drains
                          the parent's subtree on every CPU (not with legacy)
+      stock_cap          v4 only: the E14 cap (a deposit that would leave more
+                         than batch pages in a CPU's stock drains it instead)
     """
 
     def __init__(self, arena: Arena, memsw: bool | None = None, *,
                  variant: str | None = None, eviction: str | None = None,
-                 batch: int | None = None, first_child_drain: bool | None = None) -> None:
+                 batch: int | None = None, first_child_drain: bool | None = None,
+                 stock_cap: bool | None = None) -> None:
         if not isinstance(arena, Arena):
             raise TypeError(f"arena must be an Arena, got {type(arena).__name__}")
         arena._check_open()
         asked = {"memsw": memsw, "variant": variant, "eviction": eviction,
-                 "batch": batch, "first_child_drain": first_child_drain}
+                 "batch": batch, "first_child_drain": first_child_drain,
+                 "stock_cap": stock_cap}
         check_options(asked)
         self._arena = arena
         self._handles: dict[int, MemCgroup] = {}
@@ -122,7 +127,8 @@ class Cgroups:
                 "eviction": decode(self._arena, "memcg eviction", int(h[M_EVICTION]),
                                    EVICTIONS),
                 "batch": int(h[M_BATCH]),
-                "first_child_drain": bool(h[M_FIRST_CHILD_DRAIN])}
+                "first_child_drain": bool(h[M_FIRST_CHILD_DRAIN]),
+                "stock_cap": bool(h[M_STOCK_CAP])}
 
     def _set_up(self, asked: dict[str, Any]) -> None:
         """Create the tree and its root cgroup, once per arena: the first process
@@ -155,6 +161,7 @@ class Cgroups:
         h[M_EVICTION] = EVICTIONS.index(asked["eviction"] or "round-robin")
         h[M_BATCH] = DEFAULT_BATCH if asked["batch"] is None else asked["batch"]
         h[M_FIRST_CHILD_DRAIN] = bool(asked["first_child_drain"])
+        h[M_STOCK_CAP] = bool(asked["stock_cap"])
         h[M_VARIANT] = 1 + list(DESIGNS).index(variant)
         try:
             root = arena.counter(ROOT)
@@ -327,8 +334,9 @@ class Cgroups:
         """drain_all_stock(g): return the stock of g's subtree on every online CPU.
         Single drainer: if another drain_all_stock runs (any process), return
         False at once. Per-counter designs drain synchronously (one work message
-        per CPU; rfc: one per counter and CPU); legacy flags the CPUs and returns
-        without waiting (wait_flushed waits)."""
+        per CPU; rfc: one per counter and CPU; v4: none, the caller takes every
+        CPU's word itself); legacy flags the CPUs and returns without waiting
+        (wait_flushed waits)."""
         if not isinstance(g, MemCgroup) or g._tree._arena.name != self._arena.name:
             raise TypeError(f"expected a MemCgroup of this tree, got {g!r}")
         return self._design.drain_all_stock(self, g)

@@ -6,7 +6,7 @@ part on its own lines:
 
   header     MEMCG_HEADER_WORDS: state (0 none, the pid setting the tree up, -1
              ready), variant (1 + the design's index in variants.DESIGNS; 0 no tree yet), memsw,
-             eviction, batch, root, first-child drain
+             eviction, batch, root, first-child drain, stock cap (v4's E14 cap)
   cgroups    max_counters records of CG_WORDS, indexed by the cgroup's memory
              counter: state, memsw counter, events.max (hierarchical), events.max
              local (cgroups.py)
@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     from ..segment import Segment
 
 MEMCG_HEADER_WORDS = 8
-M_STATE, M_VARIANT, M_MEMSW, M_EVICTION, M_BATCH, M_ROOT, M_FIRST_CHILD_DRAIN = range(7)
+(M_STATE, M_VARIANT, M_MEMSW, M_EVICTION, M_BATCH, M_ROOT, M_FIRST_CHILD_DRAIN,
+ M_STOCK_CAP) = range(8)
 CG_WORDS = 8
 # The legacy design's eviction orders (header word M_EVICTION: an index here).
 EVICTIONS = ("round-robin", "random")

@@ -21,7 +21,8 @@ def format_cgroups(cg: Cgroups) -> str:
                      str(stat["memory.max"]), str(stat["memory.peak"]),
                      str(g.events["max"]), *(str(n) for n in stat["stock"])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = [f"cgroups: design {cg.variant}, memsw {'on' if cg.memsw else 'off'}, "
+    cap = " with the stock cap (E14)" if cg.options["stock_cap"] else ""
+    lines = [f"cgroups: design {cg.variant}{cap}, memsw {'on' if cg.memsw else 'off'}, "
              f"batch {cg.batch}; {cg.stats()}"]
     for r in rows:
         lines.append("  ".join(v.ljust(w) if i < 2 else v.rjust(w)

@@ -11,6 +11,7 @@ cgroup's death returns it (docs/stock-design.md §Disable and free, §2 E4-E6, �
             the stocks without zeroing them; free drops the stocks undrained.
             Race E4.
     legacy  the old memcg_stock_pcp, 7 slots per CPU (legacy_design.py).
+    v4      the series' v4, the lockless stock (v4_design.py).
 
 A design is one object: it owns what css_online, css_offline and css_free do
 with a cgroup's counters, one charge attempt of try_charge_memcg, drain_all_stock,
@@ -43,6 +44,7 @@ class Design:
 
     name: str
     cgroup_class: type[MemCgroup] = MemCgroup
+    has_stock_cap = False                  # runs with the tree option stock_cap
 
     def check_options(self, asked: dict[str, Any]) -> None:
         """ValueError for tree options this design cannot run with."""
@@ -155,12 +157,17 @@ def check_options(asked: dict[str, Any]) -> None:
         "eviction": lambda v: v in EVICTIONS,
         "batch": lambda v: type(v) is int and 0 <= v < BATCH_LIMIT,
         "first_child_drain": lambda v: isinstance(v, bool),
+        "stock_cap": lambda v: isinstance(v, bool),
     }
     for key, ok in checks.items():
         value = asked[key]
         if value is not None and not ok(value):
             raise ValueError(f"bad {key}: {value!r}")
-    DESIGNS[str(asked["variant"] or "fixed")].check_options(asked)
+    design = DESIGNS[str(asked["variant"] or "fixed")]
+    if asked["stock_cap"] and not design.has_stock_cap:
+        raise ValueError(f"stock_cap is v4's (the E14 cap of its lockless stock); "
+                         f"the {design.name} design has none")
+    design.check_options(asked)
 
 
 for _design in (PerCounter(), V2(), RFC()):
