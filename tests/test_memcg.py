@@ -117,6 +117,25 @@ def test_v4_drain_all_stock_takes_a_stopped_cpus_stock_without_a_message(arena, 
     g.uncharge(2)
 
 
+def test_v4_drain_all_stock_sees_a_cgroup_created_by_another_process_since_the_last(
+        arena, machine):
+    """The v4 drain keeps g's subtree counters until a counter is published: a
+    child created since by CPU 1 is drained too. g and g/c each hold 63 on CPU 0."""
+    cg = Cgroups(arena, variant="v4")
+    g = cg.create("g")
+    assert machine.run_on(0, t.charge, arena, "g") == [True]
+    assert cg.drain_all_stock(g) and (g.memory.usage, g.stock(0)) == (1, 0)
+    machine.run_on(1, t.create, arena, [("c", "g")])
+    assert machine.run_on(0, t.charge_each, arena, ["g", "c"]) == 2
+    c = cg.cgroup("c")
+    assert (g.memory.usage, g.stock(0), c.memory.usage, c.stock(0)) == (129, 63, 64, 63)
+    assert cg.drain_all_stock(g)
+    assert (g.memory.usage, g.stock(0), c.memory.usage, c.stock(0)) == (3, 0, 1, 0)
+    check_invariants(arena, {"g": 2, "c": 1})
+    c.uncharge(1)
+    g.uncharge(2)
+
+
 @pytest.mark.parametrize("stock_cap, stock, usage, walks", [
     # both threads charge 64 and deposit 63: the word holds 126 > batch (E14)
     (False, 126, 128, 2),

@@ -95,6 +95,8 @@ class Cgroups:
         self._arena = arena
         self._handles: dict[int, MemCgroup] = {}
         self._owner: dict[int, int] = {}           # counter index -> cgroup index
+        # cgroup index -> (published counters then, its subtree's counters)
+        self._subtree_cache: dict[int, tuple[int, tuple[PageCounter, ...]]] = {}
         if int(arena._memcg.header[M_STATE]) != READY:
             self._set_up(asked)
         stored = self.options
@@ -270,6 +272,17 @@ class Cgroups:
     def _stocked(self, g: MemCgroup) -> list[PageCounter]:
         return [c for m in self._subtree(g) for c in m.counters if c.has_stock]
 
+    def _subtree_counters(self, g: MemCgroup) -> tuple[PageCounter, ...]:
+        """The counters of g's subtree (memory and memsw), stock or not: _subtree's,
+        kept until a counter is published in the arena (by any process), so that
+        a drain of an unchanged tree allocates nothing to find them."""
+        published = self._arena._published()
+        cached = self._subtree_cache.get(g._index)
+        if cached is None or cached[0] != published:
+            cached = (published, tuple(c for m in self._subtree(g) for c in m.counters))
+            self._subtree_cache[g._index] = cached
+        return cached[1]
+
     # ---- try_charge_memcg ---------------------------------------------------------
 
     def _try_charge(self, g: MemCgroup, nr_pages: int,
@@ -337,7 +350,8 @@ class Cgroups:
         per CPU; rfc: one per counter and CPU; v4: none, the caller takes every
         CPU's word itself); legacy flags the CPUs and returns without waiting
         (wait_flushed waits)."""
-        if not isinstance(g, MemCgroup) or g._tree._arena.name != self._arena.name:
+        if not isinstance(g, MemCgroup) or (g._tree._arena is not self._arena
+                                            and g._tree._arena.name != self._arena.name):
             raise TypeError(f"expected a MemCgroup of this tree, got {g!r}")
         return self._design.drain_all_stock(self, g)
 

@@ -14,13 +14,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from ..drain import drain_lock
+from .. import hooks
+from ..drain import drain_lock, single_drainer
 from .section import M_STOCK_CAP
 from .variants import PerCounter, register_design
 
 if TYPE_CHECKING:
     from ..arena import Arena
     from ..page_counter import PageCounter
+    from .cgroup import MemCgroup
+    from .cgroups import Cgroups
 
 
 class V4(PerCounter):
@@ -35,6 +38,20 @@ class V4(PerCounter):
         if batch:
             cap = bool(counter._arena._memcg.header[M_STOCK_CAP])
             counter.enable_stock(batch, lockless=True, cap=cap)
+
+    def drain_all_stock(self, tree: Cgroups, g: MemCgroup) -> bool:
+        """drain_all_stock(g): the single-drainer trylock (the drain lock itself),
+        then every CPU's word of each counter of g's subtree, one C call per
+        counter (a counter without stock: nothing to take). The subtree's counters
+        come from a cache kept until a counter is published: a drain allocates
+        next to nothing, which keeps its tail short (README, "Drains")."""
+        with single_drainer(tree._arena) as got:
+            if got:
+                if hooks.ARMED:
+                    hooks.at("drain_all:locked")
+                for counter in tree._subtree_counters(g):
+                    counter._drain_lockless()
+        return got
 
     def drain_all(self, arena: Arena, counters: Sequence[PageCounter]) -> None:
         """The draining part of drain_all_stock, the single-drainer lock held
