@@ -38,7 +38,6 @@
 /* What the try_charge of a handle did, or that Python must do it. */
 enum { TC_OK = -1, TC_FALLBACK = -2, TC_ERROR = -3 };   /* >= 0: the refusing level */
 
-#define NR_LIMIT (1LL << 62)
 
 static inline atomic_state *
 counter_state(CounterObject *co)
@@ -60,22 +59,7 @@ nr_arg(const char *op, PyObject *const *args, Py_ssize_t nargs, PyObject *kwname
         PyErr_Format(PyExc_TypeError, "%s() takes exactly one argument, n", op);
         return -1;
     }
-    PyObject *n = args[0];
-    if (PyLong_CheckExact(n)) {
-        int overflow;
-        long long v = PyLong_AsLongLongAndOverflow(n, &overflow);
-        if (!overflow && v >= 0 && v < NR_LIMIT) {
-            *out = v;
-            return 0;
-        }
-    }
-    PyObject *tname = PyType_GetName(Py_TYPE(n));
-    if (tname) {
-        PyErr_Format(PyLong_CheckExact(n) ? PyExc_ValueError : PyExc_TypeError,
-                     "n must be an int in [0, 2**62), got %R (%U)", n, tname);
-        Py_DECREF(tname);
-    }
-    return -1;
+    return check_nr(args[0], out);
 }
 
 /* A bound handle, its Slots not released; else the error, and NULL. */
@@ -106,26 +90,6 @@ level_handle(CounterObject *co, int level)
 {
     PyObject *h = level == 0 ? (PyObject *)co : PyTuple_GET_ITEM(co->parents, level - 1);
     return Py_NewRef(h);
-}
-
-/*
- * This process's writer row, if an op of it can begin here: NULL when Python must
- * take over (no row yet, or an op of another thread of ours in progress).
- */
-static inline int64_t *
-writer_row(SlotsObject *s)
-{
-    if (s->row < 0)
-        return NULL;
-    int64_t *r = s->words + s->row;
-    return LOAD(&r[R_OP]) ? NULL : r;
-}
-
-/* The stop word for op_enter (NULL: a bare buffer, no handshake). */
-static inline int64_t *
-stop_word(SlotsObject *s)
-{
-    return s->stop >= 0 ? s->words + s->stop : NULL;
 }
 
 /*
@@ -191,7 +155,7 @@ charge_slow(CounterObject *co, SlotsObject *s, int64_t slot, int64_t nr)
         return TC_FALLBACK;
     int64_t batch = stock ? LOAD(&cr[PC_BATCH]) : 0;       /* READ_ONCE(batch) */
     int64_t charge = batch > nr ? batch : nr;
-    if (!op_enter(r, stop_word(s)))
+    if (!op_enter_arena(s, r))
         return TC_FALLBACK;
     op_intent(s, r, co, slot, stock);
     int status, level[MAX_DEPTH];
@@ -284,7 +248,7 @@ Counter_charge(CounterObject *co, PyObject *const *args, Py_ssize_t nargs,
     SlotsObject *s;
     if (nr_arg("charge", args, nargs, kwnames, &nr) < 0 || !(s = bound(co)))
         return NULL;
-    if (counter_state(co)->hooks_armed || !(r = writer_row(s)) || !op_enter(r, stop_word(s)))
+    if (counter_state(co)->hooks_armed || !(r = writer_row(s)) || !op_enter_arena(s, r))
         return python_op(co, "_charge_stepwise", nr);
     op_intent(s, r, co, -1, NULL);
     int status, fail = path_charge(s, co, nr, 0, &status);
@@ -329,7 +293,7 @@ Counter_uncharge(CounterObject *co, PyObject *const *args, Py_ssize_t nargs,
             return NULL;
     }
     int64_t *stock = slot >= 0 ? s->words + slot : NULL;
-    if (!op_enter(r, stop_word(s)))
+    if (!op_enter_arena(s, r))
         return python_op(co, "_uncharge_stepwise", nr);
     op_intent(s, r, co, slot, stock);
     int64_t excess = nr;
@@ -362,7 +326,7 @@ Counter_cancel(CounterObject *co, PyObject *const *args, Py_ssize_t nargs,
     SlotsObject *s;
     if (nr_arg("cancel", args, nargs, kwnames, &nr) < 0 || !(s = bound(co)))
         return NULL;
-    if (counter_state(co)->hooks_armed || !(r = writer_row(s)) || !op_enter(r, stop_word(s)))
+    if (counter_state(co)->hooks_armed || !(r = writer_row(s)) || !op_enter_arena(s, r))
         return python_op(co, "_cancel_stepwise", nr);
     op_intent(s, r, co, -1, NULL);
     op_forward(r, -nr, 1, 0);
@@ -415,7 +379,7 @@ Counter__drain_v4(CounterObject *co, PyObject *const *args, Py_ssize_t nargs)
         int64_t *stock = s->words + slot, *r;
         if (v4_pages(LOAD(&stock[STOCK_NR])) == 0)
             continue;
-        if (!(r = writer_row(s)) || !op_enter(r, stop_word(s)))
+        if (!(r = writer_row(s)) || !op_enter_arena(s, r))
             break;
         op_intent(s, r, co, slot, stock);
         int64_t nr = v4_drain_take(r, stock, co->depth);

@@ -228,6 +228,55 @@ op_leave(int64_t *r)
     STORE_REL(&r[R_IN_OP], 0);
 }
 
+/*
+ * This process's writer row (Slots.set_writer), if an op of it can begin here:
+ * NULL when Python must take over (no row yet, or an op of another thread of ours
+ * in progress: it holds the op lock of writer.py, between two of its steps).
+ */
+static inline int64_t *
+writer_row(SlotsObject *s)
+{
+    if (s->row < 0)
+        return NULL;
+    int64_t *r = s->words + s->row;
+    return LOAD(&r[R_OP]) ? NULL : r;
+}
+
+/* op_enter with the arena's stop word (a bare buffer has none: no handshake). */
+static inline int
+op_enter_arena(SlotsObject *s, int64_t *r)
+{
+    return op_enter(r, s->stop >= 0 ? s->words + s->stop : NULL);
+}
+
+/* The exclusive bound on any page amount passed in (the public API contract). */
+#define NR_LIMIT (1LL << 62)
+
+/*
+ * The n of an op, checked exactly as page_counter.check_nr does: an int (not a
+ * bool, not an int subclass) in [0, 2**62). 0, or -1 with its TypeError or
+ * ValueError.
+ */
+static inline int
+check_nr(PyObject *n, int64_t *out)
+{
+    if (PyLong_CheckExact(n)) {
+        int overflow;
+        long long v = PyLong_AsLongLongAndOverflow(n, &overflow);
+        if (!overflow && v >= 0 && v < NR_LIMIT) {
+            *out = v;
+            return 0;
+        }
+    }
+    PyObject *tname = PyType_GetName(Py_TYPE(n));
+    if (tname) {
+        PyErr_Format(PyLong_CheckExact(n) ? PyExc_ValueError : PyExc_TypeError,
+                     "n must be an int in [0, 2**62), got %R (%U)", n, tname);
+        Py_DECREF(tname);
+    }
+    return -1;
+}
+
 /* One more walk up the hierarchy (a statistic of the row, written by its owner). */
 static inline void
 count_walk(int64_t *r)

@@ -352,7 +352,6 @@ typedef struct {
 /* What an attempt of try_charge did, or that Python must do it. */
 enum { TC_OK = -1, TC_FALLBACK = -2, TC_ERROR = -3 };   /* >= 0: the refusing level */
 
-#define NR_LIMIT (1LL << 62)
 
 /*
  * The arguments of an op: n (positional or n=), checked exactly as
@@ -381,46 +380,16 @@ op_args(const char *op, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnam
                                            : "%s() takes exactly one argument, n", op);
         return -1;
     }
-    if (PyLong_CheckExact(n)) {
-        int overflow;
-        long long v = PyLong_AsLongLongAndOverflow(n, &overflow);
-        if (!overflow && v >= 0 && v < NR_LIMIT) {
-            *out = v;
-            *n_obj = n;
-            if (kmem && k && !PyBool_Check(k)) {
-                PyErr_Format(PyExc_TypeError, "kmem must be a bool, got %R", k);
-                return -1;
-            }
-            if (kmem)
-                *kmem = k == Py_True;
-            return 0;
-        }
+    if (check_nr(n, out) < 0)
+        return -1;
+    *n_obj = n;
+    if (kmem && k && !PyBool_Check(k)) {
+        PyErr_Format(PyExc_TypeError, "kmem must be a bool, got %R", k);
+        return -1;
     }
-    PyObject *tname = PyType_GetName(Py_TYPE(n));
-    if (tname) {
-        PyErr_Format(PyLong_CheckExact(n) ? PyExc_ValueError : PyExc_TypeError,
-                     "n must be an int in [0, 2**62), got %R (%U)", n, tname);
-        Py_DECREF(tname);
-    }
-    return -1;
-}
-
-/* This process's writer row, if an op of it can begin here: NULL when Python must
- * take over (no row yet, or an op of another thread of ours in progress). */
-static inline int64_t *
-writer_row(SlotsObject *s)
-{
-    if (s->row < 0)
-        return NULL;
-    int64_t *r = s->words + s->row;
-    return LOAD(&r[R_OP]) ? NULL : r;
-}
-
-/* Enter the quiesce section of row r (op_enter, with the arena's stop word). */
-static inline int
-enter(SlotsObject *s, int64_t *r)
-{
-    return op_enter(r, s->stop >= 0 ? s->words + s->stop : NULL);
+    if (kmem)
+        *kmem = k == Py_True;
+    return 0;
 }
 
 /*
@@ -569,7 +538,7 @@ uncharge_evicted(OpsObject *o, SlotsObject *s, int64_t slot)
     if (tag == 0)
         return 0;
     CounterObject *victim = victim_handle(o, s, tag);
-    if (!victim || !(r = writer_row(s)) || !enter(s, r)) {
+    if (!victim || !(r = writer_row(s)) || !op_enter_arena(s, r)) {
         PyObject *res = PyObject_CallFunction(o->evicted, "L", (long long)slot);
         Py_XDECREF(res);
         return res ? 0 : -1;
@@ -622,7 +591,7 @@ charge_attempt(OpsObject *o, SlotsObject *s, int64_t nr)
     if (block >= 0
         && consume_slots(w + s->row, w + block, co->index + 1, nr, s->owner) == CONSUME_HIT)
         return TC_OK;                   /* a freed cgroup is in no slot: never here */
-    if (LOAD(&w[o->guard]) == o->bad || !(r = writer_row(s)) || !enter(s, r))
+    if (LOAD(&w[o->guard]) == o->bad || !(r = writer_row(s)) || !op_enter_arena(s, r))
         return TC_FALLBACK;
     int64_t charge = block >= 0 && nr < MEMCG_CHARGE_BATCH ? MEMCG_CHARGE_BATCH : nr;
     op_intent(s, r, co, -1, NULL);
@@ -693,7 +662,7 @@ Ops_uncharge(OpsObject *o, PyObject *const *args, Py_ssize_t nargs, PyObject *kw
         return PyObject_VectorcallMethod(o->st->uncharge_name, call,
                                          2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
     }
-    if (o->ast->hooks_armed || !(r = writer_row(s)) || !enter(s, r))
+    if (o->ast->hooks_armed || !(r = writer_row(s)) || !op_enter_arena(s, r))
         return PyObject_CallFunctionObjArgs(o->stepwise, n, Py_True, NULL);
     cancelled c;
     c.counter = NULL;
