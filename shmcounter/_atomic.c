@@ -798,11 +798,8 @@ Slots_op_begin(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
         if (!(stock = word(self, stock_slot, STOCK_WORDS)))
             return NULL;
     }
-    STORE(&r[R_IN_OP], 1);
-    if (stop && LOAD(stop) != 0) {
-        STORE(&r[R_IN_OP], 0);
+    if (!op_enter(r, stop))
         Py_RETURN_FALSE;
-    }
     /* One walk: the snapshot is scratch until op = 1, so a bad parent found on the
      * way leaves no op behind. */
     int depth = 0;
@@ -828,14 +825,7 @@ Slots_op_begin(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
         STORE(&r[R_BASE + depth], LOAD(k));
         i = p;
     }
-    STORE(&r[R_COUNTER], index);
-    STORE(&r[R_DEPTH], depth);
-    STORE(&r[R_STOCK_SLOT], stock_slot);
-    int64_t before = stock ? LOAD(&stock[STOCK_NR]) : 0;
-    STORE(&r[R_STOCK_BEFORE], before);
-    STORE(&r[R_STOCK_AFTER], before);           /* a lockless slot: no CAS intended */
-    STORE(&r[R_FWD_LEVELS], 0);
-    STORE(&r[R_OP], 1);
+    op_seal(r, index, depth, stock_slot, stock);
     Py_RETURN_TRUE;
 }
 

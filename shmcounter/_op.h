@@ -182,6 +182,25 @@ op_enter(int64_t *r, int64_t *stop)
 }
 
 /*
+ * The rest of an intent record of row r, once R_BASE holds the contrib of each of
+ * the `depth` levels from counter `index` (op_intent; Slots.op_begin, which walks
+ * the parent words): the counter, the depth, the stock word and its value, no
+ * forward plan, then op = 1 last.
+ */
+static inline void
+op_seal(int64_t *r, int64_t index, int64_t depth, int64_t stock_slot, int64_t *stock)
+{
+    STORE_REL(&r[R_COUNTER], index);
+    STORE_REL(&r[R_DEPTH], depth);
+    STORE_REL(&r[R_STOCK_SLOT], stock_slot);
+    int64_t before = stock ? LOAD(&stock[STOCK_NR]) : 0;
+    STORE_REL(&r[R_STOCK_BEFORE], before);
+    STORE_REL(&r[R_STOCK_AFTER], before);       /* a lockless slot: no CAS intended */
+    STORE_REL(&r[R_FWD_LEVELS], 0);
+    STORE_REL(&r[R_OP], 1);
+}
+
+/*
  * The intent record of an op of row r on the handle's path, which may change
  * stock word `stock_slot` (-1: none; stock: its pointer): contrib of every level,
  * the counter, the depth, the stock word and its value, then op = 1 last. From
@@ -194,14 +213,7 @@ op_intent(SlotsObject *s, int64_t *r, CounterObject *co, int64_t stock_slot,
     int64_t *contrib = s->words + s->contrib;
     for (int64_t level = 0; level < co->depth; level++)
         STORE_REL(&r[R_BASE + level], LOAD(&contrib[co->idx[level]]));
-    STORE_REL(&r[R_COUNTER], co->index);
-    STORE_REL(&r[R_DEPTH], co->depth);
-    STORE_REL(&r[R_STOCK_SLOT], stock_slot);
-    int64_t before = stock ? LOAD(&stock[STOCK_NR]) : 0;
-    STORE_REL(&r[R_STOCK_BEFORE], before);
-    STORE_REL(&r[R_STOCK_AFTER], before);       /* a lockless slot: no CAS intended */
-    STORE_REL(&r[R_FWD_LEVELS], 0);
-    STORE_REL(&r[R_OP], 1);
+    op_seal(r, co->index, co->depth, stock_slot, stock);
 }
 
 /*
