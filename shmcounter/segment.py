@@ -105,7 +105,7 @@ import numpy as np
 from . import pidlock
 from ._atomic import Slots
 from .errors import ArenaCorrupt, ArenaError
-from .proc import my_start_time, pid_alive, proc_stat
+from .proc import my_start_time, pid_alive, proc_stat, running
 from .wait import check_timeout
 
 if TYPE_CHECKING:
@@ -407,7 +407,7 @@ def _dead_arena(name: str, pid: int) -> tuple[int, int] | None:
     which the sweep leaves alone: a live creator, another uid's file, a FIFO,
     device, socket, directory or symlink, an unreadable or foreign header."""
     stat = proc_stat(pid)
-    start = None if stat is None or stat[0] in (b"Z", b"X") else stat[1]
+    start = stat[1] if running(stat) else None
     try:
         fd, st = _open_segment(name, os.O_RDONLY)
     except ArenaError:

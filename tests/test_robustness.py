@@ -3,6 +3,7 @@ overlapping underflows, views kept after close, a charge racing set_max."""
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import threading
 import warnings
 
@@ -11,6 +12,7 @@ import pytest
 import shmcounter
 from shmcounter import Arena, Busy, hooks
 from shmcounter.invariants import check_invariants
+from shmcounter.proc import PF_EXITING, pid_alive, proc_stat, running
 
 
 def raise_at(point: str) -> None:
@@ -149,3 +151,14 @@ def test_protection_through_two_handles_of_one_arena(arena):
     finally:
         other.close()
     child.uncharge(1)
+
+
+def test_a_process_in_its_exit_is_no_longer_alive():
+    """A SIGKILLed process can spend seconds in state D inside exit_mmap before it
+    becomes a zombie; its task flags say PF_EXITING from the start of its exit,
+    and it runs no user code again: a lock it holds is taken over at once."""
+    me = proc_stat(os.getpid())
+    assert me is not None and running(me) and pid_alive(os.getpid())
+    assert [running((state, me[1], flags)) for state, flags in [
+        (b"R", 0), (b"D", 0), (b"D", PF_EXITING), (b"Z", 0), (b"X", 0)]] == [
+        True, True, False, False, False]
