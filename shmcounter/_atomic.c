@@ -1258,8 +1258,18 @@ PyDoc_STRVAR(mod_cas_doc,
 "Compare and swap the slot at byte `offset` (strong, seq_cst); return the previous\n"
 "value: the swap happened iff it equals expected.");
 
-/* The Counter and ChargeOr types (_counter.c). */
+/* The Counter and ChargeOr types, and drain_all_v4 (_counter.c). */
 extern PyType_Spec Counter_spec, ChargeOr_spec;
+extern PyObject *drain_all_v4(PyObject *m, PyObject *const *args, Py_ssize_t nargs);
+
+PyDoc_STRVAR(drain_all_v4_doc,
+"drain_all_v4(counters, lock, /)\n--\n\n"
+"A lockless drain_all_stock in one call: take lock word `lock` (the drain lock)\n"
+"for this process (the pid of its writer row) if it is free, take every CPU's\n"
+"word of each Counter of the tuple `counters` in ops of the row, let go. Returns\n"
+"the pages taken; -1: the lock was not free, nothing done; -2: Python must take\n"
+"over (no writer row yet, a hook armed, a stop_machine...): the words drained\n"
+"so far stay drained, the lock is let go.");
 
 PyDoc_STRVAR(set_hooks_armed_doc,
 "set_hooks_armed(armed, /)\n--\n\n"
@@ -1278,6 +1288,8 @@ mod_set_hooks_armed(PyObject *m, PyObject *armed)
 
 static PyMethodDef module_methods[] = {
     {"set_hooks_armed", mod_set_hooks_armed, METH_O, set_hooks_armed_doc},
+    {"drain_all_v4", (PyCFunction)(void (*)(void))drain_all_v4, METH_FASTCALL,
+     drain_all_v4_doc},
     {"load", mod_load, METH_VARARGS, mod_load_doc},
     {"store", mod_store, METH_VARARGS, mod_store_doc},
     {"fetch_add", mod_fetch_add, METH_VARARGS, mod_fetch_add_doc},

@@ -345,13 +345,56 @@ PyDoc_STRVAR(drain_v4_doc,
 "then the uncharge walk). Returns (pages, next): the pages taken, and the CPU\n"
 "where Python must take over (PageCounterStock._drain_remote), or end.");
 
+/* An uncharge walk of nr pages that took levels below 0, to report (_underflow). */
+typedef struct {
+    int under, level[MAX_DEPTH];
+    int64_t new[MAX_DEPTH], nr;
+} underflow_t;
+
 /*
- * _drain_v4(first, end): what stock.py's _drain_remote does in Python steps, one
- * C call for a range of CPUs. It stops, returning the CPU it did not drain, where
- * the other ops hand over to Python: a hook armed, no writer row yet, an op of
- * another thread of ours in progress, a stop_machine holding the stop word; or a
- * stock id or flags word that Python must report. No stock: (0, end).
+ * The remote drains of counter co's lockless words of CPUs first to end - 1, the
+ * caller holding the drain lock: for each word that holds pages, one op of this
+ * process's writer row (intent, CAS, last, forward mark: v4_drain_take; then the
+ * uncharge walk). Adds the pages taken to *taken. Returns the CPU where it
+ * stopped: end; the CPU after a drain whose walk went below 0 (u->under > 0, for
+ * the caller to report, outside any lock); or the CPU where Python must take over
+ * (a hook armed, no writer row yet, an op of another thread of ours in progress,
+ * a stop_machine holding the stop word, or a stock id or flags word that Python
+ * must report). Calls no Python code.
  */
+static int64_t
+drain_v4_words(CounterObject *co, SlotsObject *s, int64_t first, int64_t end,
+               int64_t *taken, underflow_t *u)
+{
+    int64_t *cr = s->words + co->rec[0], sid = LOAD(&cr[PC_STOCK_ID]), cpu;
+    u->under = 0;
+    if (sid == -1)
+        return end;                                     /* no stock: nothing to take */
+    if (sid < 0 || sid >= s->max_stocked || !(LOAD(&cr[PC_FLAGS]) & PC_FLAG_LOCKLESS)
+        || counter_state(co)->hooks_armed)
+        return first;
+    for (cpu = first; cpu < end; cpu++) {
+        int64_t slot = s->stocks + cpu * s->stock_block + sid * STOCK_WORDS;
+        int64_t *stock = s->words + slot, *r;
+        if (v4_pages(LOAD(&stock[STOCK_NR])) == 0)
+            continue;
+        if (!(r = writer_row(s)) || !op_enter_arena(s, r))
+            break;
+        op_intent(s, r, co, slot, stock);
+        int64_t nr = v4_drain_take(r, stock, co->depth);
+        u->under = path_cancel(s, co, nr, co->depth, u->level, u->new);
+        op_leave(r);
+        *taken += nr;
+        if (u->under) {
+            u->nr = nr;
+            return cpu + 1;
+        }
+    }
+    return cpu;
+}
+
+/* _drain_v4(first, end): what stock.py's _drain_remote does in Python steps, one
+ * C call for a range of CPUs (drain_v4_words, reporting each underflow). */
 static PyObject *
 Counter__drain_v4(CounterObject *co, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -369,33 +412,87 @@ Counter__drain_v4(CounterObject *co, PyObject *const *args, Py_ssize_t nargs)
                         "ncpus, two ints");
         return NULL;
     }
-    int64_t *cr = s->words + co->rec[0], sid = LOAD(&cr[PC_STOCK_ID]), taken = 0, cpu;
-    if (sid == -1)
-        return Py_BuildValue("LL", 0LL, a[1]);
-    int ours = sid >= 0 && sid < s->max_stocked && (LOAD(&cr[PC_FLAGS]) & PC_FLAG_LOCKLESS)
-               && !counter_state(co)->hooks_armed;
-    for (cpu = a[0]; cpu < a[1] && ours; cpu++) {
-        int64_t slot = s->stocks + cpu * s->stock_block + sid * STOCK_WORDS;
-        int64_t *stock = s->words + slot, *r;
-        if (v4_pages(LOAD(&stock[STOCK_NR])) == 0)
-            continue;
-        if (!(r = writer_row(s)) || !op_enter_arena(s, r))
-            break;
-        op_intent(s, r, co, slot, stock);
-        int64_t nr = v4_drain_take(r, stock, co->depth);
-        int level[MAX_DEPTH];
-        int64_t new[MAX_DEPTH];
-        int under = path_cancel(s, co, nr, co->depth, level, new);
-        op_leave(r);
-        taken += nr;
-        if (under) {
-            PyObject *res = underflows(co, under, level, new, nr);
-            if (!res)
-                return NULL;
+    int64_t taken = 0, cpu = a[0];
+    underflow_t u;
+    do {
+        cpu = drain_v4_words(co, s, cpu, a[1], &taken, &u);
+        PyObject *res = u.under ? underflows(co, u.under, u.level, u.new, u.nr) : Py_None;
+        if (!res)
+            return NULL;
+        if (u.under)
             Py_DECREF(res);
-        }
+    } while (u.under);
+    return Py_BuildValue("LL", (long long)taken, (long long)cpu);
+}
+
+/*
+ * drain_all_v4(counters, lock): the whole of a lockless drain_all_stock in one C
+ * call, for its latency: a drain is rare, so it mostly runs with cold caches,
+ * where each Python frame costs microseconds (README, "Drains and hotplug").
+ * Takes lock word `lock` (the drain lock) for this process if it is free: the
+ * pid in its writer row's R_PID (the row this process claimed). Drains every
+ * CPU's word of each counter (drain_v4_words), lets go. The GIL is held from
+ * the lock's CAS to its release, with no Python code in between: no other thread
+ * of this process sees the lock held by this call (drain.py's _drain_threads
+ * serialises the Python holders). Returns the pages taken; -1: the lock was not
+ * free, nothing done; -2: Python must take over (no writer row yet, a hook armed,
+ * drain_v4_words stopped short, or an underflow, reported once the lock is let
+ * go): the words drained so far stay drained.
+ */
+PyObject *
+drain_all_v4(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    atomic_state *st = PyModule_GetState(m);
+    long long lock;
+    if (nargs != 2 || !PyTuple_CheckExact(args[0]) || !PyLong_CheckExact(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "drain_all_v4(counters, lock): a tuple of "
+                        "Counters and an int");
+        return NULL;
     }
-    return Py_BuildValue("LL", (long long)taken, (long long)(ours ? cpu : a[0]));
+    if ((lock = PyLong_AsLongLong(args[1])) == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(args[0]);
+    SlotsObject *s = NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *c = PyTuple_GET_ITEM(args[0], i);
+        if (!PyObject_TypeCheck(c, (PyTypeObject *)st->counter_type)) {
+            PyErr_Format(PyExc_TypeError, "drain_all_v4: %R is not a Counter", c);
+            return NULL;
+        }
+        SlotsObject *cs = bound((CounterObject *)c);
+        if (!cs)
+            return NULL;
+        if (s && cs != s) {
+            PyErr_SetString(PyExc_ValueError, "drain_all_v4: counters of two arenas");
+            return NULL;
+        }
+        s = cs;
+    }
+    if (!s)
+        return PyLong_FromLong(0);                      /* no counter: nothing to do */
+    int64_t *lw = word(s, lock, 1), me;
+    if (!lw)
+        return NULL;
+    if (st->hooks_armed || s->row < 0 || (me = LOAD(&s->words[s->row + R_PID])) <= 0)
+        return PyLong_FromLong(-2);
+    if (!cas_strong(lw, 0, me))
+        return PyLong_FromLong(-1);
+    int64_t taken = 0, cpu = s->ncpus;
+    underflow_t u = {0};
+    CounterObject *co = NULL;
+    for (Py_ssize_t i = 0; i < n && cpu == s->ncpus && !u.under; i++) {
+        co = (CounterObject *)PyTuple_GET_ITEM(args[0], i);
+        cpu = drain_v4_words(co, s, 0, s->ncpus, &taken, &u);
+    }
+    cas_strong(lw, me, 0);
+    if (u.under) {
+        PyObject *res = underflows(co, u.under, u.level, u.new, u.nr);
+        if (!res)
+            return NULL;
+        Py_DECREF(res);
+        return PyLong_FromLong(-2);
+    }
+    return PyLong_FromLongLong(cpu == s->ncpus ? taken : -2);
 }
 
 PyDoc_STRVAR(bind_doc,

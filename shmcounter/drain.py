@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import cpuhp, pidlock, segment
+from ._atomic import drain_all_v4
 from .cpuhp import this_cpu_of
 from .errors import DrainTimeout, WaitTimeout
 from .proc import pid_alive
@@ -177,15 +178,30 @@ def drain_lock(arena: Arena, timeout: float | None = None) -> Iterator[None]:
         _drain_threads.release()
 
 
+def drain_lockless_at_once(counters: tuple[PageCounterStock, ...]) -> bool:
+    """Drain every CPU's word of each lockless stock of `counters` (one arena's)
+    in one C call (drain_all_v4): take the drain lock if it is free, drain, let go.
+    A drain is rare, so it mostly runs with cold caches, where each Python frame
+    costs microseconds: this is v4's drain latency (README, "Drains and hotplug").
+    The call holds the GIL while it holds the lock, so no other thread of ours
+    can see the lock held by it. True: done. False: something stands in the way
+    (the lock held, by another process, another thread of ours or a dead holder
+    to take over and repair; a hook armed; no writer row yet; a stop_machine):
+    the caller takes the lock the usual way and drains; words drained meanwhile
+    stay drained."""
+    return drain_all_v4(counters, H_DRAIN_LOCK) >= 0
+
+
 def _drain(arena: Arena, counters: Sequence[PageCounterStock], timeout: float | None) -> None:
     timeout = arena.drain_timeout if timeout is None else timeout
     slots = arena._slots
     # A lockless (v4) stock needs no CPU: the caller drains every CPU's word itself.
-    lockless = [counter for counter in counters if counter._lockless()]
+    lockless = tuple(counter for counter in counters if counter._lockless())
     if lockless:
-        with drain_lock(arena, timeout):
-            for counter in lockless:
-                counter._drain_lockless()
+        if not drain_lockless_at_once(lockless):
+            with drain_lock(arena, timeout):
+                for counter in lockless:
+                    counter._drain_lockless()
         counters = [counter for counter in counters if not counter._lockless()]
         if not counters:
             return

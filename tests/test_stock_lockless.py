@@ -8,13 +8,17 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import warnings
+from typing import Any
 
 import pytest
 
 from shmcounter import hooks
+from shmcounter._atomic import drain_all_v4
 from shmcounter.drain import single_drainer
 from shmcounter.invariants import check_invariants
 from shmcounter.segment import (
+    H_DRAIN_LOCK,
     PC_FLAG_CAP,
     PC_FLAG_LOCKLESS,
     PC_FLAGS,
@@ -130,6 +134,62 @@ def test_remote_drains_while_both_cpus_charge_in_a_tight_loop(arena, tree, cpus)
     assert x.drain_stock()
     assert ([x.stock(0), x.stock(1)], usages(x, mid, root)) == ([0, 0], [0, 0, 0])
     check_invariants(arena, {})
+
+
+def test_a_drain_with_the_lock_free_is_one_call_that_lets_go_of_the_lock(
+        arena, tree, cpus, make_arena):
+    """drain_all_v4: the whole drain in one C call while nothing stands in its way;
+    -2 (no writer row yet, a hook armed) and -1 (the lock held) leave every word
+    as it was."""
+    root, mid, x = tree
+    cpu0 = cpus(0)
+    assert cpu0.call(cpuproc.try_charge, "x", 1) == (True, None)
+    slots = arena._slots
+    assert drain_all_v4((x,), H_DRAIN_LOCK) == -2           # this process has no row
+    root.charge(1)                                          # its first op claims one
+    root.uncharge(1)
+    slots.store(H_DRAIN_LOCK, cpu0.pid)                     # a live holder
+    assert drain_all_v4((x,), H_DRAIN_LOCK) == -1
+    slots.store(H_DRAIN_LOCK, 0)
+    hooks.install("drain:cas", lambda name: None)
+    assert drain_all_v4((x,), H_DRAIN_LOCK) == -2
+    hooks.clear()
+    assert (words(arena, 0), x.usage) == ([63, 0], 64)
+    assert drain_all_v4((x, mid), H_DRAIN_LOCK) == 63       # mid has no stock
+    assert (words(arena, 0), usages(x, mid, root), slots.load(H_DRAIN_LOCK)) == (
+        [SEQ, 63], [1, 1, 1], 0)
+    other = make_arena(ncpus=2).new_counter("y")
+    bad: list[tuple[Any, type[Exception]]] = [
+        ([x], TypeError), ((x, "x"), TypeError), ((x, other), ValueError)]
+    for counters, error in bad:
+        with pytest.raises(error):
+            drain_all_v4(counters, H_DRAIN_LOCK)
+    with pytest.raises(IndexError):
+        drain_all_v4((x,), 1 << 40)
+    cpu0.call(cpuproc.uncharge, "x", 1)
+
+
+@pytest.mark.underflow_expected(3)
+def test_a_drain_that_takes_a_level_below_zero_warns_with_the_lock_let_go(
+        arena, tree, cpus):
+    """CPU 0 holds 63 pages of x; someone uncharges its whole 64 (one too many of
+    them real): the drain's walk takes each level to -63, clamped to 0. The
+    warning, Python code that may switch threads, comes once the lock is free."""
+    root, mid, x = tree
+    cpu0 = cpus(0)
+    assert cpu0.call(cpuproc.try_charge, "x", 1) == (True, None)
+    x.uncharge(64)
+    lock_seen: list[int] = []
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        lock_seen.append(arena._slots.load(H_DRAIN_LOCK))
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        assert x.drain_stock()
+    assert lock_seen == [0, 0, 0]
+    assert (words(arena, 0), usages(x, mid, root), arena.underflows) == (
+        [SEQ, 63], [0, 0, 0], 3)
 
 
 # ---- a CPU killed inside its deposit -------------------------------------------
