@@ -195,10 +195,13 @@ def _ledger_writer(name: str, ledger, seed: int) -> None:
         ledger[1] += 1
 
 
-def _kill_at_random(arena, ledger, rng: random.Random, aim: bool) -> tuple[int, int, bool]:
+def _kill_at_random(arena, ledger, rng: random.Random,
+                    aim: str | None) -> tuple[int, int, bool]:
     """Start a ledger writer, let it run some ops, then SIGKILL it at a random
-    instant; aimed: stop it (SIGSTOP) at random instants until it is caught inside
-    an op (in_op set), and kill it there. Returns (pid, row, caught inside an op)."""
+    instant; aimed ("op", "uncharge"): stop it (SIGSTOP) at random instants until
+    it is caught inside an op (in_op set), an uncharge's if so aimed (the ledger
+    names an uncharge in flight: an uncharge is the shorter op, rarely caught by
+    chance), and kill it there. Returns (pid, row, caught inside an op)."""
     p = mp.get_context("fork").Process(
         target=_ledger_writer, args=(arena.name, ledger, rng.randrange(2**32)), daemon=True)
     ledger[1] = 0
@@ -214,7 +217,8 @@ def _kill_at_random(arena, ledger, rng: random.Random, aim: bool) -> tuple[int, 
         for _ in range(1000 if aim else 0):
             os.kill(p.pid, signal.SIGSTOP)
             tasks.wait_stopped(p.pid)
-            caught = bool(arena.rows[row, R_IN_OP])
+            caught = bool(arena.rows[row, R_IN_OP]) and (
+                aim == "op" or _unpack(ledger[0])[1] < 0)
             if caught:
                 break
             os.kill(p.pid, signal.SIGCONT)
@@ -232,12 +236,13 @@ def _kill_at_random(arena, ledger, rng: random.Random, aim: bool) -> tuple[int, 
 @pytest.mark.parametrize("path", ["repair", "refusal", "machine"])
 def test_random_kills_of_a_writer_count_its_op_wholly_or_not_at_all(arena, make_machine, path):
     """KILLS writers, one after another, each SIGKILLed at a random instant (every
-    other one inside an op) while it charges and uncharges leaf (max 40, under
-    mid, max 45, where this process holds 5 pages of `other`). After each kill,
-    one path repairs: Arena.repair(), a refused charge, or the Machine's monitor.
-    Then leaf's usage is the ledger's pages plus the op in flight, wholly or not
-    at all (not at all when the repair rolled a charge back, wholly when it
-    completed an uncharge), and every invariant holds with that ledger."""
+    other one inside an op, half of those inside an uncharge) while it charges
+    and uncharges leaf (max 40, under mid, max 45, where this process holds 5
+    pages of `other`). After each kill, one path repairs: Arena.repair(), a
+    refused charge, or the Machine's monitor. Then leaf's usage is the ledger's
+    pages plus the op in flight, wholly or not at all (not at all when the repair
+    rolled a charge back, wholly when it completed an uncharge), and every
+    invariant holds with that ledger."""
     root = arena.new_counter("root")
     mid = arena.new_counter("mid", parent=root, max=45)
     leaf = arena.new_counter("leaf", parent=mid, max=40)
@@ -248,7 +253,8 @@ def test_random_kills_of_a_writer_count_its_op_wholly_or_not_at_all(arena, make_
     rng = random.Random(f"{path}-7")
     rolled_back = completed = caught_in_op = 0
     for kill in range(KILLS):
-        pid, row, caught = _kill_at_random(arena, ledger, rng, aim=kill % 2 == 0)
+        aim = ("op", None, "uncharge", None)[kill % 4]
+        pid, row, caught = _kill_at_random(arena, ledger, rng, aim)
         caught_in_op += caught
         held, delta = _unpack(ledger[0])
         before = {c.name: c.usage for c in (leaf, mid, root)}
