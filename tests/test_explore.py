@@ -1,0 +1,176 @@
+"""shmcounter explore: the built-in scenarios over real processes, under a controller.
+
+Each scenario runs with a small preemption bound and the exact violations are
+asserted: E5 under v2 (disable_stock's lock-free drain resurrects a stock hit's
+read), E4 under rfc (disable cancels stock it leaves in place), the planted
+deposit without its lock, free_stock ignoring its precondition; none under fixed,
+v4 and legacy. One stored replay token per race runs exactly its schedule again
+and must give exactly its violation: a regression test for each race."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from shmcounter.cli import main
+from shmcounter.explore import SCENARIOS, explore
+
+pytestmark = pytest.mark.timeout(120)
+
+E5_V2 = {"I1 broken at 'g': usage 1 != real 2 + stock 62": 1,
+         "I1 broken at 'root': usage 1 != real 2 + stock 62": 1}
+
+
+def _no_processes_left() -> None:
+    import multiprocessing
+    assert multiprocessing.active_children() == []
+
+
+def test_e5_is_found_under_v2_with_one_preemption_and_its_token_reproduces_it():
+    report = explore("disable-hit", "v2", bound=1)
+    assert (report.schedules, report.violating, report.violations) == (19, 1, E5_V2)
+    assert report.complete
+    # the trace: the hit read 63 and holds the slot lock, the lock-free drain took
+    # the 63 and uncharged them, then the hit wrote back 63 - 1
+    assert report.token == "disable-hit:v2:0*5.1*15.0*2"
+    assert "P0(cpu0)   load(stock[0][g].nr)  read stock[0][g].nr=63" in report.trace[4]
+    assert "exchange(stock[0][g].nr, 0)  wrote stock[0][g].nr: 63 -> 0" in report.trace[12]
+    assert report.trace[20].endswith("store(stock[0][g].nr, 62)  wrote stock[0][g].nr: 0 -> 62")
+    again = explore("disable-hit", "v2", replay_token=report.token)
+    assert (again.schedules, again.violations) == (1, E5_V2)
+    _no_processes_left()
+
+
+def test_e5_needs_a_preemption_and_does_not_happen_under_fixed_or_v4():
+    assert explore("disable-hit", "v2", bound=0).violations == {}
+    for design in ("fixed", "v4"):
+        report = explore("disable-hit", design, bound=2)
+        assert (report.violations, report.complete) == ({}, True)
+        assert report.schedules == 6
+
+
+def test_e4_is_found_under_rfc_without_a_preemption():
+    """css offline while another drain_all_stock holds the single-drainer lock:
+    the RFC's disable cancels the stock's pages and leaves them in the stock."""
+    report = explore("offline-drain", "rfc", bound=0)
+    assert report.violating == 14
+    assert set(report.violations) == {
+        "I1 broken at 'g': usage 1 != real 2 + stock 62",
+        "I1 broken at 'root': usage 1 != real 2 + stock 62",
+        "I1 broken at 'g': usage 2 != real 2 + stock 62",
+        "I1 broken at 'root': usage 2 != real 2 + stock 62",
+        "I1 broken at 'g': usage 2 != real 2 + stock 63",
+        "I1 broken at 'root': usage 2 != real 2 + stock 63"}
+    assert report.token == "offline-drain:rfc:0*7.1*22.0*15.2*14.1*3"
+    # the trace: P2's drain_all_stock lost the trylock to P1's, and its disable
+    # cancelled the 62 pages of CPU 0's stock without taking them
+    assert "P2(plain)  cas(drain_lock, 0, " in report.trace[45]
+    assert report.trace[52].endswith("wrote g.usage: 64 -> 2")
+
+
+@pytest.mark.parametrize("design", ["fixed", "v2", "v4"])
+def test_offline_racing_drain_all_without_preemption_breaks_nothing_but_rfc(design):
+    assert explore("offline-drain", design, bound=0).violations == {}
+
+
+# the stored tokens: one schedule per race, and what it breaks
+TOKENS = {
+    "disable-hit:v2:0*5.1*15.0*2": E5_V2,
+    "offline-drain:rfc:0*7.1*22.0*15.2*14.1*3": {
+        "I1 broken at 'g': usage 2 != real 2 + stock 62": 1,
+        "I1 broken at 'root': usage 2 != real 2 + stock 62": 1},
+    "free-charge:fixed:0*5.1*16.0*2": {
+        "I1 broken at 'g': usage 1 != real 2 + stock 0": 1,
+        "I1 broken at 'root': usage 1 != real 2 + stock 0": 1},
+    "planted:planted:0*13.1*20.0*2": {
+        "I1 broken at 'g': usage 127 != real 65 + stock 63": 1,
+        "I1 broken at 'root': usage 127 != real 65 + stock 63": 1},
+}
+
+
+@pytest.mark.parametrize("token", sorted(TOKENS))
+def test_a_stored_token_replays_its_race_exactly(token):
+    scenario, design, _ = token.split(":")
+    report = explore(scenario, design, replay_token=token)
+    assert (report.schedules, report.violations, report.token) == (1, TOKENS[token], token)
+
+
+def test_the_planted_deposit_without_its_lock_is_caught_and_the_locked_one_is_not():
+    """The planted design's deposit reads the slot and writes it back without the
+    slot lock; a remote drain takes the slot in between: its pages, uncharged,
+    come back in the stock (counted twice)."""
+    report = explore("planted", "planted", bound=1)
+    assert report.violations == TOKENS["planted:planted:0*13.1*20.0*2"]
+    assert report.token == "planted:planted:0*13.1*20.0*2"
+    assert explore("planted", "planted-fixed", bound=2).violations == {}
+
+
+def test_free_stock_while_the_counter_still_charges_loses_pages():
+    """fixed's free_stock drains without the slot lock: its precondition is that
+    nobody charges any more. Ignored, a stock hit's write-back lands after the
+    drain: the hit's page is lost from the books (usage 1, real 2)."""
+    for design in ("fixed", "v2"):
+        assert explore("free-charge", design, bound=1).violations == \
+            TOKENS["free-charge:fixed:0*5.1*16.0*2"]
+    assert explore("free-charge", "v4", bound=2).violations == {}     # one CAS each
+
+
+@pytest.mark.parametrize("scenario, design", [
+    ("set-max", "fixed"), ("set-max", "v2"), ("set-max", "rfc"), ("set-max", "v4"),
+    ("hotplug-deposit", "fixed"), ("hotplug-deposit", "v4"),
+    ("v4-drain", "v4"), ("legacy-evict", "legacy"),
+])
+def test_no_violation_where_none_is_expected(scenario, design):
+    report = explore(scenario, design, bound=1)
+    assert (report.violations, report.complete) == ({}, True)
+    assert report.schedules > 1 and report.states >= 1
+
+
+def test_every_scenario_says_what_it_expects_under_each_design():
+    for s in SCENARIOS.values():
+        assert set(s.expect) == set(s.designs), s.name
+
+
+def test_pct_finds_e5_and_its_token_replays():
+    report = explore("disable-hit", "v2", pct_runs=200, seed=1)
+    assert report.schedules == 200 and report.violations
+    assert set(report.violations) == set(E5_V2)
+    assert explore("disable-hit", "v2", replay_token=report.token).violations == E5_V2
+
+
+@pytest.mark.parametrize("args, message", [
+    (("nope", "v2"), "unknown scenario 'nope'"),
+    (("v4-drain", "fixed"), "runs under v4, not 'fixed'"),
+])
+def test_bad_scenario_or_design_is_our_error(args, message):
+    with pytest.raises(ValueError, match=message):
+        explore(*args)
+
+
+@pytest.mark.parametrize("token, message", [
+    ("garbage", "not a replay token"),
+    ("disable-hit:fixed:0*5", "the token is for disable-hit under fixed"),
+    ("disable-hit:v2:0*5.1*15.1*2", "P1 at a step where it cannot run"),
+    ("disable-hit:v2:0*3", "ends before the scenario does"),
+])
+def test_a_token_that_does_not_fit_is_our_error_and_leaves_nothing(token, message):
+    with pytest.raises(ValueError, match=message):
+        explore("disable-hit", "v2", replay_token=token)
+    _no_processes_left()
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"shmcounter_{os.getpid()}_")]
+
+
+def test_cli(capsys):
+    assert main(["explore", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in SCENARIOS)
+    assert main(["explore", "disable-hit", "--design", "v2", "--replay",
+                 "disable-hit:v2:0*5.1*15.0*2"]) == 1
+    out = capsys.readouterr().out
+    assert "1 x I1 broken at 'g': usage 1 != real 2 + stock 62" in out
+    assert "replay: shmcounter explore disable-hit --design v2 --replay " \
+           "disable-hit:v2:0*5.1*15.0*2" in out
+    assert main(["explore", "disable-hit", "--design", "fixed", "--bound", "1"]) == 0
+    assert "no violation" in capsys.readouterr().out
+    assert main(["explore", "nope", "--design", "v2"]) == 2
+    assert "unknown scenario" in capsys.readouterr().err
