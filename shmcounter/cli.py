@@ -116,7 +116,8 @@ def explore(args: argparse.Namespace) -> int:
         args.error("give a SCENARIO and --design NAME (or --list)")
     try:
         report = ex.explore(args.scenario, args.design, bound=args.bound, pct_runs=args.pct,
-                            replay_token=args.replay, seed=args.seed)
+                            replay_token=args.replay, seed=args.seed,
+                            stop_at_first=args.first)
     except ValueError as exc:
         print(f"shmcounter explore: {exc}", file=sys.stderr)
         return 2
@@ -267,6 +268,8 @@ def _parser() -> argparse.ArgumentParser:
     how.add_argument("--pct", type=_int("runs", 1, 10**6), metavar="RUNS",
                      help="RUNS random schedules (PCT, depth 3)")
     how.add_argument("--replay", metavar="TOKEN", help="run exactly this schedule again")
+    p.add_argument("--first", action="store_true",
+                   help="stop at the first violating schedule")
     p.add_argument("--seed", type=_int("seed", 0, 2**31), default=0, metavar="N",
                    help="PCT's seed (default 0)")
     p.add_argument("--json", action="store_true", help="the report as JSON")

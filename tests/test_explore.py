@@ -8,6 +8,7 @@ v4 and legacy. One stored replay token per race runs exactly its schedule again
 and must give exactly its violation: a regression test for each race."""
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -17,8 +18,8 @@ from shmcounter.explore import SCENARIOS, explore
 
 pytestmark = pytest.mark.timeout(120)
 
-E5_V2 = {"I1 broken at 'g': usage 1 != real 2 + stock 62": 1,
-         "I1 broken at 'root': usage 1 != real 2 + stock 62": 1}
+E5_V2 = {"I1 broken at 'g': usage 0 != real 1 + stock 62": 1,
+         "I1 broken at 'root': usage 0 != real 1 + stock 62": 1}
 
 
 def _no_processes_left() -> None:
@@ -28,11 +29,11 @@ def _no_processes_left() -> None:
 
 def test_e5_is_found_under_v2_with_one_preemption_and_its_token_reproduces_it():
     report = explore("disable-hit", "v2", bound=1)
-    assert (report.schedules, report.violating, report.violations) == (19, 1, E5_V2)
+    assert (report.schedules, report.violating, report.violations) == (24, 1, E5_V2)
     assert report.complete
     # the trace: the hit read 63 and holds the slot lock, the lock-free drain took
     # the 63 and uncharged them, then the hit wrote back 63 - 1
-    assert report.token == "disable-hit:v2:0*5.1*15.0*2"
+    assert report.token == "disable-hit:v2:0*5.1*15.0*10"
     assert "P0(cpu0)   load(stock[0][g].nr)  read stock[0][g].nr=63" in report.trace[4]
     assert "exchange(stock[0][g].nr, 0)  wrote stock[0][g].nr: 63 -> 0" in report.trace[12]
     assert report.trace[20].endswith("store(stock[0][g].nr, 62)  wrote stock[0][g].nr: 0 -> 62")
@@ -46,7 +47,7 @@ def test_e5_needs_a_preemption_and_does_not_happen_under_fixed_or_v4():
     for design in ("fixed", "v4"):
         report = explore("disable-hit", design, bound=2)
         assert (report.violations, report.complete) == ({}, True)
-        assert report.schedules == 6
+        assert report.schedules == 10
 
 
 def test_e4_is_found_under_rfc_without_a_preemption():
@@ -68,6 +69,22 @@ def test_e4_is_found_under_rfc_without_a_preemption():
     assert report.trace[52].endswith("wrote g.usage: 64 -> 2")
 
 
+def test_disable_under_rfc_leaves_stale_stock_and_the_next_uncharge_underflows():
+    """E4's other face: the RFC's disable cancels the stock's 63 pages without
+    taking them; a stock-returning uncharge, with batch 0, then flushes the stale
+    stock: an uncharge below 0, seen at the step that makes it."""
+    report = explore("disable-hit", "rfc", bound=1)
+    assert (report.schedules, report.violating) == (17, 17)
+    assert report.violations == {
+        "I1 broken at 'g': usage 1 != real 1 + stock 63": 8,
+        "I1 broken at 'root': usage 1 != real 1 + stock 63": 8,
+        "I1 broken at 'g': usage 0 != real 1 + stock 0": 9,
+        "I1 broken at 'root': usage 0 != real 1 + stock 0": 9,
+        "underflow: an uncharge went below 0 (arena.underflows = 1)": 9,
+        "underflow: an uncharge went below 0 (arena.underflows = 2)": 9,
+        "I2 broken: arena.underflows is 2, expected 0": 9}
+
+
 @pytest.mark.parametrize("design", ["fixed", "v2", "v4"])
 def test_offline_racing_drain_all_without_preemption_breaks_nothing_but_rfc(design):
     assert explore("offline-drain", design, bound=0).violations == {}
@@ -75,7 +92,7 @@ def test_offline_racing_drain_all_without_preemption_breaks_nothing_but_rfc(desi
 
 # the stored tokens: one schedule per race, and what it breaks
 TOKENS = {
-    "disable-hit:v2:0*5.1*15.0*2": E5_V2,
+    "disable-hit:v2:0*5.1*15.0*10": E5_V2,
     "offline-drain:rfc:0*7.1*22.0*15.2*14.1*3": {
         "I1 broken at 'g': usage 2 != real 2 + stock 62": 1,
         "I1 broken at 'root': usage 2 != real 2 + stock 62": 1},
@@ -165,12 +182,16 @@ def test_cli(capsys):
     out = capsys.readouterr().out
     assert all(name in out for name in SCENARIOS)
     assert main(["explore", "disable-hit", "--design", "v2", "--replay",
-                 "disable-hit:v2:0*5.1*15.0*2"]) == 1
+                 "disable-hit:v2:0*5.1*15.0*10"]) == 1
     out = capsys.readouterr().out
-    assert "1 x I1 broken at 'g': usage 1 != real 2 + stock 62" in out
+    assert "1 x I1 broken at 'g': usage 0 != real 1 + stock 62" in out
     assert "replay: shmcounter explore disable-hit --design v2 --replay " \
-           "disable-hit:v2:0*5.1*15.0*2" in out
+           "disable-hit:v2:0*5.1*15.0*10" in out
     assert main(["explore", "disable-hit", "--design", "fixed", "--bound", "1"]) == 0
     assert "no violation" in capsys.readouterr().out
+    assert main(["explore", "disable-hit", "--design", "rfc", "--first", "--json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert (out["schedules"], out["violating"], out["complete"]) == (1, 1, False)
+    assert out["token"] == "disable-hit:rfc:0*15.1*14"
     assert main(["explore", "nope", "--design", "v2"]) == 2
     assert "unknown scenario" in capsys.readouterr().err

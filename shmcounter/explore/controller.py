@@ -32,6 +32,7 @@ import os
 import signal
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -115,6 +116,8 @@ class _Signals:
 def _process(index: int, run: Run, ctl_map: mmap.mmap, conn: Connection) -> None:
     """A process of the scenario, forked from the controller."""
     signal.pthread_sigmask(signal.SIG_BLOCK, {SIGDRAIN})
+    # an underflow is reported as a violation; its warning would only be noise
+    warnings.filterwarnings("ignore", "page_counter underflow", RuntimeWarning)
     ctl = Slots(ctl_map)
     ctl.store(index * STRIDE + PID, os.getpid())
     arena = run.arena

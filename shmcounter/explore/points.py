@@ -23,7 +23,18 @@ from typing import TYPE_CHECKING, Any
 from .. import hooks, wait
 from .._atomic import set_hooks_armed
 from ..memcg import legacy
-from ..memcg._legacy import MC_WORDS
+from ..memcg._legacy import (
+    MC_DRAIN_IDX,
+    MC_EVICTIONS,
+    MC_FLUSHES,
+    MC_FLUSHING,
+    MC_LOCK,
+    MC_OVERFLOWS,
+    MC_SLOTS,
+    MC_WORDS,
+    NR_MEMCG_STOCK,
+)
+from ..memcg.section import CG_WORDS
 from ..segment import (
     H_DRAIN_LOCK,
     H_NCOUNTERS,
@@ -266,7 +277,7 @@ def word_name(arena: Arena, i: int) -> str:
     if i == EVERYTHING:
         return "*"
     for region in (_header, _row_word, _counter_word, _stock_word, _contrib_word,
-                   _request_word, _extra_word):
+                   _request_word, _memcg_word, _extra_word):
         name = region(arena, i)
         if name is not None:
             return name
@@ -325,6 +336,30 @@ def _request_word(arena: Arena, i: int) -> str | None:
     return f"request[{cpu}].summary[{off - arena._counter_block_words}]"
 
 
+_MEMCG_HEADER = ("state", "variant", "memsw", "eviction", "batch", "root",
+                 "first_child_drain", "stock_cap")
+_CGROUP = ("state", "memsw", "events_max", "events_max_local")
+_LEGACY = {MC_FLUSHING: "flushing", MC_LOCK: "lock", MC_DRAIN_IDX: "drain_idx",
+           MC_EVICTIONS: "evictions", MC_OVERFLOWS: "overflows", MC_FLUSHES: "flushes",
+           **{MC_SLOTS + k: f"slot{k}" for k in range(NR_MEMCG_STOCK)}}
+
+
+def _memcg_word(arena: Arena, i: int) -> str | None:
+    """memcg's section (memcg/section.py): its header, a cgroup's record (named by
+    its memory counter), the legacy block of a CPU."""
+    memcg = getattr(arena, "_memcg", None)
+    if memcg is None or not memcg.slot <= i < memcg.cpus_slot + arena.ncpus * MC_WORDS:
+        return None
+    if i < memcg.cgroups_slot:
+        return f"memcg.{_MEMCG_HEADER[i - memcg.slot]}"
+    if i < memcg.cpus_slot:
+        index, off = divmod(i - memcg.cgroups_slot, CG_WORDS)
+        field = _CGROUP[off] if off < len(_CGROUP) else str(off)
+        return f"cgroup[{_counter_name(arena, index)}].{field}"
+    cpu, off = divmod(i - memcg.cpus_slot, MC_WORDS)
+    return f"legacy[{cpu}].{_LEGACY.get(off, str(off))}"
+
+
 def _extra_word(arena: Arena, i: int) -> str | None:
     for section, (offset, nbytes) in arena._extra.items():
         if offset // 8 <= i < (offset + nbytes) // 8:
@@ -336,7 +371,7 @@ def _field(prefix: str, off: int) -> str:
     from .. import segment as seg
     names = [k for k in dir(seg) if k.startswith(prefix) and not k.endswith("WORDS")
              and isinstance(getattr(seg, k), int) and getattr(seg, k) == off
-             and not k.startswith(prefix + "FLAG")]
+             and not k.startswith(prefix + "FLAG_")]
     return names[0][len(prefix):].lower() if names else str(off)
 
 

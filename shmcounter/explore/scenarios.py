@@ -108,6 +108,17 @@ def charge(name: str, n: int = 1) -> Callable[[Context], Ledger]:
     return script
 
 
+def charge_uncharge(name: str) -> Callable[[Context], Ledger]:
+    """One page charged, then one uncharged (if the charge succeeded)."""
+    def script(ctx: Context) -> Ledger:
+        g = ctx[name]
+        if not g.try_charge(1):
+            return {}
+        g.uncharge(1)
+        return {}
+    return script
+
+
 def charges(name: str, *ns: int) -> Callable[[Context], Ledger]:
     def script(ctx: Context) -> Ledger:
         return {name: sum(n for n in ns if ctx[name].try_charge(n))}
@@ -206,7 +217,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
         base={"g": 1}, expect={"rfc": True, "v2": True, "fixed": False, "v4": False}),
     Scenario(
         "disable-hit", "disable_stock racing a stock hit (E5 under v2)",
-        (Proc(0, charge("g"), stock_one("g"), "a stock hit on g"),
+        (Proc(0, charge_uncharge("g"), stock_one("g"), "a stock hit on g, then an uncharge"),
          Proc(None, offline("g"), None, "g goes offline; another drain runs")),
         PER_COUNTER, race="E5", prepare=drainer_busy,
         base={"g": 1}, expect={"v2": True, "rfc": True, "fixed": False, "v4": False}),
