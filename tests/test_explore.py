@@ -143,6 +143,21 @@ def test_no_violation_where_none_is_expected(scenario, design):
     assert report.schedules > 1 and report.states >= 1
 
 
+@pytest.mark.parametrize("scenario, design, pruned, every", [
+    ("disable-hit", "v2", 182, 928),
+    ("planted", "planted", 152, 1102),
+    ("free-charge", "fixed", 161, 506),
+])
+def test_pruning_loses_no_final_state_and_no_violation(scenario, design, pruned, every):
+    """A preemption before every step, against only before the visible ones: the
+    same distinct final states and the same violations, in fewer schedules."""
+    fast = explore(scenario, design, bound=2)
+    slow = explore(scenario, design, bound=2, prune=False)
+    assert (fast.schedules, slow.schedules) == (pruned, every)
+    assert fast.states == slow.states
+    assert set(fast.violations) == set(slow.violations) != set()
+
+
 def test_every_scenario_says_what_it_expects_under_each_design():
     for s in SCENARIOS.values():
         assert set(s.expect) == set(s.designs), s.name

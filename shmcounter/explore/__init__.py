@@ -41,10 +41,12 @@ def _check(scenario: object, design: object) -> Scenario:
 
 def explore(scenario: str, design: str, *, bound: int | None = None, pct_runs: int | None = None,
             replay_token: str | None = None, seed: int = 0,
-            stop_at_first: bool = False) -> Report:
+            stop_at_first: bool = False, prune: bool = True) -> Report:
     """Explore `scenario` under `design`: exhaustively with at most `bound`
     preemptions (default 2), or `pct_runs` PCT schedules, or the one schedule of
-    `replay_token`. Returns the Report (violations, first trace, token)."""
+    `replay_token`. Returns the Report (violations, first trace, token).
+    prune=False tries a preemption before every step, not only before visible
+    ones (strategies.py): to check the pruning, at a much higher cost."""
     s = _check(scenario, design)
     chosen_token: list[int] | None = None
     if sum(x is not None for x in (bound, pct_runs, replay_token)) > 1:
@@ -67,6 +69,7 @@ def explore(scenario: str, design: str, *, bound: int | None = None, pct_runs: i
         run = Run(s, design)
         try:
             ctl = Controller(run)
+            ctl.prune = prune
             try:
                 _explore(ctl, report, bound, pct_runs, chosen_token, seed, stop_at_first)
             finally:
@@ -115,6 +118,7 @@ def _explore(ctl: Controller, report: Report, bound: int | None, pct_runs: int |
     report.seconds = time.perf_counter() - start
     report.states = len(states)
     report.timing = dict(ctl.timing)
+    report.steps = ctl.steps
     if first is not None:
         steps: list[Step] = []
         ctl.run(replay(first), steps)

@@ -233,6 +233,8 @@ class Controller:
         self.writers: dict[int, int] = {}
         self.grew = False
         self.max_steps = 4000
+        self.steps = 0                              # steps run, every schedule
+        self.prune = True                           # False: a preemption before every step
         # seconds spent, by part of a schedule (README: where the time goes)
         self.timing = dict.fromkeys(("restore", "start", "choose", "step", "footprint",
                                      "checks", "quiescent"), 0.0)
@@ -315,7 +317,7 @@ class Controller:
     def visible(self, proc: Proc) -> bool:
         """May proc's next step conflict with a step of another process? As far as
         every schedule run so far shows (strategies.py: the passes)."""
-        if proc.kind < 0 or proc.kind == FUTEX_WAIT:
+        if not self.prune or proc.kind < 0 or proc.kind == FUTEX_WAIT:
             return True
         reads, writes = self.footprint(proc)
         others = ~(1 << proc.index)
@@ -366,6 +368,7 @@ class Controller:
                                             f"steps (a livelock)"))
                 break
             proc = choose(self, ready, cur)
+            self.steps += 1
             chosen.append(proc.index)
             cur = proc
             t1 = clock()

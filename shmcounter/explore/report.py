@@ -85,6 +85,7 @@ class Report:
     token: str | None = None
     trace: list[str] = field(default_factory=list)
     timing: dict[str, float] = field(default_factory=dict)      # seconds, by part
+    steps: int = 0                                              # steps run in all
 
     @property
     def found(self) -> bool:
@@ -94,7 +95,7 @@ class Report:
         return {k: getattr(self, k) for k in (
             "scenario", "design", "strategy", "schedules", "states", "seconds", "passes",
             "complete", "violations", "violating", "first_seconds", "token", "trace",
-            "timing")}
+            "timing", "steps")}
 
     def text(self) -> str:
         rate = self.schedules / self.seconds if self.seconds else 0.0
