@@ -13,8 +13,12 @@ import os
 
 import pytest
 
+from shmcounter._atomic import Slots
 from shmcounter.cli import main
-from shmcounter.explore import SCENARIOS, explore
+from shmcounter.drain import drain_lock
+from shmcounter.explore import SCENARIOS, Scenario, explore
+from shmcounter.explore.points import LOCAL, STEPS, footprint
+from shmcounter.explore.scenarios import Context, Proc, drainer_busy
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -44,10 +48,10 @@ def test_e5_is_found_under_v2_with_one_preemption_and_its_token_reproduces_it():
 
 def test_e5_needs_a_preemption_and_does_not_happen_under_fixed_or_v4():
     assert explore("disable-hit", "v2", bound=0).violations == {}
-    for design in ("fixed", "v4"):
-        report = explore("disable-hit", design, bound=2)
-        assert (report.violations, report.complete) == ({}, True)
-        assert report.schedules == 10
+    fixed = explore("disable-hit", "fixed", bound=2)
+    assert (fixed.violations, fixed.complete, fixed.schedules) == ({}, True, 10)
+    v4 = explore("disable-hit", "v4", bound=2)
+    assert (v4.violations, v4.complete) == ({}, True)
 
 
 def test_e4_is_found_under_rfc_without_a_preemption():
@@ -158,6 +162,14 @@ def test_pruning_loses_no_final_state_and_no_violation(scenario, design, pruned,
     assert set(fast.violations) == set(slow.violations) != set()
 
 
+def test_every_step_on_shared_memory_is_a_point():
+    """Every public method of Slots is a point, unless it touches only this
+    process's own state; one without a listed footprint claims every word."""
+    public = {n for n in dir(Slots) if not n.startswith("_")}
+    assert public - LOCAL <= set(STEPS)
+    assert footprint(None, STEPS.index("op_abort"), (), None) == ((-1,), (-1,))  # type: ignore[arg-type]
+
+
 def test_every_scenario_says_what_it_expects_under_each_design():
     for s in SCENARIOS.values():
         assert set(s.expect) == set(s.designs), s.name
@@ -210,3 +222,41 @@ def test_cli(capsys):
     assert out["token"] == "disable-hit:rfc:0*15.1*14"
     assert main(["explore", "nope", "--design", "v2"]) == 2
     assert "unknown scenario" in capsys.readouterr().err
+
+
+# ---- scenarios of one's own: a script that raises, a wait that never ends ------------------
+
+def _raises(ctx: Context) -> dict[str, int]:
+    raise RuntimeError("no such page")
+
+
+def _waits_for_the_drain_lock(ctx: Context) -> dict[str, int]:
+    with drain_lock(ctx.arena):
+        return {}
+
+
+def test_a_script_that_raises_is_a_violation_with_its_error():
+    s = Scenario("raises", "a script that raises", (Proc(None, _raises),), ("fixed",))
+    report = explore(s, "fixed", bound=1)
+    assert report.violations == {"error: P0(plain) raised RuntimeError: no such page": 1}
+    assert (report.schedules, report.complete) == (1, True)
+
+
+def test_a_wait_for_a_lock_nobody_lets_go_is_a_livelock_and_exploring_stops():
+    """The drain lock is held by a live process that never lets go (the
+    controller): the waiter spins, attempt after attempt, while nobody else can
+    run; after 4000 steps the schedule is a livelock, and the waiter is left
+    parked: exploring stops there."""
+    s = Scenario("stuck", "a wait that never ends", (Proc(None, _waits_for_the_drain_lock),),
+                 ("fixed",), prepare=drainer_busy)
+    report = explore(s, "fixed", bound=2)
+    assert (report.schedules, report.complete) == (1, False)
+    assert report.violations == {"progress: no end after 4000 steps (a livelock)": 1,
+                                 "deadlock: P0(plain) waits forever at sleep()": 1}
+    # is it ours (an outer frame)? no: take it (a CAS); a live holder: pause; again
+    assert report.trace[0].startswith("   0 P0(plain)  load(drain_lock)")
+    assert report.trace[1].startswith("   1 P0(plain)  cas(drain_lock, 0, ")
+    assert report.trace[2] == "   2 P0(plain)  sleep()"
+    assert report.trace[3].startswith("   3 P0(plain)  cas(drain_lock, 0, ")
+    assert len(report.trace) == 4000
+    _no_processes_left()

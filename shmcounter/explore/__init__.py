@@ -14,7 +14,8 @@ after every step that wrote a word (scenarios.py, controller.py).
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import TypeVar
 
 from .controller import Controller, Step, Violation
 from .planted import register
@@ -30,32 +31,37 @@ def scenarios() -> list[Scenario]:
 
 
 def _check(scenario: object, design: object) -> Scenario:
-    if not isinstance(scenario, str) or scenario not in SCENARIOS:
+    if isinstance(scenario, Scenario):
+        s = scenario
+    elif isinstance(scenario, str) and scenario in SCENARIOS:
+        s = SCENARIOS[scenario]
+    else:
         raise ValueError(f"unknown scenario {scenario!r}; known: {', '.join(SCENARIOS)}")
-    s = SCENARIOS[scenario]
     if design not in s.designs:
-        raise ValueError(f"scenario {scenario!r} runs under {', '.join(s.designs)}, "
+        raise ValueError(f"scenario {s.name!r} runs under {', '.join(s.designs)}, "
                          f"not {design!r}")
     return s
 
 
-def explore(scenario: str, design: str, *, bound: int | None = None, pct_runs: int | None = None,
-            replay_token: str | None = None, seed: int = 0,
+def explore(scenario: str | Scenario, design: str, *, bound: int | None = None,
+            pct_runs: int | None = None, replay_token: str | None = None, seed: int = 0,
             stop_at_first: bool = False, prune: bool = True) -> Report:
-    """Explore `scenario` under `design`: exhaustively with at most `bound`
-    preemptions (default 2), or `pct_runs` PCT schedules, or the one schedule of
-    `replay_token`. Returns the Report (violations, first trace, token).
-    prune=False tries a preemption before every step, not only before visible
-    ones (strategies.py): to check the pruning, at a much higher cost."""
+    """Explore `scenario` (a built-in's name, or a Scenario of one's own) under
+    `design`: exhaustively with at most `bound` preemptions (default 2), or
+    `pct_runs` PCT schedules, or the one schedule of `replay_token`. Returns the
+    Report (violations, first trace, token). Exploring stops early at a schedule
+    that leaves a process stuck (deadlock, livelock): its processes cannot start
+    another. prune=False tries a preemption before every step, not only before
+    visible ones (strategies.py): to check the pruning, at a much higher cost."""
     s = _check(scenario, design)
     chosen_token: list[int] | None = None
     if sum(x is not None for x in (bound, pct_runs, replay_token)) > 1:
         raise ValueError("give one of bound, pct_runs, replay_token")
     if replay_token is not None:
         t_scenario, t_design, chosen_token = decode(replay_token)
-        if (t_scenario, t_design) != (scenario, design):
+        if (t_scenario, t_design) != (s.name, design):
             raise ValueError(f"the token is for {t_scenario} under {t_design}, "
-                             f"not {scenario} under {design}")
+                             f"not {s.name} under {design}")
     for name, value in (("bound", bound), ("pct_runs", pct_runs)):
         if value is not None and (type(value) is not int or not 0 <= value <= 1_000_000):
             raise ValueError(f"{name} must be an int in [0, 10**6], got {value!r}")
@@ -64,23 +70,43 @@ def explore(scenario: str, design: str, *, bound: int | None = None, pct_runs: i
     strategy = ("replay" if chosen_token is not None
                 else f"PCT {pct_runs} runs (seed {seed})" if pct_runs is not None
                 else f"exhaustive, <= {bound} preemptions")
-    report = Report(scenario, design, strategy)
+    report = Report(s.name, design, strategy)
     with register(design):
-        run = Run(s, design)
-        try:
-            ctl = Controller(run)
-            ctl.prune = prune
-            try:
-                _explore(ctl, report, bound, pct_runs, chosen_token, seed, stop_at_first)
-            finally:
-                ctl.close()
-        finally:
-            run.close()
+        first = _controlled(s, design, prune, lambda ctl: _explore(
+            ctl, report, bound, pct_runs, chosen_token, seed, stop_at_first))
+        if first is not None:               # the trace, by a replay on fresh processes
+            schedule = first
+
+            def traced(ctl: Controller) -> list[str]:
+                steps: list[Step] = []
+                ctl.run(replay(schedule), steps)
+                return trace_lines(ctl, steps)
+            report.trace = _controlled(s, design, prune, traced)
+            report.token = encode(s.name, design, first)
     return report
 
 
+T = TypeVar("T")
+
+
+def _controlled(s: Scenario, design: str, prune: bool, body: Callable[[Controller], T]) -> T:
+    """body(controller) over a fresh arena and fresh processes, always closed."""
+    run = Run(s, design)
+    try:
+        ctl = Controller(run)
+        ctl.prune = prune
+        try:
+            return body(ctl)
+        finally:
+            ctl.close()
+    finally:
+        run.close()
+
+
 def _explore(ctl: Controller, report: Report, bound: int | None, pct_runs: int | None,
-             chosen_token: list[int] | None, seed: int, stop_at_first: bool) -> None:
+             chosen_token: list[int] | None, seed: int,
+             stop_at_first: bool) -> list[int] | None:
+    """Run the strategy; fill the report; return the first violating schedule."""
     states: set[bytes] = set()
     first: list[int] | None = None
     start = time.perf_counter()
@@ -92,14 +118,13 @@ def _explore(ctl: Controller, report: Report, bound: int | None, pct_runs: int |
         if violations:
             report.violating += 1
             for v in violations:
-                key = f"{v.invariant}: {v.detail}" if v.detail.split(" ", 1)[0] != v.invariant \
-                    else v.detail
-                report.violations[key] = report.violations.get(key, 0) + 1
+                report.violations[v.key] = report.violations.get(v.key, 0) + 1
             if first is None:
                 first = chosen
                 report.first_seconds = time.perf_counter() - start
-                return not stop_at_first
-        return True
+                if stop_at_first:
+                    report.complete = False
+        return report.complete and not ctl.stuck
 
     if chosen_token is not None:
         chosen, violations, state = ctl.run(replay(chosen_token))
@@ -112,19 +137,11 @@ def _explore(ctl: Controller, report: Report, bound: int | None, pct_runs: int |
     else:
         assert bound is not None
         passes = dfs(ctl, bound, visit)
-        report.passes, report.complete = passes.schedules, passes.complete
-        if stop_at_first and first is not None:
-            report.complete = False
+        report.passes = passes.schedules
+        report.complete = report.complete and passes.complete
+    report.complete = report.complete and not ctl.stuck
     report.seconds = time.perf_counter() - start
     report.states = len(states)
     report.timing = dict(ctl.timing)
     report.steps = ctl.steps
-    if first is not None:
-        steps: list[Step] = []
-        ctl.run(replay(first), steps)
-        report.token = encode(report.scenario, report.design, first)
-        report.trace = trace_lines(ctl, steps)
-
-
-def as_json(report: Report) -> dict[str, Any]:
-    return report.as_dict()
+    return first

@@ -193,6 +193,12 @@ class Violation(Exception):
         self.invariant = invariant
         self.detail = detail
 
+    @property
+    def key(self) -> str:
+        """How a report counts it: the invariant, then the numbers."""
+        return self.detail if self.detail.startswith(self.invariant + " ") \
+            else f"{self.invariant}: {self.detail}"
+
 
 Chooser = Callable[["Controller", list[Proc], "Proc | None"], Proc]
 
@@ -235,6 +241,7 @@ class Controller:
         self.max_steps = 4000
         self.steps = 0                              # steps run, every schedule
         self.prune = True                           # False: a preemption before every step
+        self.stuck = False                          # a schedule left a process mid-script
         # seconds spent, by part of a schedule (README: where the time goes)
         self.timing = dict.fromkeys(("restore", "start", "choose", "step", "footprint",
                                      "checks", "quiescent"), 0.0)
@@ -402,10 +409,11 @@ class Controller:
         t0 = clock()
         for proc in self.procs:
             if proc.kind not in (IDLE, ERROR):
+                self.stuck = True
                 violations.append(Violation("deadlock", f"{proc.name} waits forever at "
                                             f"{points.STEPS[proc.kind]}"
                                             f"({self._args(proc.args)})"))
-        if not any(v.invariant == "deadlock" for v in violations):
+        if not self.stuck:
             violations += self._quiescent()
         state = arena.records[:arena._published()].tobytes() + arena.stocks.tobytes()
         timing["quiescent"] += clock() - t0
@@ -454,7 +462,8 @@ class Controller:
         found = []
         for proc in self.procs:
             if proc.kind == ERROR:
-                found.append(Violation("error", f"{proc.name} raised {proc.result}"))
+                first = str(proc.result).splitlines()[0]
+                found.append(Violation("error", f"{proc.name} raised {first}"))
         ledger = self.run_.ledger([proc.result for proc in self.procs])
         try:
             check_invariants(self.arena, ledger, forced=self.scenario.forced)

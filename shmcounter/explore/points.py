@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .. import hooks, wait
-from .._atomic import set_hooks_armed
+from .._atomic import Slots, set_hooks_armed
 from ..memcg import legacy
 from ..memcg._legacy import (
     MC_DRAIN_IDX,
@@ -63,8 +63,11 @@ if TYPE_CHECKING:
     from ..segment import Segment as Arena
 
 
-# The Slots methods that are points, in code order (a code is an index here).
-STEPS: tuple[str, ...] = (
+# Slots members that touch no shared word: this process's own state, the wake.
+LOCAL = frozenset(("release", "set_layout", "set_writer", "set_cpu", "row", "contrib",
+                   "cpu_block", "owner", "futex_wake"))
+# The steps whose footprints are known, in code order (a code is an index here).
+_KNOWN: tuple[str, ...] = (
     "load", "store", "fetch_add", "exchange", "cas",
     "pc_try_charge_level", "pc_charge_level", "pc_cancel", "pc_propagate",
     "stock_consume", "local_slot", "stock_deposit", "stock_return", "stock_take",
@@ -72,10 +75,13 @@ STEPS: tuple[str, ...] = (
     "stock_v4_plan", "op_begin", "op_forward", "op_end", "op_abort", "futex_wait",
     "sleep", "legacy.consume", "legacy.refill", "legacy.trylock", "legacy.unlock",
 )
+# Every other Slots method is a point too, with the footprint of every word: a
+# step added to _atomic.c is explored (conservatively) before anyone lists it.
+STEPS = _KNOWN + tuple(sorted(name for name in dir(Slots) if not name.startswith("_")
+                              and name not in LOCAL and name not in _KNOWN))
 CODE = {name: code for code, name in enumerate(STEPS)}
 FUTEX_WAIT = CODE["futex_wait"]
 SLEEP = CODE["sleep"]
-MAX_ARGS = 6
 # A footprint that conflicts with every step (op_abort: every usage of a path).
 EVERYTHING = -1
 
@@ -261,8 +267,10 @@ for _name in STEPS:
 def footprint(arena: Arena, code: int, args: tuple[int, ...], cpu: int | None) -> Footprint:
     """The words step `code`(args) of a process (CPU `cpu`, or None) may read and
     may write, read from the arena as it is now, before the step. A fused step
-    claims every word its C code may touch (_atomic.c, memcg/_legacy.c)."""
-    return _FOOTPRINTS[STEPS[code]](arena, args, cpu)
+    claims every word its C code may touch (_atomic.c, memcg/_legacy.c); a step
+    not listed here, every word."""
+    fp = _FOOTPRINTS.get(STEPS[code])
+    return fp(arena, args, cpu) if fp is not None else ((EVERYTHING,), (EVERYTHING,))
 
 
 def _local_slot(arena: Arena, c: int, cpu: int | None) -> int:
