@@ -110,7 +110,8 @@ def explore(args: argparse.Namespace) -> int:
     if args.list:
         for s in ex.scenarios():
             print(f"{s.name:16s} {s.title}\n{'':16s} designs: {', '.join(s.designs)}; "
-                  f"processes: {', '.join(p.does for p in s.procs)}")
+                  f"processes: {', '.join(p.does for p in s.procs)}"
+                  + (f"\n{'':16s} {s.note}" if s.note else ""))
         return 0
     if args.scenario is None or args.design is None:
         args.error("give a SCENARIO and --design NAME (or --list)")

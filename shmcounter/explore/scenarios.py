@@ -55,7 +55,6 @@ class Scenario:
     cgroups: tuple[str, ...] = ("g",)
     batch: int = 64
     forced: bool = False
-    race: str = ""                              # the race it shows, where one is known
     expect: dict[str, bool] = field(default_factory=dict)    # design: violations found
     prepare: Callable[[Arena, Cgroups], None] | None = None  # after the tree, unexplored
     base: dict[str, int] = field(default_factory=dict)       # pages the set-up charged
@@ -213,13 +212,13 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
         (Proc(0, charge("g"), stock_one("g"), "a stock hit on g"),
          Proc(1, drain_all("h"), None, "drain_all_stock(h)"),
          Proc(None, offline("g"), None, "g goes offline")),
-        PER_COUNTER, cgroups=("g", "h"), race="E4",
+        PER_COUNTER, cgroups=("g", "h"),
         base={"g": 1}, expect={"rfc": True, "v2": True, "fixed": False, "v4": False}),
     Scenario(
         "disable-hit", "disable_stock racing a stock hit (E5 under v2)",
         (Proc(0, charge_uncharge("g"), stock_one("g"), "a stock hit on g, then an uncharge"),
          Proc(None, offline("g"), None, "g goes offline; another drain runs")),
-        PER_COUNTER, race="E5", prepare=drainer_busy,
+        PER_COUNTER, prepare=drainer_busy,
         base={"g": 1}, expect={"v2": True, "rfc": True, "fixed": False, "v4": False}),
     Scenario(
         "set-max", "set_max racing try_charge",
