@@ -54,6 +54,7 @@ class Scenario:
     designs: tuple[str, ...]                    # the designs it runs under
     cgroups: tuple[str, ...] = ("g",)
     batch: int = 64
+    ncpus: int = 2
     forced: bool = False
     expect: dict[str, bool] = field(default_factory=dict)    # design: violations found
     prepare: Callable[[Arena, Cgroups], None] | None = None  # after the tree, unexplored
@@ -66,7 +67,8 @@ class Run:
 
     def __init__(self, scenario: Scenario, design: str) -> None:
         self.scenario, self.design = scenario, design
-        self.arena = arena = Arena.create(ncpus=2, max_counters=16, max_writers=4)
+        self.arena = arena = Arena.create(ncpus=scenario.ncpus, max_counters=16,
+                                          max_writers=4)
         try:
             arena.wait_timeout = 3600.0
             arena.drain_timeout = 3600.0
@@ -217,45 +219,45 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario(
         "disable-hit", "disable_stock racing a stock hit (E5 under v2)",
         (Proc(0, charge_uncharge("g"), stock_one("g"), "a stock hit on g, then an uncharge"),
-         Proc(None, offline("g"), None, "g goes offline; another drain runs")),
+         Proc(1, offline("g"), None, "g goes offline; another drain runs")),
         PER_COUNTER, prepare=drainer_busy,
         base={"g": 1}, expect={"v2": True, "rfc": True, "fixed": False, "v4": False}),
     Scenario(
         "set-max", "set_max racing try_charge",
         (Proc(0, charges("g", 1, 2), None, "two charges on g"),
-         Proc(None, set_max("g", 1), None, "g's max set to 1")),
+         Proc(1, set_max("g", 1), None, "g's max set to 1")),
         PER_COUNTER,
         expect={"fixed": False, "v2": False, "rfc": False, "v4": False}),
     Scenario(
         "hotplug-deposit", "hotplug of a dead CPU racing a deposit",
         (Proc(0, charge("g"), None, "a charge on g that deposits its surplus"),
-         Proc(None, hotplug_dead(1), None, "CPU 1 (dead, stock 63) reclaimed")),
-        PER_COUNTER, prepare=dead_cpu1_with_stock,
+         Proc(2, hotplug_dead(1), None, "CPU 1 (dead, stock 63) reclaimed")),
+        PER_COUNTER, prepare=dead_cpu1_with_stock, ncpus=3,
         base={"g": 1}, expect={"fixed": False, "v2": False, "rfc": False, "v4": False},
         note="the set-up's page charged by the dead CPU 1 is in the ledger"),
     Scenario(
         "free-charge", "free_stock racing a charge (fixed's precondition ignored)",
         (Proc(0, charge("g"), stock_one("g"), "a stock hit on g"),
-         Proc(None, free_stock("g"), None, "free_stock(g) while g still charges")),
+         Proc(1, free_stock("g"), None, "free_stock(g) while g still charges")),
         ("fixed", "v2", "v4"),
         base={"g": 1}, expect={"fixed": True, "v2": True, "v4": False},
         note="free_stock's contract: nobody charges the counter any more"),
     Scenario(
         "v4-drain", "v4 remote drain racing a consume and a deposit",
         (Proc(0, charges("g", 1, 63), stock_one("g"), "a hit, then a miss that deposits"),
-         Proc(None, drain_all("g"), None, "drain_all_stock(g), remotely")),
+         Proc(1, drain_all("g"), None, "drain_all_stock(g), remotely")),
         ("v4",), base={"g": 1}, expect={"v4": False}),
     Scenario(
         "legacy-evict", "a legacy eviction racing drain_all_stock",
         (Proc(0, charge("A8"), charge_each("A1", "A2", "A3", "A4", "A5", "A6", "A7"),
               "a charge on A8 evicts A1 from CPU 0's 7 slots"),
-         Proc(None, drain_all("A1"), None, "drain_all_stock(A1)")),
+         Proc(1, drain_all("A1"), None, "drain_all_stock(A1)")),
         ("legacy",), cgroups=tuple(f"A{i}" for i in range(1, 9)),
         base={f"A{i}": 1 for i in range(1, 8)}, expect={"legacy": False}),
     Scenario(
         "planted", "a design whose deposit skips the slot lock, racing a remote drain",
         (Proc(0, charge("g", 2), stock_pages("g", 1), "a miss on g that deposits its surplus"),
-         Proc(None, drain_all("g"), None, "drain_all_stock(g), remotely, under the lock")),
+         Proc(1, drain_all("g"), None, "drain_all_stock(g), remotely, under the lock")),
         ("planted", "planted-fixed"), base={"g": 63},
         expect={"planted": True, "planted-fixed": False}),
 )}
