@@ -4,9 +4,10 @@ A schedule is the process chosen at each step. Switching away from the process
 that ran the last step while it could go on is a preemption; switching when it
 blocked or ended is free.
 
-Exhaustive (dfs): depth-first over the choices, each schedule run from the
-snapshot (stateless), at most `bound` preemptions per schedule (CHESS's context
-bounding). Pruning: a preemption is tried only before a step that is visible,
+Exhaustive (dfs): every schedule with at most `bound` preemptions (CHESS's
+context bounding), each run from the snapshot (stateless), in rounds of 0, 1,
+..., bound preemptions (iterative context bounding: the race that needs the
+fewest preemptions comes first), depth-first within a round. Pruning: a preemption is tried only before a step that is visible,
 i.e. that may conflict with a step of another process: it reads a word another
 process writes, or writes a word another process reads or writes. Before an
 invisible step, switching is the same as switching right after it: the step
@@ -36,18 +37,21 @@ Visit = Callable[[list[int], list[Violation], bytes], bool]   # False: stop
 @dataclass
 class _Node:
     step: int
-    used: int                       # preemptions before this step
     alts: list[tuple[int, int]]     # (process, cost) still to try
 
 
 class _Follow:
     """A chooser: `prefix` first, then the current process while it can run (else
-    the lowest index), recording the alternatives of each step past the prefix."""
+    the lowest index), recording the alternatives of each step past the prefix:
+    switches that cost nothing or stay within `bound` preemptions in `nodes`,
+    preemptions past `bound` (the next round's) as prefixes in `deferred`."""
 
     def __init__(self, prefix: list[int], bound: int) -> None:
         self.prefix, self.bound = prefix, bound
         self.i = self.used = 0
         self.nodes: list[_Node] = []
+        self.deferred: list[list[int]] = []
+        self.chosen: list[int] = []
 
     def __call__(self, ctl: Controller, ready: list[Proc], cur: Proc | None) -> Proc:
         running = cur is not None and cur in ready
@@ -57,14 +61,18 @@ class _Follow:
             proc = cur if running and cur is not None else ready[0]
             if running and cur is not None:
                 alts = ([(p.index, 1) for p in ready if p is not cur]
-                        if self.used < self.bound and ctl.visible(cur) else [])
+                        if ctl.visible(cur) else [])
+                if self.used >= self.bound:
+                    self.deferred += [[*self.chosen, q] for q, _ in alts]
+                    alts = []
             else:
                 alts = [(p.index, 0) for p in ready if p is not proc]
             if alts:
-                self.nodes.append(_Node(self.i, self.used, alts))
+                self.nodes.append(_Node(self.i, alts))
         if running and proc is not cur:
             self.used += 1
         self.i += 1
+        self.chosen.append(proc.index)
         return proc
 
 
@@ -86,31 +94,51 @@ class Passes:
 
 
 def dfs(ctl: Controller, bound: int, visit: Visit, max_passes: int = 8) -> Passes:
+    """Every schedule with at most `bound` preemptions, in rounds: round k runs the
+    schedules with exactly k (CHESS's iterative context bounding: a race that
+    needs fewer preemptions is found first), each round depth-first below the
+    prefixes the previous one deferred. Passes until one learns no shared word."""
     passes = Passes()
     for _ in range(max_passes):
         ctl.grew = False
-        count, prefix, stack = 0, list[int](), list[_Node]()
-        while True:
-            chooser = _Follow(prefix, bound)
-            chosen, violations, state = ctl.run(chooser)
-            count += 1
-            if not visit(chosen, violations, state):
-                passes.schedules.append(count)
-                passes.complete = False
-                return passes
-            stack += chooser.nodes
-            while stack and not stack[-1].alts:
-                stack.pop()
-            if not stack:
-                break
-            node = stack[-1]
-            proc, _ = node.alts.pop(0)
-            prefix = [*chosen[:node.step], proc]
+        count, queue = 0, [list[int]()]
+        for k in range(bound + 1):
+            deferred: list[list[int]] = []
+            for start in queue:
+                ran, stop = _subtree(ctl, start, k, visit, deferred)
+                count += ran
+                if stop:
+                    passes.schedules.append(count)
+                    passes.complete = False
+                    return passes
+            queue = deferred
         passes.schedules.append(count)
         if not ctl.grew:
             return passes
     passes.complete = False
     return passes
+
+
+def _subtree(ctl: Controller, start: list[int], bound: int, visit: Visit,
+             deferred: list[list[int]]) -> tuple[int, bool]:
+    """Depth-first below `start`, at most `bound` preemptions; the preemptions past
+    it are added to `deferred`. Returns (schedules run, visit said stop)."""
+    count, prefix, stack = 0, start, list[_Node]()
+    while True:
+        chooser = _Follow(prefix, bound)
+        chosen, violations, state = ctl.run(chooser)
+        count += 1
+        deferred += chooser.deferred
+        if not visit(chosen, violations, state):
+            return count, True
+        stack += chooser.nodes
+        while stack and not stack[-1].alts:
+            stack.pop()
+        if not stack:
+            return count, False
+        node = stack[-1]
+        proc, _ = node.alts.pop(0)
+        prefix = [*chosen[:node.step], proc]
 
 
 class _Priorities:
