@@ -10,9 +10,10 @@ idle, so a schedule costs no arena and no process.
 The handshake lives in a small shared block (anonymous shared memory, futexes):
 per process, GO (bumped by the controller: run to your next point), REP (bumped by
 the process: I am parked), KIND (the step it is parked before, or IDLE/ERROR),
-its arguments, and CMD (what GO means at an idle point: RUN the script of a new
-schedule, SERVE a pending drain signal, EXIT). Exactly one process runs at a
-time, so a schedule is the sequence of processes the controller let run.
+its arguments, CMD (what GO means at an idle point: RUN the script of a new
+schedule, SERVE a pending drain signal, EXIT), its PID, and SENT and TAKEN (drain
+signals sent to it, and taken). Exactly one process runs at a time, so a
+schedule is the sequence of processes the controller let run.
 
 Blocking is modelled, never waited for for real:
   - a futex_wait point is enabled only once its word differs from the value it
