@@ -7,8 +7,10 @@ blocked or ended is free.
 Exhaustive (dfs): every schedule with at most `bound` preemptions (CHESS's
 context bounding), each run from the snapshot (stateless), in rounds of 0, 1,
 ..., bound preemptions (iterative context bounding: the race that needs the
-fewest preemptions comes first), depth-first within a round. Pruning: a preemption is tried only before a step that is visible,
-i.e. that may conflict with a step of another process: it reads a word another
+fewest preemptions comes first), depth-first within a round.
+
+Pruning: a preemption is tried only before a step that is visible, i.e. that
+may conflict with a step of another process: it reads a word another
 process writes, or writes a word another process reads or writes. Before an
 invisible step, switching is the same as switching right after it: the step
 commutes with every step of the others, so both orders reach the same states
