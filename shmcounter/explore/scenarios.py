@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import hooks
 from ..arena import Arena
 from ..cpu import register_cpu
 from ..errors import Busy
@@ -196,11 +198,16 @@ def drainer_busy(arena: Arena, tree: Cgroups) -> None:
 
 
 def dead_cpu1_with_stock(arena: Arena, tree: Cgroups) -> None:
-    """CPU 1 charged g one page (its stock holds batch - 1) and died."""
+    """CPU 1 charged g one page (its stock holds batch - 1), then died inside its
+    next charge, a miss of 64 pages, its first level (g) charged: an op for the
+    hotplug path to roll back."""
     def cpu1() -> None:
         register_cpu(arena, 1)
-        Cgroups(arena).cgroup("g").try_charge(1)
-        os._exit(0)
+        g = Cgroups(arena).cgroup("g")
+        g.try_charge(1)
+        hooks.install("charge:level", lambda point: os.kill(os.getpid(), signal.SIGKILL))
+        g.try_charge(64)
+        os._exit(1)                                 # not reached
     child = multiprocessing.get_context("fork").Process(target=cpu1)
     child.start()
     child.join()
@@ -231,10 +238,12 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario(
         "hotplug-deposit", "hotplug of a dead CPU racing a deposit",
         (Proc(0, charge("g"), None, "a charge on g that deposits its surplus"),
-         Proc(2, hotplug_dead(1), None, "CPU 1 (dead, stock 63) reclaimed")),
+         Proc(2, hotplug_dead(1), None,
+              "CPU 1 (died inside a charge, stock 63) repaired and reclaimed")),
         PER_COUNTER, prepare=dead_cpu1_with_stock, ncpus=3,
         base={"g": 1}, expect={"fixed": False, "v2": False, "rfc": False, "v4": False},
-        note="the set-up's page charged by the dead CPU 1 is in the ledger"),
+        note="the dead CPU 1's first page is in the ledger; its second charge is "
+             "rolled back"),
     Scenario(
         "free-charge", "free_stock racing a charge (fixed's precondition ignored)",
         (Proc(0, charge("g"), stock_one("g"), "a stock hit on g"),
