@@ -467,7 +467,8 @@ class Controller:
                 found.append(Violation("error", f"{proc.name} raised {first}"))
         ledger = self.run_.ledger([proc.result for proc in self.procs])
         try:
-            check_invariants(self.arena, ledger, forced=self.scenario.forced)
+            check_invariants(self.arena, ledger, forced=self.scenario.forced,
+                             batch=self.scenario.batch)
         except InvariantError as e:
             for line in str(e).splitlines():
                 found.append(Violation(line.split(" ", 1)[0], line))
