@@ -154,7 +154,7 @@ def _process(index: int, run: Run, ctl_map: mmap.mmap, conn: Connection) -> None
 
 
 @dataclass
-class Proc:
+class Process:
     """The controller's view of one process."""
 
     index: int
@@ -162,7 +162,6 @@ class Proc:
     pid: int
     conn: Connection
     rep: int = 0
-    go: int = 0
     kind: int = IDLE
     args: tuple[int, ...] = ()
     result: Any = None
@@ -201,7 +200,7 @@ class Violation(Exception):
             else f"{self.invariant}: {self.detail}"
 
 
-Chooser = Callable[["Controller", list[Proc], "Proc | None"], Proc]
+Chooser = Callable[["Controller", list[Process], "Process | None"], Process]
 
 
 class Controller:
@@ -215,7 +214,7 @@ class Controller:
         n = len(scenario.procs)
         self._map = mmap.mmap(-1, max(n * STRIDE * 8, mmap.PAGESIZE))
         self.ctl = Slots(self._map)
-        self.procs: list[Proc] = []
+        self.procs: list[Process] = []
         ctx = multiprocessing.get_context("fork")
         self._children: list[Any] = []
         try:
@@ -226,7 +225,7 @@ class Controller:
                 child.start()
                 theirs.close()
                 self._children.append(child)
-                proc = Proc(i, spec.cpu, child.pid or 0, ours)
+                proc = Process(i, spec.cpu, child.pid or 0, ours)
                 self.procs.append(proc)
                 error = ours.recv()                 # its set-up, in order
                 if error is not None:
@@ -249,14 +248,14 @@ class Controller:
 
     # ---- the handshake --------------------------------------------------------
 
-    def _release(self, proc: Proc, cmd: int = 0) -> None:
+    def _release(self, proc: Process, cmd: int = 0) -> None:
         b = proc.index * STRIDE
         self.ctl.store(b + CMD, cmd)
         self.ctl.fetch_add(b + GO, 1)
         self.ctl.futex_wake(b + GO)
         self._wait_report(proc)
 
-    def _wait_report(self, proc: Proc) -> None:
+    def _wait_report(self, proc: Process) -> None:
         ctl, b = self.ctl, proc.index * STRIDE
         while (rep := ctl.load(b + REP)) == proc.rep:
             if not ctl.futex_wait(b + REP, rep, _WAIT_US) and not self._alive(proc):
@@ -266,7 +265,7 @@ class Controller:
         proc.args = tuple(ctl.load(b + ARG0 + i) for i in range(ctl.load(b + NARGS)))
         proc.fp = None
 
-    def _alive(self, proc: Proc) -> bool:
+    def _alive(self, proc: Process) -> bool:
         return bool(self._children[proc.index].is_alive())
 
     def close(self) -> None:
@@ -292,15 +291,15 @@ class Controller:
 
     # ---- one schedule -----------------------------------------------------------
 
-    def pending(self, proc: Proc) -> bool:
+    def pending(self, proc: Process) -> bool:
         """Has SIGDRAIN been sent to this process and not taken yet?"""
         b = proc.index * STRIDE
         return self.ctl.load(b + SENT) != self.ctl.load(b + TAKEN)
 
-    def enabled(self) -> list[Proc]:
+    def enabled(self) -> list[Process]:
         """The processes that may take the next step (a spinner only if none other)."""
-        ready: list[Proc] = []
-        spinning: list[Proc] = []
+        ready: list[Process] = []
+        spinning: list[Process] = []
         load = self.arena._slots.load
         for proc in self.procs:
             if proc.kind in (IDLE, ERROR):
@@ -316,13 +315,13 @@ class Controller:
                 ready.append(proc)
         return ready or spinning
 
-    def footprint(self, proc: Proc) -> Footprint:
+    def footprint(self, proc: Process) -> Footprint:
         """The footprint of proc's next step (once per step: the words are read now)."""
         if proc.fp is None:
             proc.fp = points.footprint(self.arena, proc.kind, proc.args, proc.cpu)
         return proc.fp
 
-    def visible(self, proc: Proc) -> bool:
+    def visible(self, proc: Process) -> bool:
         """May proc's next step conflict with a step of another process? As far as
         every schedule run so far shows (strategies.py: the passes)."""
         if not self.prune or proc.kind < 0 or proc.kind == FUTEX_WAIT:
@@ -335,7 +334,7 @@ class Controller:
                 or any((self.readers.get(w, 0) | self.writers.get(w, 0)) & others
                        for w in writes))
 
-    def _learn(self, proc: Proc, fp: Footprint) -> None:
+    def _learn(self, proc: Process, fp: Footprint) -> None:
         bit = 1 << proc.index
         for table, words in ((self.readers, fp[0]), (self.writers, fp[1])):
             for w in words:
@@ -365,7 +364,7 @@ class Controller:
         timing["start"] += t2 - t1
         chosen: list[int] = []
         violations: list[Violation] = []
-        cur: Proc | None = None
+        cur: Process | None = None
         while True:
             t0 = clock()
             ready = self.enabled()
@@ -420,15 +419,15 @@ class Controller:
         timing["quiescent"] += clock() - t0
         return chosen, violations, state
 
-    def _collect(self, proc: Proc) -> None:
+    def _collect(self, proc: Process) -> None:
         """proc just reported IDLE or ERROR after running: take what it sent."""
         if proc.kind in (IDLE, ERROR) and proc.conn.poll():
             proc.result = proc.conn.recv()
 
-    def _note_reads(self, proc: Proc, before: dict[int, int], fp: Footprint,
+    def _note_reads(self, proc: Process, before: dict[int, int], fp: Footprint,
                     wrote: dict[int, Any]) -> None:
         """Keep the words proc read since its last write; at a "sleep" point, it
-        waits until one of them changes (Proc.spin)."""
+        waits until one of them changes (Process.spin)."""
         if wrote:
             proc.reads = {}
         else:

@@ -31,7 +31,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .controller import Chooser, Controller, Proc, Violation
+from .controller import Chooser, Controller, Process, Violation
 
 Visit = Callable[[list[int], list[Violation], bytes], bool]   # False: stop
 
@@ -55,7 +55,7 @@ class _Follow:
         self.deferred: list[list[int]] = []
         self.chosen: list[int] = []
 
-    def __call__(self, ctl: Controller, ready: list[Proc], cur: Proc | None) -> Proc:
+    def __call__(self, ctl: Controller, ready: list[Process], cur: Process | None) -> Process:
         running = cur is not None and cur in ready
         if self.i < len(self.prefix):
             proc = _pick(ready, self.prefix[self.i])
@@ -78,7 +78,7 @@ class _Follow:
         return proc
 
 
-def _pick(ready: list[Proc], index: int) -> Proc:
+def _pick(ready: list[Process], index: int) -> Process:
     for proc in ready:
         if proc.index == index:
             return proc
@@ -155,7 +155,7 @@ class _Priorities:
                                                                    depth - 1)))}
         self.i = 0
 
-    def __call__(self, ctl: Controller, ready: list[Proc], cur: Proc | None) -> Proc:
+    def __call__(self, ctl: Controller, ready: list[Process], cur: Process | None) -> Process:
         if self.i in self.changes and cur is not None:
             self.prio[cur.index] = self.changes[self.i]
         self.i += 1
@@ -182,7 +182,7 @@ def replay(chosen: list[int]) -> Chooser:
     """The chooser that runs exactly `chosen` (a token's schedule)."""
     steps = iter(chosen)
 
-    def choose(ctl: Controller, ready: list[Proc], cur: Proc | None) -> Proc:
+    def choose(ctl: Controller, ready: list[Process], cur: Process | None) -> Process:
         index = next(steps, None)
         if index is None:
             raise ValueError("the schedule ends before the scenario does: the token does "
