@@ -1,7 +1,8 @@
-"""shmcounter command line: bench | demo | stat.
+"""shmcounter command line: bench | demo | explore | stat.
 
-Exit codes: 0 done; 1 the command failed; 2 bad arguments (argparse's usage
-error, or an arena that cannot be opened); 130 bench interrupted by Ctrl-C.
+Exit codes: 0 done; 1 the command failed (explore: a violation found); 2 bad
+arguments (argparse's usage error, or an arena that cannot be opened, or an
+unknown scenario, design or token); 130 bench interrupted by Ctrl-C.
 """
 from __future__ import annotations
 
@@ -104,6 +105,27 @@ def bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def explore(args: argparse.Namespace) -> int:
+    from . import explore as ex
+    if args.list:
+        for s in ex.scenarios():
+            print(f"{s.name:16s} {s.title}\n{'':16s} designs: {', '.join(s.designs)}; "
+                  f"processes: {', '.join(p.does for p in s.procs)}"
+                  + (f"\n{'':16s} {s.note}" if s.note else ""))
+        return 0
+    if args.scenario is None or args.design is None:
+        args.error("give a SCENARIO and --design NAME (or --list)")
+    try:
+        report = ex.explore(args.scenario, args.design, bound=args.bound, pct_runs=args.pct,
+                            replay_token=args.replay, seed=args.seed,
+                            stop_at_first=args.first)
+    except ValueError as exc:
+        print(f"shmcounter explore: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report.as_dict(), indent=1) if args.json else report.text())
+    return 1 if report.found else 0
+
+
 # ---- arguments ------------------------------------------------------------------
 
 def _ints(what: str, lo: int, hi: int) -> Callable[[str], tuple[int, ...]]:
@@ -184,6 +206,17 @@ JSON and a PNG plot of throughput against CPU and cgroup counts. The defaults
 take about 2 minutes on 2 cores; --quick is a smoke run of a few seconds."""
 
 
+EXPLORE_HELP = """\
+Run a scenario's processes (real CPU processes, and a plain attached process
+where it needs one) one step at a time under a controller: every step on the
+arena's words is a scheduling point. Explores every schedule with at most K
+preemptions (--bound), or random PCT schedules (--pct), and checks the
+invariants after each schedule against the scenario's ledger, and usage and
+stock >= 0 after every step. Prints the schedules run, the distinct final
+states, each violation with its numbers, the first violating schedule as a
+trace and its replay token. Exit code 1 when a violation is found."""
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shmcounter",
@@ -223,6 +256,25 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="a short scenario: charges, stock, a limit, a kill",
                        description=demo.__doc__)
     p.set_defaults(func=demo)
+
+    p = sub.add_parser("explore", help="explore the schedules of a race scenario",
+                       description=EXPLORE_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("scenario", nargs="?", metavar="SCENARIO", help="a built-in scenario (--list)")
+    p.add_argument("--list", action="store_true", help="list the built-in scenarios")
+    p.add_argument("--design", metavar="NAME", help="the design to run it under")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--bound", type=_int("bound", 0, 10), metavar="K",
+                     help="every schedule with at most K preemptions (default 2)")
+    how.add_argument("--pct", type=_int("runs", 1, 10**6), metavar="RUNS",
+                     help="RUNS random schedules (PCT, depth 3)")
+    how.add_argument("--replay", metavar="TOKEN", help="run exactly this schedule again")
+    p.add_argument("--first", action="store_true",
+                   help="stop at the first violating schedule")
+    p.add_argument("--seed", type=_int("seed", 0, 2**31), default=0, metavar="N",
+                   help="PCT's seed (default 0)")
+    p.add_argument("--json", action="store_true", help="the report as JSON")
+    p.set_defaults(func=explore, error=p.error)
 
     p = sub.add_parser("stat", help="counters, cgroups and per-CPU stocks of a running arena",
                        description="Print the counters and per-CPU stocks of a running "
