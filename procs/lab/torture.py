@@ -808,11 +808,28 @@ def _sigstop(pids: dict[int, int]) -> None:
         try:
             while (line := os.pread(stat, 512, 0))[line.rindex(b")") + 2] != ord("T"):
                 if time.monotonic() > deadline:
-                    raise AssertionError(f"CPU {cpu} (pid {pid}) did not stop")
+                    raise AssertionError(f"CPU {cpu} (pid {pid}) did not stop: "
+                                         f"{_kernel_state(pid)}")
                 time.sleep(poll)
                 poll = min(2 * poll, 1e-3)
         finally:
             os.close(stat)
+
+
+def _kernel_state(pid: int) -> str:
+    """What the kernel says process `pid` is doing: its state, where it sleeps, and
+    its kernel stack (root only), for the error of a process that does not stop."""
+    seen = []
+    for name in ("stat", "wchan", "stack"):
+        try:
+            with open(f"/proc/{pid}/{name}") as f:
+                text = f.read().strip()
+        except OSError as exc:
+            text = f"({exc.strerror})"
+        if name == "stat":
+            text = "state " + text[text.rindex(")") + 2:].split()[0]
+        seen.append(f"{name}: {text}" if name != "stat" else text)
+    return "; ".join(seen)
 
 
 def _pause(slots: Slots, online: Iterable[int], loops: dict[int, _Loop]) -> None:
