@@ -22,16 +22,20 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import random
+import select
 import signal
+import sys
+import threading
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Any
 
 from shmcounter import Arena
 
-from .errors import HostStale
+from .errors import ClusterError, HostStale
 from .host import EPOCH, Host, HostView, state_path
-from .tree import Cluster, Snapshot
+from .tree import DRAIN_TIMEOUT, Cluster, Snapshot
 
 REPLY_TIMEOUT = 60.0
 
@@ -42,7 +46,9 @@ _HELD: dict[tuple[int, str], int] = defaultdict(int)
 
 def work(host: HostView, names: list[str], seconds: float, seed: int,
          max_pages: int) -> dict[str, Any]:
-    """Random charges and uncharges of `names` for `seconds` (a CPU's task).
+    """Random charges and uncharges of `names` for `seconds` of this process's
+    running time (a CPU's task): a process stopped for a while goes on after
+    SIGCONT, and meets its lease expired.
 
     Returns {epoch: the live epoch at the end, held: {counter: pages held at it},
     ok, refused, stale: counts, last_ok: {epoch: monotonic ns at the start of the
@@ -58,7 +64,12 @@ def work(host: HostView, names: list[str], seconds: float, seed: int,
     live = host.epoch
     for key in [k for k in _HELD if k[0] != live]:
         del _HELD[key]
-    while time.monotonic() < end:
+    last = time.monotonic()
+    while last < end:
+        now = time.monotonic()
+        if now - last > 0.1:                # stopped meanwhile: not running time
+            end += now - last
+        last = now
         if host.stale:
             time.sleep(0.005)
             continue
@@ -102,30 +113,48 @@ def release(host: HostView) -> int:
 
 
 def _host_main(url: str, namespace: str, name: str, ncpus: int, ttl: float, batch: int,
-               max_counters: int, conn: Any) -> None:
+               max_counters: int, auto_rejoin: bool, drain_timeout: float,
+               conn: Any) -> None:
     os.setpgid(0, 0)                      # a process group of its own: the host
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with(os.getppid())
     from procs import Machine
     arena = Arena.create(ncpus=ncpus, max_counters=max_counters)
-    cl = Cluster.connect(url, namespace)
-    host = cl.join(arena, host=name, ttl=ttl, batch=batch)
+    try:
+        cl = Cluster.connect(url, namespace)
+        host = cl.join(arena, host=name, ttl=ttl, batch=batch, drain_timeout=drain_timeout)
+    except BaseException as exc:
+        arena.close()
+        arena.unlink()
+        conn.send(("failed", repr(exc)))
+        os._exit(1)
     machine = Machine(arena, ncpus, start_method="fork")
     conn.send(("ready", arena.name))
     futures: list[Any] = []
+    results: list[dict[str, Any]] = []
     while True:
         if not conn.poll(0.02):
-            if host.stale and not futures:
+            if auto_rejoin and host.stale:
                 host.rejoin()
             continue
         cmd, *args = conn.recv()
-        if cmd == "run":
+        if cmd in ("charge", "uncharge"):
+            conn.send(_charge(host, cmd, *args))
+        elif cmd == "rejoin":
+            conn.send(host.rejoin())
+        elif cmd == "state":
+            conn.send({"epoch": host.epoch, "mirrors": {
+                c: (m.max, m.usage) for c, m in host._mirrors().items()}})
+        elif cmd == "run":
             names, seconds, seed, max_pages = args
             futures = [machine.submit(cpu, work, host, names, seconds, seed * 100 + cpu,
                                       max_pages) for cpu in range(ncpus)]
             conn.send("started")
-        elif cmd == "collect":
+        elif cmd == "wait":
             results = [f.result() for f in futures]
             futures = []
+            conn.send("done")
+        elif cmd == "audit":
             conn.send(_audit(host, results))
         elif cmd == "release":
             conn.send(sum(machine.run_on(cpu, release, host) for cpu in range(ncpus)))
@@ -137,6 +166,32 @@ def _host_main(url: str, namespace: str, name: str, ncpus: int, ttl: float, batc
             arena.unlink()
             conn.send(pages)
             os._exit(0)
+
+
+def _die_with(parent: int) -> None:
+    """SIGKILL this host's whole process group when `parent` (its driver) exits:
+    a driver that dies leaves no host behind."""
+    fd = os.pidfd_open(parent)
+
+    def watch() -> None:
+        select.select([fd], [], [])
+        os.killpg(0, signal.SIGKILL)
+
+    threading.Thread(target=watch, name="driver-watch", daemon=True).start()
+
+
+def _charge(host: Host, cmd: str, name: str, n: int) -> Any:
+    """One charge or uncharge in the host's main process: (ok, refusing counter's
+    name or None) | None for an uncharge | "stale"."""
+    try:
+        hc = host.counter(name)
+        if cmd == "uncharge":
+            hc.uncharge(n)
+            return None
+        ok, fail = hc.try_charge(n)
+        return ok, None if fail is None else fail.name
+    except HostStale:
+        return "stale"
 
 
 def _audit(host: Host, results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -172,13 +227,14 @@ class HostProcess:
     processes, arena, lease file."""
 
     def __init__(self, url: str, namespace: str, name: str, ncpus: int = 2,
-                 ttl: float = 1.0, batch: int = 16, max_counters: int = 1024) -> None:
+                 ttl: float = 1.0, batch: int = 16, max_counters: int = 1024,
+                 auto_rejoin: bool = True, drain_timeout: float = DRAIN_TIMEOUT) -> None:
         ctx = mp.get_context("fork")
         self.name = name
         self._conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_host_main, name=f"host-{name}",
                                 args=(url, namespace, name, ncpus, ttl, batch, max_counters,
-                                      child))
+                                      auto_rejoin, drain_timeout, child))
         self.proc.start()
         child.close()
         assert self.proc.pid is not None
@@ -186,11 +242,13 @@ class HostProcess:
         self.arena_name = ""
         self.alive = True
         try:
-            tag, self.arena_name = self._reply()
+            tag, what = self._reply()
+            if tag != "ready":
+                raise ClusterError(f"host {name} did not start: {what}")
+            self.arena_name = what
         except BaseException:
             self.kill()
             raise
-        assert tag == "ready"
 
     def _reply(self, timeout: float = REPLY_TIMEOUT) -> Any:
         if not self._conn.poll(timeout):
@@ -205,9 +263,24 @@ class HostProcess:
         """Start a round: every CPU charges and uncharges at random for `seconds`."""
         assert self.command("run", names, seconds, seed, max_pages) == "started"
 
-    def collect(self) -> dict[str, Any]:
-        """Wait for the round, then the audit (see _audit)."""
-        return dict(self.command("collect"))
+    def wait(self) -> None:
+        """Wait for the round's end on every CPU."""
+        assert self.command("wait") == "done"
+
+    def audit(self) -> dict[str, Any]:
+        """The host after its round (see _audit)."""
+        return dict(self.command("audit"))
+
+    def charge(self, name: str, n: int) -> Any:
+        """try_charge in the host's main process: (ok, refusing name) | "stale"."""
+        return self.command("charge", name, n)
+
+    def uncharge(self, name: str, n: int) -> Any:
+        return self.command("uncharge", name, n)
+
+    def state(self) -> dict[str, Any]:
+        """{epoch, mirrors: {counter: (max, usage)}} of the live epoch."""
+        return dict(self.command("state"))
 
     def signal(self, sig: int) -> None:
         os.killpg(self.pgid, sig)
@@ -254,7 +327,8 @@ def check_cluster(snap: Snapshot, audits: list[dict[str, Any]]) -> list[str]:
         it (their leases): nothing lost, nothing counted twice;
     C2  usage <= max at every counter;
     C3  every live host's lease in Redis == its mirrors' max, counter by counter,
-        and its mirrors' usage == the pages its CPUs hold (I7 one level up);
+        read together under the host lock, and its mirrors' usage == the pages
+        its CPUs hold (I7 one level up);
     C4  every host reaped at most once per epoch.
     """
     bad = []
@@ -268,9 +342,8 @@ def check_cluster(snap: Snapshot, audits: list[dict[str, Any]]) -> list[str]:
         if snap.epochs.get(h) != a["epoch"]:
             continue                        # reaped since its audit: C1 covers it
         mirrored = {c: m for c, (m, _) in a["mirrors"].items() if m}
-        if snap.leases.get(h, {}) != mirrored or a["lease"] != mirrored:
-            bad.append(f"C3 {h}: lease {snap.leases.get(h)} / {a['lease']} != mirrors "
-                       f"{mirrored}")
+        if a["lease"] != mirrored:
+            bad.append(f"C3 {h}: lease {a['lease']} != mirrors {mirrored}")
         used = {c: u for c, (_, u) in a["mirrors"].items() if u}
         if used != a["held"]:
             bad.append(f"C3 {h}: mirrors' usage {used} != pages held {a['held']}")
@@ -281,3 +354,154 @@ def check_cluster(snap: Snapshot, audits: list[dict[str, Any]]) -> list[str]:
     if len(seen) != len(set(seen)):
         bad.append(f"C4 a host epoch reaped twice: {snap.reaped}")
     return bad
+
+
+FAULT_KINDS = ("kill", "long-stop", "short-stop")
+
+
+@dataclass
+class TortureReport:
+    """What torture() did and found. violations: [] when every check held."""
+    faults: dict[str, int] = field(default_factory=lambda: {k: 0 for k in FAULT_KINDS})
+    violations: list[str] = field(default_factory=list)
+    reaps: int = 0                     # host epochs reaped (the tree's list, no repeats)
+    spurious_reaps: int = 0            # of hosts that were not faulted (a slow heartbeat)
+    fenced: int = 0                    # charges refused with HostStale
+    charges: int = 0
+    refused: int = 0
+    drains: int = 0
+    reclaim_s: list[float] = field(default_factory=list)   # SIGKILL -> reaped
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        r = sorted(self.reclaim_s) or [0.0]
+        return "\n".join([
+            f"{sum(self.faults.values())} host faults {self.faults} in {self.seconds:.0f} s",
+            f"charges ok {self.charges}, refused {self.refused}, drains {self.drains}, "
+            f"fenced (HostStale) {self.fenced}",
+            f"host epochs reaped {self.reaps} (each once), of hosts not faulted "
+            f"{self.spurious_reaps}",
+            f"SIGKILL -> reaped: median {r[len(r) // 2]:.2f} s, max {r[-1]:.2f} s",
+            "violations: " + ("none" if not self.violations else
+                              f"{len(self.violations)}\n  " + "\n  ".join(self.violations)),
+        ])
+
+
+def torture(cl: Cluster, faults: int, seed: int = 0, nhosts: int = 3, ncpus: int = 2,
+            ttl: float = 1.0, batch: int = 16, max_pages: int = 4, round_s: float = 0.25,
+            drain_timeout: float = 0.2, progress: bool = False) -> TortureReport:
+    """`nhosts` hosts of `ncpus` CPUs charge and uncharge root > (a, b) at random
+    (work); `faults` faults on whole hosts in turn: SIGKILL (the host restarts and
+    rejoins), SIGSTOP until the others reaped it (then SIGCONT: fenced), SIGSTOP
+    for 50 ms (well inside the margin). After each fault, all hosts idle:
+    check_cluster (C1-C4), every faulted epoch reaped, and no charge that started
+    after a host was stopped succeeded at the epoch it was reaped at."""
+    rng = random.Random(seed)
+    report = TortureReport()
+    t_start = time.monotonic()
+    root = cl.new_counter("root", max=300)
+    cl.new_counter("a", parent=root, max=40)
+    cl.new_counter("b", parent=root, max=290)
+    names: list[str] = []
+    ns = cl.namespace
+
+    def start(h: str) -> HostProcess:
+        return HostProcess(cl.url, ns, h, ncpus=ncpus, ttl=ttl, batch=batch,
+                           drain_timeout=drain_timeout)
+
+    fleet: dict[str, HostProcess] = {}
+    faulted: set[tuple[str, str]] = set()
+    try:
+        for i in range(nhosts):
+            fleet[f"h{i}"] = start(f"h{i}")
+        for fault in range(faults):
+            # tight rounds (a is small: refusals, drains) and roomy ones (b only:
+            # leases have room, and a host that wakes stale would have stock)
+            names = ["b"] if fault % 2 else ["root", "a", "b"]
+            for p in fleet.values():
+                p.run(names, round_s, seed * 100_000 + fault, max_pages)
+            time.sleep(rng.uniform(0.02, round_s * 0.8))
+            victim = rng.choice(sorted(fleet))
+            p = fleet[victim]
+            kind = FAULT_KINDS[fault % 3]
+            report.faults[kind] += 1
+            epoch = str(cl.client.get(f"{ns}:live:{victim}"))
+            stopped = 0
+            if kind == "kill":
+                t_kill = time.monotonic()
+                p.kill()
+                if not _wait(lambda v=victim, e=epoch: _reaped(cl, v, e), ttl + 10):
+                    report.violations.append(f"fault {fault}: {victim} epoch {epoch} "
+                                             f"killed, not reaped in {ttl + 10} s")
+                report.reclaim_s.append(time.monotonic() - t_kill)
+                faulted.add((victim, epoch))
+                fleet[victim] = start(victim)
+                fleet[victim].run(names, round_s / 4, seed * 100_000 + fault, max_pages)
+            elif kind == "long-stop":
+                p.signal(signal.SIGSTOP)
+                stopped = time.monotonic_ns()
+                if not _wait(lambda v=victim, e=epoch: _reaped(cl, v, e), ttl + 10):
+                    report.violations.append(f"fault {fault}: {victim} epoch {epoch} "
+                                             f"stopped, not reaped in {ttl + 10} s")
+                p.signal(signal.SIGCONT)
+                faulted.add((victim, epoch))
+            else:
+                p.signal(signal.SIGSTOP)
+                time.sleep(0.05)
+                p.signal(signal.SIGCONT)
+            for q in fleet.values():
+                q.wait()
+            audits = [q.audit() for q in fleet.values()]
+            snap = cl.snapshot()
+            report.violations += [f"fault {fault} ({kind} {victim}): {v}"
+                                  for v in check_cluster(snap, audits)]
+            for a in audits:
+                report.charges += a["ok"]
+                report.refused += a["refused"]
+                report.fenced += a["stale"]
+                if kind == "long-stop" and a["host"] == victim:
+                    late = a["last_ok"].get(int(epoch), 0)
+                    if late >= stopped:
+                        report.violations.append(
+                            f"fault {fault}: {victim} spent stale stock at epoch {epoch}, "
+                            f"a charge started {(late - stopped) / 1e9:.3f} s after its stop")
+            reaped = {tuple(r.split()[:2]) for r in snap.reaped}
+            if not faulted <= reaped:
+                report.violations.append(f"fault {fault}: not reaped: {faulted - reaped}")
+            if progress:
+                print(f"\rfault {fault + 1}/{faults}: {kind} {victim}; violations "
+                      f"{len(report.violations)}", end="", file=sys.stderr, flush=True)
+        for p in fleet.values():
+            p.command("release")
+        for p in fleet.values():
+            p.close()
+        snap = cl.snapshot()
+        if any(f["usage"] for f in snap.counters.values()):
+            report.violations.append(f"after every host left: {snap.counters}")
+        report.reaps = snap.stats.get("reaped", 0)
+        report.spurious_reaps = report.reaps - len(faulted)
+        report.drains = snap.stats.get("drains", 0)
+        # the tree keeps the latest 100 reaps: repeats among them
+        seen = [tuple(r.split()[:2]) for r in snap.reaped]
+        if len(seen) != len(set(seen)):
+            report.violations.append("a host epoch reaped twice")
+    finally:
+        for p in fleet.values():
+            p.kill()
+        if progress:
+            print(file=sys.stderr)
+    report.seconds = time.monotonic() - t_start
+    return report
+
+
+def _reaped(cl: Cluster, host: str, epoch: str) -> bool:
+    return any(r.startswith(f"{host} {epoch} ") for r in cl.snapshot().reaped)
+
+
+def _wait(predicate: Any, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True

@@ -159,7 +159,8 @@ class _HostBase:
 
     def _call(self, op: str, *args: object) -> list[Any]:
         """One fenced script call at the live epoch; extends the lease on success,
-        marks the host stale and raises HostStale on STALE. Under the host lock."""
+        marks the host stale and raises HostStale on STALE. Under the host lock,
+        but for the heartbeat."""
         epoch = self._state.words[EPOCH]
         if epoch == 0:
             raise HostStale(f"host {self.name!r} is stale: rejoin")
@@ -259,9 +260,11 @@ class HostCounter:
         if words[EPOCH] != self._epoch:
             self._check_epoch()
         if time.monotonic_ns() < words[DEADLINE] and self._mirror_.try_charge(nr_pages)[0]:
-            if time.monotonic_ns() < words[DEADLINE]:
+            # Again after the charge: the lease may have expired meanwhile, or the
+            # host been reaped and rejoined (DEADLINE is written before EPOCH).
+            if time.monotonic_ns() < words[DEADLINE] and words[EPOCH] == self._epoch:
                 return _SUCCESS
-            self._mirror_.uncharge(nr_pages)        # the lease may have expired meanwhile
+            self._mirror_.uncharge(nr_pages)
         return self._charge_slow(nr_pages)
 
     def _local(self, n: int) -> bool:
@@ -286,7 +289,8 @@ class HostCounter:
         for after_drain in (False, True):
             with self._state:
                 self._check_epoch()
-                for size in (n,) if after_drain else (max(host.batch, n), n):
+                sizes = (n,) if after_drain or host.batch <= n else (host.batch, n)
+                for size in sizes:
                     refused = self._refill(n, size)
                     if refused is None:
                         return _SUCCESS
@@ -376,6 +380,8 @@ class Host(_HostBase):
                 epoch = self._scripts.call("join", self.namespace, self.name, self._ttl_ms)
             except redis.exceptions.ResponseError as exc:
                 raise ClusterError(str(exc)) from None
+            # EPOCH is 0 here (a first join, or stale): a charge at the old epoch
+            # that reads this DEADLINE reads EPOCH after it, and is undone
             self._state.words[DEADLINE] = t_send + self._ttl_ns - self._margin_ns
             self._state.words[EPOCH] = int(epoch)
 
@@ -414,11 +420,12 @@ class Host(_HostBase):
 
     def heartbeat(self) -> dict[str, int]:
         """Renew the lease, publish the unused lease, reap expired hosts: {host:
-        pages} reaped. HostStale if this host was reaped."""
-        with self._state:
-            unused = [x for name, m in self._mirrors().items()
-                      for x in (name, m.max - m.usage)]
-            answer = self._call("heartbeat", *unused)
+        pages} reaped. HostStale if this host was reaped. Without the host lock:
+        it changes only the TTL (a renewal must not wait behind charges), and the
+        unused lease it publishes is read without one (a statistic)."""
+        unused = [x for name, m in self._mirrors().items()
+                  for x in (name, max(m.max - m.usage, 0))]
+        answer = self._call("heartbeat", *unused)
         reaped = {str(answer[i]): int(answer[i + 1]) for i in range(1, len(answer), 2)}
         self.reaped.update(reaped)
         return reaped
@@ -430,7 +437,7 @@ class Host(_HostBase):
             try:
                 self.heartbeat()
             except HostStale:
-                log.warning("host %s: stale (reaped); rejoin", self.name)
+                log.info("host %s: stale (reaped); rejoin", self.name)
             except redis.exceptions.RedisError as exc:
                 log.warning("host %s: heartbeat failed: %s", self.name, exc)
 
