@@ -19,6 +19,7 @@ While idle, a host main rejoins as soon as it finds itself stale.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import multiprocessing as mp
 import os
 import random
@@ -145,15 +146,25 @@ def _host_main(url: str, namespace: str, name: str, ncpus: int, ttl: float, batc
         elif cmd == "state":
             conn.send({"epoch": host.epoch, "mirrors": {
                 c: (m.max, m.usage) for c, m in host._mirrors().items()}})
+        elif cmd == "call":
+            fn, fargs = args
+            futures = [machine.submit(cpu, fn, host, cpu, *fargs) for cpu in range(ncpus)]
+            conn.send("started")
         elif cmd == "run":
             names, seconds, seed, max_pages = args
             futures = [machine.submit(cpu, work, host, names, seconds, seed * 100 + cpu,
                                       max_pages) for cpu in range(ncpus)]
             conn.send("started")
         elif cmd == "wait":
+            # the CPUs may wait for a rejoin (after HostStale): rejoin meanwhile
+            while concurrent.futures.wait(futures, timeout=0.02).not_done:
+                if auto_rejoin and host.stale:
+                    host.rejoin()
             results = [f.result() for f in futures]
             futures = []
             conn.send("done")
+        elif cmd == "results":
+            conn.send(results)
         elif cmd == "audit":
             conn.send(_audit(host, results))
         elif cmd == "release":
@@ -266,6 +277,14 @@ class HostProcess:
     def wait(self) -> None:
         """Wait for the round's end on every CPU."""
         assert self.command("wait") == "done"
+
+    def call(self, fn: Any, *args: Any) -> None:
+        """Start fn(host view, cpu, *args) on every CPU (a module-level function);
+        wait() ends it, results() gives what each returned."""
+        assert self.command("call", fn, args) == "started"
+
+    def results(self) -> list[Any]:
+        return list(self.command("results"))
 
     def audit(self) -> dict[str, Any]:
         """The host after its round (see _audit)."""
@@ -395,7 +414,9 @@ def torture(cl: Cluster, faults: int, seed: int = 0, nhosts: int = 3, ncpus: int
     rejoins), SIGSTOP until the others reaped it (then SIGCONT: fenced), SIGSTOP
     for 50 ms (well inside the margin). After each fault, all hosts idle:
     check_cluster (C1-C4), every faulted epoch reaped, and no charge that started
-    after a host was stopped succeeded at the epoch it was reaped at."""
+    after a host was stopped succeeded at the epoch it was reaped at. (The
+    tree keeps its latest 100 reaps: each faulted epoch is checked right after
+    its fault, repeats among the latest 100 after each.)"""
     rng = random.Random(seed)
     report = TortureReport()
     t_start = time.monotonic()
@@ -410,7 +431,7 @@ def torture(cl: Cluster, faults: int, seed: int = 0, nhosts: int = 3, ncpus: int
                            drain_timeout=drain_timeout)
 
     fleet: dict[str, HostProcess] = {}
-    faulted: set[tuple[str, str]] = set()
+    faulted: set[tuple[str, str]] = set()     # (host, epoch) killed or long-stopped
     try:
         for i in range(nhosts):
             fleet[f"h{i}"] = start(f"h{i}")
@@ -465,9 +486,6 @@ def torture(cl: Cluster, faults: int, seed: int = 0, nhosts: int = 3, ncpus: int
                         report.violations.append(
                             f"fault {fault}: {victim} spent stale stock at epoch {epoch}, "
                             f"a charge started {(late - stopped) / 1e9:.3f} s after its stop")
-            reaped = {tuple(r.split()[:2]) for r in snap.reaped}
-            if not faulted <= reaped:
-                report.violations.append(f"fault {fault}: not reaped: {faulted - reaped}")
             if progress:
                 print(f"\rfault {fault + 1}/{faults}: {kind} {victim}; violations "
                       f"{len(report.violations)}", end="", file=sys.stderr, flush=True)

@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from shmcounter import Arena, Busy, PageCounter
+from shmcounter.segment import PC_MAX, PC_USAGE
 
 from .errors import ClusterError, HostStale
 from .lua import OK, STALE, Scripts
@@ -234,9 +235,14 @@ class HostCounter:
         self._epoch = host.epoch
         if self._epoch == 0:
             raise HostStale(f"host {host.name!r} is stale: rejoin")
-        self._mirror_ = host._mirror(name, self._epoch)
+        self._mirror_ = mirror = host._mirror(name, self._epoch)
         self._words = host._state.words
         self._state = host._state
+        # the mirror's usage and max words, read as its properties do, without
+        # their two Python frames (uncharge reads both on every call)
+        self._load = mirror._slots.load
+        self._usage_slot, self._max_slot = mirror._c + PC_USAGE, mirror._c + PC_MAX
+        self._give_above = 2 * host.batch
 
     @property
     def epoch(self) -> int:
@@ -318,15 +324,15 @@ class HostCounter:
         """Give nr_pages back to the host's lease; a lease unused above 2 x batch
         goes back to the cluster down to batch. HostStale if the host was reaped:
         the reap uncharged these pages already."""
-        self._check_epoch()
-        mirror = self._mirror_
-        if type(nr_pages) is not int or not 0 <= nr_pages <= mirror.usage:
-            raise ValueError(f"nr_pages must be an int in [0, {mirror.usage}] (the host's "
+        if self._words[EPOCH] != self._epoch:
+            self._check_epoch()
+        usage = self._load(self._usage_slot)
+        if type(nr_pages) is not int or not 0 <= nr_pages <= usage:
+            raise ValueError(f"nr_pages must be an int in [0, {usage}] (the host's "
                              f"usage of {self.name!r}), got {nr_pages!r}")
-        mirror.uncharge(nr_pages)
-        batch = self.host.batch
-        if mirror.max - mirror.usage > 2 * batch:
-            self.host._give_back(mirror, self.name, batch)
+        self._mirror_.uncharge(nr_pages)
+        if self._load(self._max_slot) - usage + nr_pages > self._give_above:
+            self.host._give_back(self._mirror_, self.name, self.host.batch)
 
     def __repr__(self) -> str:
         return f"<HostCounter {self.host.name}:{self.name}@{self._epoch}>"
