@@ -193,6 +193,8 @@ def test_bad_input_is_refused_and_changes_nothing(cl, make_arena):
         host.counter("root").uncharge(1)                        # holds none
     with pytest.raises(ClusterError, match="is live"):
         cl.join(make_arena(), "a", ttl=30)
+    with pytest.raises(ClusterError, match="one host per arena"):
+        cl.join(arena, "b", ttl=30)
     with pytest.raises(ValueError, match="ttl"):
         cl.join(make_arena(), "b", ttl=0)
     with pytest.raises(ValueError, match="batch"):

@@ -360,7 +360,11 @@ class Host(_HostBase):
         margin = ttl / 4 if margin is None else margin
         if not isinstance(margin, (int, float)) or not 0 <= margin < ttl:
             raise ValueError(f"margin must be a number of seconds in [0, ttl), got {margin!r}")
-        state = _State(state_path(arena.name), create=True)
+        try:
+            state = _State(state_path(arena.name), create=True)
+        except FileExistsError:
+            raise ClusterError(f"arena {arena.name!r} has joined a cluster already "
+                               f"(one host per arena)") from None
         super().__init__(cluster.url, cluster.namespace, name, arena, float(ttl), batch,
                          float(margin), drain_timeout, state)
         self.reaped: dict[str, int] = {}      # hosts this host's heartbeat reaped: pages
@@ -512,7 +516,10 @@ class Host(_HostBase):
                 epoch = self._state.words[EPOCH]
                 if epoch == 0:
                     return 0
-                returned = self.return_unused()
+                try:
+                    returned = self.return_unused()
+                except HostStale:
+                    return 0
                 answer = self._scripts.call("leave", self.namespace, self.name, epoch)
                 self._state.words[DEADLINE] = 0
                 self._state.words[EPOCH] = 0
