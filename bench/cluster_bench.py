@@ -3,7 +3,8 @@
 
     python bench/cluster_bench.py [--seconds 1.0] [--hosts 1,2,4,8]
                                   [--counters 1,32,1024] [--batch 64] [--rounds 3]
-                                  [--kills 5] [--json docs/cluster-bench.json]
+                                  [--kills 5] [--growing]
+                                  [--json docs/cluster-bench.json]
                                   [--png docs/cluster-bench.png]
 
 One redis-server (Cluster.embedded, loopback). Hosts are fleet.HostProcess
@@ -22,10 +23,14 @@ Hosts of the throughput cells have a TTL of 10 s: 8 hosts of 2 spinning CPUs on
 For each (hosts, counters): ops/s of all CPUs together, ours and the peer in
 turns, --rounds times, medians; EVALSHA calls per charged page (the server's
 commandstats over ours' whole runs, heartbeats included, over the pages charged
-in the measured windows: the leases fill in the 0.3 s not measured). Both walks
+in the measured windows: the leases fill in the 0.3 s + 1 ms per counter not
+measured). Both walks
 follow one precomputed random plan (counter, coin) per CPU, so that drawing
-random numbers costs neither of them. Then reclaim: a host holding leases is
-SIGKILLed, the time until the live hosts' heartbeats reaped it (TTL 1 s), --kills times.
+random numbers costs neither of them; by default a steady one (each counter's
+steps uncharge as often as they charge: usage stays level), with --growing
+independent coins (some counters grow every pass: their leases keep refilling).
+Then reclaim: a host holding leases is SIGKILLed, the time until the live
+hosts' heartbeats reaped it (TTL 1 s), --kills times.
 No timing assertion anywhere: this prints, and writes JSON and a PNG.
 """
 from __future__ import annotations
@@ -67,11 +72,11 @@ return 1
 
 
 def walk_ours(host: HostView, cpu: int, names: list[str], warmup: float, seconds: float,
-              seed: int) -> dict[str, int]:
+              seed: int, steady: bool) -> dict[str, int]:
     """A CPU's random walk through its host's leases; counts after the warm-up.
     A host reaped meanwhile (a heartbeat starved past its TTL on a loaded
     machine) loses its pages; the walk goes on at the next epoch, and says so."""
-    plan = _plan(len(names), seed * 10 + cpu)
+    plan = _plan(len(names), seed * 10 + cpu, steady=steady)
     handles = [host.counter(n) for n in names]
     held = [0] * len(handles)
     ops = charged = stale = 0
@@ -106,11 +111,11 @@ def walk_ours(host: HostView, cpu: int, names: list[str], warmup: float, seconds
 
 
 def walk_peer(host: HostView, cpu: int, names: list[str], warmup: float, seconds: float,
-              seed: int, ns: str) -> dict[str, int]:
+              seed: int, steady: bool, ns: str) -> dict[str, int]:
     """The same walk, one Lua limiter call per charge and per uncharge."""
     client = redis.Redis.from_url(host.url, decode_responses=True)
     sha = client.script_load(PEER_LUA)
-    plan = _plan(len(names), seed * 10 + cpu)
+    plan = _plan(len(names), seed * 10 + cpu, steady=steady)
     k = 0
     held = [0] * len(names)
     ops = charged = 0
@@ -139,10 +144,21 @@ def walk_peer(host: HostView, cpu: int, names: list[str], warmup: float, seconds
     return {"ops": ops, "charged": charged, "stale": 0}
 
 
-def _plan(ncounters: int, seed: int, length: int = 4096) -> list[tuple[int, bool]]:
-    """The walk's steps: (counter index, uncharge if it holds a page)."""
+def _plan(ncounters: int, seed: int, length: int = 4096,
+          steady: bool = True) -> list[tuple[int, bool]]:
+    """The walk's steps: (counter index, uncharge if it holds a page). Steady:
+    each counter's steps uncharge as often as they charge, shuffled, so that
+    usage stays level pass after pass; not steady: independent coins, so that
+    some counters' usage grows every pass (their leases refill every batch)."""
     rng = random.Random(seed)
-    return [(rng.randrange(ncounters), rng.random() < 0.5) for _ in range(length)]
+    if not steady:
+        return [(rng.randrange(ncounters), rng.random() < 0.5) for _ in range(length)]
+    steps = []
+    for _ in range(length // 2):
+        i = rng.randrange(ncounters)
+        steps += [(i, False), (i, True)]
+    rng.shuffle(steps)
+    return steps
 
 
 def build_tree(cl: Cluster, ncounters: int) -> list[str]:
@@ -166,8 +182,9 @@ def measure(hosts: list[HostProcess], cl: Cluster, fn: Any, args: tuple,
 
 
 def run(seconds: float, host_counts: list[int], counter_counts: list[int], batch: int,
-        kills: int, rounds: int) -> dict[str, Any]:
-    out: dict[str, Any] = {"seconds": seconds, "batch": batch, "cells": [], "reclaim_s": []}
+        kills: int, rounds: int, steady: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"seconds": seconds, "batch": batch, "steady": steady, "cells": [],
+                           "reclaim_s": []}
     with Cluster.embedded("ours") as cl:
         peer_ns = "peer"
         out["redis_version"] = cl.client.info("server")["redis_version"]
@@ -188,11 +205,14 @@ def run(seconds: float, host_counts: list[int], counter_counts: list[int], batch
                     # ours and the peer in turns, `rounds` times: both see the
                     # machine's noise alike; the cell keeps the medians
                     o, pe = [], []
+                    # leases fill on each counter's first charges: 1 ms a counter
+                    warmup = 0.3 + ncounters / 1000
                     for r in range(rounds):
                         o.append(measure(hosts, ours, walk_ours,
-                                         (names, 0.3, seconds, nhosts * 100 + r), seconds))
+                                         (names, warmup, seconds, nhosts * 100 + r, steady),
+                                         seconds))
                         pe.append(measure(hosts, peer, walk_peer,
-                                          (names, 0.1, seconds, nhosts * 100 + r,
+                                          (names, 0.1, seconds, nhosts * 100 + r, steady,
                                            peer.namespace), seconds))
                     ops = statistics.median(m["ops_per_s"] for m in o)
                     peer_ops = statistics.median(m["ops_per_s"] for m in pe)
@@ -280,10 +300,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--kills", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--growing", action="store_true",
+                        help="independent coins: some counters' usage grows every pass "
+                             "(default: steady, each counter uncharges as often as it "
+                             "charges)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--png", type=Path, default=None)
     args = parser.parse_args()
-    out = run(args.seconds, args.hosts, args.counters, args.batch, args.kills, args.rounds)
+    out = run(args.seconds, args.hosts, args.counters, args.batch, args.kills, args.rounds,
+              not args.growing)
     cells = out["cells"]
     r = out["reclaim_s"]
     print(f"\nratio ours/peer: min {min(c['ratio'] for c in cells):.0f}x, median "
