@@ -121,15 +121,18 @@ def _host_main(url: str, namespace: str, name: str, ncpus: int, ttl: float, batc
     _die_with(os.getppid())
     from procs import Machine
     arena = Arena.create(ncpus=ncpus, max_counters=max_counters)
+    host: Host | None = None
     try:
         cl = Cluster.connect(url, namespace)
         host = cl.join(arena, host=name, ttl=ttl, batch=batch, drain_timeout=drain_timeout)
-    except BaseException as exc:
+        machine = Machine(arena, ncpus, start_method="fork")
+    except BaseException as exc:              # leave nothing behind: lease, file, arena
+        if host is not None:
+            host.close()
         arena.close()
         arena.unlink()
         conn.send(("failed", repr(exc)))
         os._exit(1)
-    machine = Machine(arena, ncpus, start_method="fork")
     conn.send(("ready", arena.name))
     futures: list[Any] = []
     results: list[dict[str, Any]] = []
