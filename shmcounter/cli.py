@@ -1,4 +1,4 @@
-"""shmcounter command line: bench | demo | explore | stat.
+"""shmcounter command line: bench | demo | explore | stat | cluster reap.
 
 Exit codes: 0 done; 1 the command failed (explore: a violation found); 2 bad
 arguments (argparse's usage error, or an arena that cannot be opened, or an
@@ -13,13 +13,19 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .arena import Arena
 from .errors import ArenaError
 from .stat import view
 
+if TYPE_CHECKING:
+    from .cluster import Cluster
+
 
 def stat(args: argparse.Namespace) -> int:
+    if args.cluster is not None:
+        return cluster_stat(args)
     try:
         arena = Arena.attach(args.arena)
     except ArenaError as exc:
@@ -32,6 +38,44 @@ def stat(args: argparse.Namespace) -> int:
         return watch(arena, 1.0 if args.interval is None else args.interval, args.count)
     finally:
         arena.close()
+
+
+def _connect(args: argparse.Namespace) -> Cluster | None:
+    from .cluster import Cluster, ClusterError
+    try:
+        return Cluster.connect(args.cluster, args.namespace)
+    except (ClusterError, ValueError) as exc:
+        print(f"shmcounter: {exc}", file=sys.stderr)
+        return None
+
+
+def cluster_stat(args: argparse.Namespace) -> int:
+    """The cluster tree at URL: counters, live hosts' leases, hosts reaped."""
+    from .cluster.stat import view as cluster_view
+    cl = _connect(args)
+    if cl is None:
+        return 2
+    try:
+        print(cluster_view(cl))
+    finally:
+        cl.close()
+    return 0
+
+
+def cluster_reap(args: argparse.Namespace) -> int:
+    """Reap every host whose lease expired (each exactly once)."""
+    cl = _connect(args)
+    if cl is None:
+        return 2
+    try:
+        reaped = cl.reap()
+    finally:
+        cl.close()
+    for host, pages in reaped.items():
+        print(f"reaped {host}: {pages} pages uncharged")
+    if not reaped:
+        print("no expired host")
+    return 0
 
 
 def watch(arena: Arena, interval: float, count: int | None) -> int:
@@ -59,9 +103,14 @@ def watch(arena: Arena, interval: float, count: int | None) -> int:
         return 0
 
 
-def demo(_: argparse.Namespace) -> int:
+def demo(args: argparse.Namespace) -> int:
     """A short story on a cgroup: two CPUs charge it, their stocks grow, a limit
-    hit drains every CPU's stock, a CPU is killed and its stock reclaimed."""
+    hit drains every CPU's stock, a CPU is killed and its stock reclaimed.
+    --cluster: the same one level up, two hosts on an embedded redis-server."""
+    if args.cluster:
+        from .cluster.demo import demo as run_cluster_demo
+        run_cluster_demo()
+        return 0
     from procs.lab.demo import demo as run_demo
     run_demo()
     return 0
@@ -255,6 +304,8 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="a short scenario: charges, stock, a limit, a kill",
                        description=demo.__doc__)
+    p.add_argument("--cluster", action="store_true",
+                   help="hosts sharing a cluster tree on an embedded redis-server")
     p.set_defaults(func=demo)
 
     p = sub.add_parser("explore", help="explore the schedules of a race scenario",
@@ -279,7 +330,13 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stat", help="counters, cgroups and per-CPU stocks of a running arena",
                        description="Print the counters and per-CPU stocks of a running "
                                    "arena, and its cgroups if it holds a cgroup tree.")
-    p.add_argument("arena", help="the arena's name (Arena.name), e.g. shmcounter_1234_ab12cd34")
+    p.add_argument("arena", nargs="?",
+                   help="the arena's name (Arena.name), e.g. shmcounter_1234_ab12cd34")
+    p.add_argument("--cluster", metavar="URL",
+                   help="show the cluster tree on the Redis server at URL instead "
+                        "(e.g. redis://127.0.0.1:6379/0)")
+    p.add_argument("--namespace", default="shmcounter",
+                   help="the cluster's namespace, with --cluster (default shmcounter)")
     p.add_argument("--watch", action="store_true",
                    help="refresh the view until Ctrl-C (exit code 0)")
     p.add_argument("--interval", type=_interval, metavar="S",
@@ -287,6 +344,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=_int("count", 1, 10**9), metavar="N",
                    help="with --watch: stop after N views")
     p.set_defaults(func=stat, error=p.error)
+
+    p = sub.add_parser("cluster", help="cluster operations: reap",
+                       description="Operations on a cluster tree held in Redis.")
+    csub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    c = csub.add_parser("reap", help="reap every host whose lease expired",
+                        description=cluster_reap.__doc__)
+    c.add_argument("cluster", metavar="URL", help="the Redis server, e.g. "
+                                                  "redis://127.0.0.1:6379/0")
+    c.add_argument("--namespace", default="shmcounter",
+                   help="the cluster's namespace (default shmcounter)")
+    c.set_defaults(func=cluster_reap)
     return parser
 
 
@@ -295,6 +363,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.func is stat and not args.watch and (args.interval, args.count) != (None, None):
         args.error("--interval and --count go with --watch")
+    if args.func is stat and (args.arena is None) == (args.cluster is None):
+        args.error("give an arena's name, or --cluster URL")
+    if args.func is stat and args.cluster is not None and args.watch:
+        args.error("--watch goes with an arena")
     try:
         return args.func(args)
     except BrokenPipeError:              # e.g. `shmcounter stat NAME | head`: stop quietly
