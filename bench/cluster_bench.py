@@ -6,6 +6,7 @@
                                   [--kills 5] [--growing]
                                   [--json docs/cluster-bench.json]
                                   [--png docs/cluster-bench.png]
+    python bench/cluster_bench.py --profile
 
 One redis-server (Cluster.embedded, loopback). Hosts are fleet.HostProcess
 process groups of 2 CPU processes each. The tree: root > c0 .. c{N-1}, limits
@@ -31,6 +32,9 @@ steps uncharge as often as they charge: usage stays level), with --growing
 independent coins (some counters grow every pass: their leases keep refilling).
 Then reclaim: a host holding leases is SIGKILLed, the time until the live
 hosts' heartbeats reaped it (TTL 1 s), --kills times.
+--profile instead: where a lease hit's time goes, in this one process (timeit,
+minimum of 5 runs): a HostCounter's try_charge(1) + uncharge(1), its mirror
+counter's own C pair, and one time.monotonic_ns().
 No timing assertion anywhere: this prints, and writes JSON and a PNG.
 """
 from __future__ import annotations
@@ -40,11 +44,13 @@ import json
 import random
 import statistics
 import time
+import timeit
 from pathlib import Path
 from typing import Any
 
 import redis
 
+from shmcounter import Arena
 from shmcounter.cluster import Cluster, HostStale
 from shmcounter.cluster.fleet import HostProcess
 from shmcounter.cluster.host import HostView
@@ -291,6 +297,35 @@ def plot(out: dict[str, Any], png: Path) -> None:
     fig.savefig(png, dpi=110)
 
 
+def profile_hit(batch: int, number: int = 200_000) -> dict[str, float]:
+    """ns per lease-hit pair (try_charge(1), uncharge(1)) of a host counter, of its
+    mirror's C ops alone, and per monotonic_ns(): one host, one counter, here."""
+    cl = Cluster.embedded()
+    try:
+        cl.new_counter("root")
+        cl.new_counter("c", parent="root")
+        with Arena.create(ncpus=1) as arena:
+            host = cl.join(arena, host="profile", ttl=10, batch=batch)
+            try:
+                c = host.counter("c")
+                assert c.try_charge(1)[0]           # the lease fills: a refill
+                m = c.mirror
+                names = {"c": c, "m": m, "time": time}
+
+                def ns(stmt: str) -> float:
+                    return min(timeit.repeat(stmt, globals=names, number=number,
+                                             repeat=5)) / number * 1e9
+                out = {"host pair": ns("c.try_charge(1); c.uncharge(1)"),
+                       "mirror pair": ns("m.try_charge(1); m.uncharge(1)"),
+                       "monotonic_ns": ns("time.monotonic_ns()")}
+                c.uncharge(1)
+            finally:
+                host.leave()
+    finally:
+        cl.close()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ints = lambda s: [int(x) for x in s.split(",")]   # noqa: E731
@@ -306,7 +341,13 @@ def main() -> None:
                              "charges)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--png", type=Path, default=None)
+    parser.add_argument("--profile", action="store_true",
+                        help="only where a lease hit's time goes, in one process")
     args = parser.parse_args()
+    if args.profile:
+        for what, ns in profile_hit(args.batch).items():
+            print(f"{what:>14}: {ns:6.0f} ns")
+        return
     out = run(args.seconds, args.hosts, args.counters, args.batch, args.kills, args.rounds,
               not args.growing)
     cells = out["cells"]
