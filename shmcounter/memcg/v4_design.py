@@ -41,11 +41,12 @@ class V4(PerCounter):
 
     def drain_all_stock(self, tree: Cgroups, g: MemCgroup) -> bool:
         """drain_all_stock(g): the single-drainer trylock (the drain lock itself),
-        then every CPU's word of each counter of g's subtree, one C call per
-        counter (a counter without stock: nothing to take). The subtree's counters
-        come from a cache kept until a counter is published: a drain allocates
-        next to nothing; with the drain lock free, the whole drain is one C call
-        (drain_lockless_at_once): this keeps its tail short (README, "Drains")."""
+        then every CPU's word of each counter of g's subtree (a counter without
+        stock: nothing to take). With the lock free, all of it is one C call
+        (drain_lockless_at_once); else single_drainer decides (a live holder:
+        False; a dead one: taken over, repaired), then one C call per counter.
+        The subtree's counters come from a cache kept until a counter is
+        published. Both keep a drain's tail short (README, "Drains and hotplug")."""
         counters = tree._subtree_counters(g)
         if drain_lockless_at_once(counters):
             return True
